@@ -1,0 +1,1 @@
+"""dtbuild's engine: loading, analysis, execution, the store, the plugin manager and the CLI."""

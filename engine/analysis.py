@@ -1,0 +1,262 @@
+"""Analysis: from target declarations to providers and a graph of declared actions.
+
+Targets are visited depth first from the requested ones (a cycle is an error that
+prints the whole cycle); each rule implementation gets its dependencies' providers and
+declares actions. Nothing here reads file contents or writes files: source files are
+only checked for existence.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtbuild.engine.errors import (
+    AttrError,
+    CycleError,
+    DtbuildError,
+    LabelError,
+    RuleError,
+    UnknownTargetError,
+    closest,
+)
+from dtbuild.engine.labels import Label, parse_label
+from dtbuild.engine.load import Loader, TargetDecl
+from dtbuild.rules.api import ActionDecl, AttrValues, Dependency, Rule, RuleContext, RuleFailure
+from dtbuild.rules.artifacts import Artifact
+from dtbuild.rules.providers import DefaultInfo, Provider
+
+
+@dataclass
+class AnalyzedTarget:
+    decl: TargetDecl
+    providers: dict[type, Provider]
+    actions: list[ActionDecl]
+    #: Direct dependencies (labels), in attribute order.
+    deps: list[Label]
+
+    @property
+    def label(self) -> Label:
+        return self.decl.label
+
+    @property
+    def default_outputs(self) -> tuple[Artifact, ...]:
+        info = self.providers.get(DefaultInfo)
+        return info.files if isinstance(info, DefaultInfo) else ()
+
+
+@dataclass
+class AnalysisResult:
+    targets: dict[Label, AnalyzedTarget] = field(default_factory=dict)
+    #: Every declared action, dependencies' actions before dependents'.
+    actions: list[ActionDecl] = field(default_factory=list)
+    #: Artifact path -> the action that writes it.
+    producers: dict[str, ActionDecl] = field(default_factory=dict)
+
+    def actions_for(self, labels: Iterable[Label]) -> list[ActionDecl]:
+        """The actions needed to produce the default outputs of ``labels``, in order."""
+        needed: set[int] = set()
+        stack = [self.producers[a.path] for lb in labels for a in self.targets[lb].default_outputs
+                 if a.path in self.producers]
+        while stack:
+            action = stack.pop()
+            if id(action) in needed:
+                continue
+            needed.add(id(action))
+            for arts in action.inputs.values():
+                for art in arts:
+                    producer = self.producers.get(art.path)
+                    if producer is not None:
+                        stack.append(producer)
+        return [a for a in self.actions if id(a) in needed]
+
+
+class Analyzer:
+    def __init__(self, loader: Loader, registry: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.loader = loader
+        self.rules: Mapping[str, Rule] = loader.rules
+        self.registry = registry or {}
+        self.result = AnalysisResult()
+        self._dep_cache: dict[Label, list[tuple[str, list[Label | Artifact]]]] = {}
+
+    # ------------------------------------------------------------------ dependencies
+
+    def resolve_deps(self, decl: TargetDecl) -> list[tuple[str, list[Label | Artifact]]]:
+        """For each dependency attribute: the targets and source files it names."""
+        cached = self._dep_cache.get(decl.label)
+        if cached is not None:
+            return cached
+        rule = self.rules[decl.kind]
+        out: list[tuple[str, list[Label | Artifact]]] = []
+        for name, attr in rule.attrs.items():
+            if not attr.is_dependency:
+                continue
+            value = decl.attrs.get(name)
+            if value is None:
+                continue
+            items = value if isinstance(value, list) else [value]
+            resolved: list[Label | Artifact] = []
+            for item in items:
+                resolved.append(self._resolve_item(decl, name, item, attr.type == "source_list"))
+            out.append((name, resolved))
+        self._dep_cache[decl.label] = out
+        return out
+
+    def _resolve_item(self, decl: TargetDecl, attr: str, item: str, allow_source: bool) -> Label | Artifact:
+        pkg_name = decl.label.package
+        if item.startswith("//"):
+            label = parse_label(item)
+        else:
+            # A package-relative path: the target of that name if there is one, else a source file.
+            try:
+                label = parse_label(item, pkg_name)
+            except LabelError:
+                label = None
+            if label is not None and self._has_target(label):
+                return label
+            if not allow_source:
+                self.loader.target(Label(pkg_name, item), referrer=decl, attr=attr)  # raises
+            return self._source(decl, attr, f"{pkg_name}/{item}" if pkg_name else item, pkg_name)
+        if self._has_target(label):
+            return label
+        if allow_source and self.loader.build_file_of(label.package) is not None:
+            path = f"{label.package}/{label.name}" if label.package else label.name
+            if os.path.lexists(os.path.join(self.loader.workspace.root, path)):
+                return self._source(decl, attr, path, label.package)
+        self.loader.target(label, referrer=decl, attr=attr)  # raises with a suggestion
+        raise AssertionError("unreachable")
+
+    def _has_target(self, label: Label) -> bool:
+        if self.loader.build_file_of(label.package) is None:
+            return False
+        return label.name in self.loader.package(label.package).targets
+
+    def _source(self, decl: TargetDecl, attr: str, path: str, package: str) -> Artifact:
+        full = os.path.join(self.loader.workspace.root, path)
+        if not os.path.lexists(full):
+            directory, base = os.path.split(full)
+            try:
+                siblings = os.listdir(directory)
+            except OSError:
+                siblings = []
+            close = closest(base, siblings)
+            raise UnknownTargetError(
+                f"the '{attr}' attribute names '{path}', but there is no such source file and no such target",
+                location=decl.location, target=str(decl.label), rule=decl.kind,
+                hint=f"did you mean '{close}'?" if close else "check the path, or use glob() for sets of files")
+        if os.path.isdir(full) and not os.path.islink(full):
+            raise AttrError(
+                f"the '{attr}' attribute names the directory '{path}'; list files, not directories",
+                location=decl.location, target=str(decl.label), rule=decl.kind,
+                hint=f"use glob([\"{path.split('/', decl.label.package.count('/') + 1)[-1]}/**\"]) for every file below it"
+                if decl.label.package else f"use glob([\"{path}/**\"]) for every file below it")
+        return Artifact(path, is_tree=False, is_source=True, owner=None, root=package)
+
+    # ------------------------------------------------------------------ the graph
+
+    def analyze(self, labels: Sequence[Label]) -> AnalysisResult:
+        for label in labels:
+            self._visit(label, [])
+        return self.result
+
+    def _visit(self, label: Label, path: list[Label]) -> AnalyzedTarget:
+        done = self.result.targets.get(label)
+        if done is not None:
+            return done
+        if label in path:
+            cycle = [*path[path.index(label):], label]
+            first = self.loader.target(cycle[0])
+            raise CycleError("dependency cycle: " + " -> ".join(str(lb) for lb in cycle),
+                             location=first.location,
+                             hint="a target may not depend on itself, directly or through others")
+        decl = self.loader.target(label)
+        path.append(label)
+        deps: list[Label] = []
+        for _, items in self.resolve_deps(decl):
+            for item in items:
+                if isinstance(item, Label):
+                    self._visit(item, path)
+                    if item not in deps:
+                        deps.append(item)
+        path.pop()
+        # Dependencies were analyzed by the loop above (or a cycle raised).
+        target = self._run_impl(decl, deps)
+        self.result.targets[label] = target
+        return target
+
+    def _run_impl(self, decl: TargetDecl, deps: list[Label]) -> AnalyzedTarget:
+        rule = self.rules[decl.kind]
+        values: dict[str, Any] = dict(decl.attrs)
+        for name, items in self.resolve_deps(decl):
+            attr = rule.attrs[name]
+            converted: list[Any] = []
+            for item in items:
+                if isinstance(item, Artifact):
+                    converted.append(item)
+                    continue
+                dep = self.result.targets[item]
+                for provider in attr.providers:
+                    if provider not in dep.providers:
+                        raise AttrError(
+                            f"the '{name}' attribute needs targets that provide {provider.__name__}, "
+                            f"but {item} ({dep.decl.kind}) does not",
+                            location=decl.location, target=str(decl.label), rule=decl.kind,
+                            hint=self._provider_hint(provider))
+                converted.append(Dependency(str(item), dep.decl.kind, dep.providers))
+            values[name] = converted if isinstance(decl.attrs[name], list) else converted[0]
+        ctx = RuleContext(label=str(decl.label), package=decl.label.package, name=decl.label.name,
+                          kind=decl.kind, attr=AttrValues(values), rule_version=rule.version,
+                          registry=self.registry)
+        try:
+            returned = rule.impl(ctx)
+        except RuleFailure as e:
+            message = f"the '{e.attr}' attribute {e}" if e.attr else str(e)
+            raise RuleError(message, location=decl.location, target=str(decl.label), rule=decl.kind,
+                            hint=e.hint) from None
+        except DtbuildError:
+            raise
+        except Exception as e:
+            raise RuleError(f"the implementation of rule '{decl.kind}' failed: {type(e).__name__}: {e}",
+                            location=decl.location, target=str(decl.label), rule=decl.kind,
+                            hint="this is a bug in the rule; run with --debug for the traceback") from e
+        providers: dict[type, Provider] = {}
+        for p in returned or ():
+            if not isinstance(p, Provider):
+                raise RuleError(f"rule '{decl.kind}' returned {p!r}, which is not a provider",
+                                location=decl.location, target=str(decl.label), rule=decl.kind)
+            providers[type(p)] = p
+        if DefaultInfo not in providers:
+            providers[DefaultInfo] = DefaultInfo(files=tuple(ctx.outputs))
+        actions = ctx.actions.declared
+        for action in actions:
+            for art in action.outputs.values():
+                if art.path in self.result.producers:
+                    other = self.result.producers[art.path]
+                    raise RuleError(f"output {art.path} is written by two actions ({other.description} "
+                                    f"and {action.description})",
+                                    location=decl.location, target=str(decl.label), rule=decl.kind,
+                                    hint="two targets of one package may not declare the same output name")
+                self.result.producers[art.path] = action
+        for action in actions:
+            for slot, arts in action.inputs.items():
+                for art in arts:
+                    if not art.is_source and art.path not in self.result.producers:
+                        raise RuleError(f"action {action.mnemonic} reads {art.path} (input {slot!r}), "
+                                        "which no action writes", location=decl.location,
+                                        target=str(decl.label), rule=decl.kind)
+        for art in ctx.outputs:
+            if art.path not in self.result.producers:
+                raise RuleError(f"output {art.path} is declared but no action writes it",
+                                location=decl.location, target=str(decl.label), rule=decl.kind)
+        self.result.actions.extend(actions)
+        return AnalyzedTarget(decl, providers, actions, deps)
+
+    @staticmethod
+    def _provider_hint(provider: type) -> str:
+        return {
+            "ImageInfo": "use an image target: image, layered_image, pull_image or image_archive",
+            "PackageInfo": "use a package target such as files, genrule or merge_trees",
+            "LayerInfo": "use a layer target such as pure_layer or root_layer",
+        }.get(provider.__name__, f"use a target whose rule returns {provider.__name__}")

@@ -1,0 +1,256 @@
+"""A build session: one workspace, its plugins, loader and analysis, and the build of a
+set of targets through the store and the action runner."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtbuild.engine.analysis import AnalysisResult, Analyzer
+from dtbuild.engine.errors import DtbuildError
+from dtbuild.engine.execution import ActionRunner, ExecutionStats, PluginItems, action_key
+from dtbuild.engine.labels import Label, parse_pattern
+from dtbuild.engine.load import Loader
+from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager
+from dtbuild.engine.sources import SourceDigests
+from dtbuild.engine.store import Store
+from dtbuild.engine.workspace import Workspace
+from dtbuild.rules.api import ActionDecl
+from dtbuild.rules.providers import ImageInfo
+
+LAST_INPUTS_FILE = "last-inputs.json"
+
+
+@dataclass
+class BuildOptions:
+    jobs: int = 0  # 0: the number of cores
+    keep_going: bool = False
+    debug: bool = False
+
+
+@dataclass
+class BuildResult:
+    labels: list[Label]
+    stats: ExecutionStats
+    outputs: dict[str, list[str]] = field(default_factory=dict)  # label -> workspace-relative paths
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> name.json content
+    error: DtbuildError | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "targets": {label: {"outputs": paths, "manifest_digest": self.images.get(label, {}).get("manifest_digest")}
+                        for label, paths in sorted(self.outputs.items())},
+            "actions": {"executed": self.stats.executed, "cached": self.stats.cached,
+                        "remote_cached": self.stats.remote_cached, "failed": self.stats.failed},
+        }
+
+
+class Session:
+    def __init__(self, workspace: Workspace, *, blocked: Sequence[str] = (),
+                 extra_plugins: Sequence[tuple[str, object]] = ()) -> None:
+        self.workspace = workspace
+        self.pm = make_plugin_manager(blocked=blocked, workspace_root=workspace.root,
+                                      workspace_modules=workspace.plugin_modules(), extra_plugins=extra_plugins)
+        self.registry = collect_registry(self.pm)
+        rules = dict(self.registry.get("rules"))
+        for name, digest in self.registry.versions.get("rules", {}).items():
+            rule = rules[name]
+            rules[name] = type(rule)(rule.name, rule.impl, rule.attrs, rule.doc, f"{rule.version}+{digest}")
+        self.loader = Loader(workspace, rules, self.registry.build_globals, self.registry.names())
+        self._analyzer: Analyzer | None = None
+
+    # ------------------------------------------------------------------ patterns and analysis
+
+    def cwd_package(self) -> str | None:
+        return self.workspace.package_of(os.getcwd())
+
+    def expand(self, patterns: Sequence[str]) -> list[Label]:
+        current = self.cwd_package()
+        labels: list[Label] = []
+        seen: set[Label] = set()
+        for text in patterns:
+            for label in self.loader.expand(parse_pattern(text, current)):
+                if label not in seen:
+                    seen.add(label)
+                    labels.append(label)
+        return labels
+
+    @property
+    def analyzer(self) -> Analyzer:
+        if self._analyzer is None:
+            self._analyzer = Analyzer(self.loader, self.registry.names())
+        return self._analyzer
+
+    def analyze(self, labels: Sequence[Label]) -> AnalysisResult:
+        return self.analyzer.analyze(labels)
+
+    # ------------------------------------------------------------------ building
+
+    def store(self) -> Store:
+        return Store(self.workspace.cache_dir())
+
+    def plugin_items(self) -> PluginItems:
+        kinds = dict(self.registry.get("action_kinds"))
+        for name, digest in self.registry.versions.get("action_kinds", {}).items():
+            cls = kinds[name]
+            kinds[name] = type(cls.__name__, (cls,), {"VERSION": f"{cls.VERSION}+{digest}"})
+        return PluginItems(kinds, dict(self.registry.get("executors")), dict(self.registry.get("compressors")),
+                           self.pm.hook)
+
+    def _runner(self, store: Store, options: BuildOptions, cancel: threading.Event) -> ActionRunner:
+        decls = {str(t.decl.label): t.decl for t in self.analyzer.result.targets.values()}
+        return ActionRunner(
+            root=self.workspace.root, store=store,
+            sources=SourceDigests(self.workspace.root, self.workspace.state_dir),
+            plugins=self.plugin_items(), jobs=options.jobs or os.cpu_count() or 1, keep_going=options.keep_going,
+            cancel=cancel, locations={k: d.location for k, d in decls.items()},
+            kinds={k: d.kind for k, d in decls.items()}, debug=options.debug)
+
+    def build(self, labels: Sequence[Label], options: BuildOptions, cancel: threading.Event) -> BuildResult:
+        """Build ``labels``; outputs of requested targets are copied under dtbuild-out/."""
+        from dtbuild.engine.outputs import OutputTree
+
+        analysis = self.analyze(labels)
+        actions = analysis.actions_for(labels)
+        store = self.store()
+        with self.workspace_lock(), store.lock():
+            store.clean_stale_temps()
+            runner = self._runner(store, options, cancel)
+            result = BuildResult(list(labels), runner.stats)
+            self.pm.hook.dtbuild_build_started(targets=[str(lb) for lb in labels], total_actions=len(actions))
+            try:
+                runner.run(actions, analysis.producers)
+            except DtbuildError as e:
+                result.error = e
+            finally:
+                runner.sources.save()
+                self._record_inputs(runner, actions)
+            if result.error is None:
+                tree = OutputTree(self.workspace, store)
+                for label in labels:
+                    target = analysis.targets[label]
+                    paths = []
+                    for art in target.default_outputs:
+                        tree.materialize(art.path, runner.values[art.path])
+                        paths.append(art.path)
+                    result.outputs[str(label)] = paths
+                    image = target.providers.get(ImageInfo)
+                    if isinstance(image, ImageInfo):
+                        result.images[str(label)] = json.loads(store.read_blob(runner.values[image.manifest.path].digest))
+                tree.save()
+            self.pm.hook.dtbuild_build_finished(summary=result.summary(), success=result.error is None)
+        self.last_runner = runner
+        return result
+
+    @contextlib.contextmanager
+    def workspace_lock(self) -> Iterator[None]:
+        """One build at a time per workspace (like Bazel's output base lock); others wait."""
+        os.makedirs(self.workspace.state_dir, exist_ok=True)
+        fd = os.open(os.path.join(self.workspace.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print("dtbuild: another dtbuild command is running in this workspace; waiting for it",
+                      file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ explain
+
+    def _action_id(self, action: ActionDecl) -> str:
+        return f"{action.owner} {action.mnemonic} {','.join(sorted(a.path for a in action.outputs.values()))}"
+
+    def _record_inputs(self, runner: ActionRunner, actions: Sequence[ActionDecl]) -> None:
+        path = os.path.join(self.workspace.state_dir, LAST_INPUTS_FILE)
+        try:
+            with open(path, "rb") as f:
+                record = json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            record = {}
+        changed = False
+        for outcome in runner.outcomes:
+            if outcome.status not in ("executed", "cached", "remote_cached"):
+                continue
+            action = outcome.action
+            kind = runner.kind_for(action)
+            inputs = {slot: [[a.path, a.digest] for a in map(runner.input_artifact, arts)]
+                      for slot, arts in action.inputs.items()}
+            entry = {"key": outcome.key, "inputs": inputs, "params": dict(action.params),
+                     "version": [kind.VERSION, action.rule_version]}
+            aid = self._action_id(action)
+            if record.get(aid) != entry:
+                record[aid] = entry
+                changed = True
+        if changed:
+            from dtbuild.engine.store import atomic_write
+
+            atomic_write(path, json.dumps(record, sort_keys=True).encode())
+
+    def explain(self, labels: Sequence[Label]) -> list[str]:
+        """For each action the build would need: whether it would run, and why."""
+        analysis = self.analyze(labels)
+        actions = analysis.actions_for(labels)
+        store = self.store()
+        runner = self._runner(store, BuildOptions(), threading.Event())
+        try:
+            with open(os.path.join(self.workspace.state_dir, LAST_INPUTS_FILE), "rb") as f:
+                record = json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            record = {}
+        will_run: set[str] = set()
+        lines = []
+        for action in actions:
+            upstream = sorted({analysis.producers[a.path].owner for arts in action.inputs.values() for a in arts
+                               if not a.is_source and a.path in will_run})
+            if upstream:
+                lines.append(f"{action.description}: would run, because {', '.join(upstream)} will be rebuilt "
+                             "(it runs again only if that output changes)")
+                will_run.update(a.path for a in action.outputs.values())
+                continue
+            kind = runner.kind_for(action)
+            inputs = {slot: [runner.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
+            key = action_key(action, kind.VERSION, inputs)
+            cached = store.get_action(key)
+            if cached is not None and runner._outputs_present(cached, action):
+                for slot, art in action.outputs.items():
+                    runner.values[art.path] = cached.outputs[slot]
+                lines.append(f"{action.description}: cached")
+                continue
+            will_run.update(a.path for a in action.outputs.values())
+            lines.append(f"{action.description}: would run, because {self._why(action, kind.VERSION, inputs, record)}")
+        runner.sources.save()
+        return lines
+
+    def _why(self, action: ActionDecl, kind_version: str, inputs: dict[str, list[Any]], record: dict[str, Any]) -> str:
+        last = record.get(self._action_id(action))
+        if last is None:
+            return "it has never been built in this workspace"
+        reasons = []
+        if last["version"] != [kind_version, action.rule_version]:
+            reasons.append(f"the implementation changed (version {last['version']} -> {[kind_version, action.rule_version]})")
+        if last["params"] != json.loads(json.dumps(dict(action.params))):
+            changed = sorted(k for k in set(last["params"]) | set(action.params)
+                             if last["params"].get(k) != action.params.get(k))
+            reasons.append(f"its parameters changed ({', '.join(changed)})")
+        for slot, arts in sorted(inputs.items()):
+            before = {p: d for p, d in last["inputs"].get(slot, [])}
+            now = {a.path: a.digest for a in arts}
+            for p in sorted(set(before) | set(now)):
+                if p not in before:
+                    reasons.append(f"input {p} was added")
+                elif p not in now:
+                    reasons.append(f"input {p} was removed")
+                elif before[p] != now[p]:
+                    reasons.append(f"input {p} changed (sha256 {before[p][:12]} -> {now[p][:12]})")
+        return "; ".join(reasons) or "its previous result is no longer in the cache"
+

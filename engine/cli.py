@@ -1,0 +1,292 @@
+"""The command line. The only module that prints results or decides exit codes:
+0 success, 1 build failure, 2 bad command line or BUILD/.bzl error.
+
+Start-up is on the path of every no-op build, so everything heavy is imported inside
+the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+COMMANDS = ("build", "query", "graph", "explain", "clean", "cache", "plugins")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dtbuild")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(f"dtbuild {_version()}")
+        parser.exit(0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    common.add_argument("-p", dest="plugin_flags", action="append", default=[], metavar="no:NAME",
+                        help="block the plugin NAME (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="dtbuild", parents=[common],
+        description="Build reproducible container images from BUILD files. `dtbuild //images:web` builds a target.")
+    parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    build = sub.add_parser("build", parents=[common], help="build targets (the default command)")
+    build.add_argument("targets", nargs="+", metavar="TARGET")
+    build.add_argument("--jobs", "-j", type=int, default=0, help="actions run at once (default: cores)")
+    build.add_argument("--keep-going", "-k", action="store_true", help="build what does not depend on a failure")
+    build.add_argument("--summary-json", metavar="FILE", help="write targets, outputs and action counts as JSON")
+
+    query = sub.add_parser("query", parents=[common], help="query the target graph: deps(), rdeps(), kind(), ...")
+    query.add_argument("expression")
+
+    graph = sub.add_parser("graph", parents=[common], help="print a target's dependency graph")
+    graph.add_argument("target")
+    graph.add_argument("--format", choices=("tree", "dot", "json"), default="tree")
+
+    explain = sub.add_parser("explain", parents=[common], help="which actions would run, and why")
+    explain.add_argument("targets", nargs="+", metavar="TARGET")
+
+    clean = sub.add_parser("clean", parents=[common], help="remove dtbuild-out/ (and the cache with --expunge)")
+    clean.add_argument("--expunge", action="store_true", help="also remove the whole local cache")
+
+    cache = sub.add_parser("cache", parents=[common], help="inspect or trim the local cache")
+    cache.add_argument("action", choices=("stats", "gc"))
+    cache.add_argument("--max-age-days", type=float, default=30.0,
+                       help="gc: drop action results unused for this long (default 30)")
+
+    sub.add_parser("plugins", parents=[common], help="list plugins and what each registers")
+    return parser
+
+
+def _blocked(flags: Sequence[str]) -> list[str]:
+    from dtbuild.engine.errors import UsageError
+
+    blocked = []
+    for flag in flags:
+        if not flag.startswith("no:") or len(flag) <= 3:
+            raise UsageError(f"-p takes no:NAME to block a plugin, but got '{flag}'")
+        blocked.append(flag[3:])
+    return blocked
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in args_list if not a.startswith("-")), None)
+    if first is not None and first not in COMMANDS and "--version" not in args_list \
+            and "-h" not in args_list and "--help" not in args_list:
+        args_list.insert(args_list.index(first), "build")
+    parser = _parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = args.debug
+    from dtbuild.engine.errors import DtbuildError
+
+    try:
+        return _run(args)
+    except DtbuildError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"ERROR: {e.render()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ERROR: interrupted", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+
+
+def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
+    from dtbuild.engine.build import Session
+    from dtbuild.engine.workspace import find_workspace
+
+    extra = [("reporter", reporter)] if reporter is not None else []
+    return Session(find_workspace(), blocked=_blocked(args.plugin_flags), extra_plugins=extra)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return {
+        "build": _cmd_build, "query": _cmd_query, "graph": _cmd_graph, "explain": _cmd_explain,
+        "clean": _cmd_clean, "cache": _cmd_cache, "plugins": _cmd_plugins,
+    }[args.command](args)
+
+
+def _install_signal_handlers(cancel: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        cancel.set()
+        print(f"\ndtbuild: {signal.Signals(signum).name} received, stopping running actions...", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from dtbuild.engine.build import BuildOptions
+    from dtbuild.engine.errors import UsageError
+    from dtbuild.plugins.builtin.reporter import ConsoleReporter
+
+    if args.jobs < 0:
+        raise UsageError(f"--jobs must be a positive number, but was {args.jobs}")
+    reporter = ConsoleReporter()
+    session = _session(args, reporter)
+    labels = session.expand(args.targets)
+    cancel = threading.Event()
+    _install_signal_handlers(cancel)
+    result = session.build(labels, BuildOptions(jobs=args.jobs, keep_going=args.keep_going, debug=args.debug),
+                           cancel)
+    summary = result.summary()
+    if args.summary_json:
+        import json
+
+        from dtbuild.engine.store import atomic_write
+
+        atomic_write(os.path.abspath(args.summary_json), (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    stats = result.stats
+    out = sys.stderr
+    if result.error is not None:
+        print(f"ERROR: {result.error.render()}", file=out)
+        print(f"Build FAILED: {stats.failed} action(s) failed, {stats.skipped} not run, "
+              f"{stats.executed} executed, {stats.cached + stats.remote_cached} cached.", file=out)
+        return result.error.exit_code
+    print(f"Built {len(labels)} target(s): {stats.executed} action(s) executed, "
+          f"{stats.cached} cached, {stats.remote_cached} from the remote cache.", file=out)
+    for label, paths in summary["targets"].items():
+        shown = ", ".join(paths["outputs"]) or "(no outputs)"
+        digest = paths.get("manifest_digest")
+        print(f"  {label}: {shown}" + (f"  {digest}" if digest else ""), file=out)
+    return 0
+
+
+def _query_graph(session: Any) -> Any:
+    from dtbuild.engine.labels import Label, parse_label
+    from dtbuild.engine.query import QueryGraph, QueryNode
+    from dtbuild.rules.artifacts import Artifact
+
+    def resolve(word: str) -> list[str]:
+        return [str(lb) for lb in session.expand([word])]
+
+    def node(text: str) -> QueryNode:
+        label = parse_label(text)
+        if not session.analyzer._has_target(label):
+            return QueryNode(text, "source file", ())
+        decl = session.loader.target(label)
+        deps: list[str] = []
+        for _, items in session.analyzer.resolve_deps(decl):
+            for item in items:
+                if isinstance(item, Artifact):
+                    root = item.root
+                    rel = item.path[len(root) + 1:] if root else item.path
+                    item = Label(root, rel)
+                if str(item) not in deps:
+                    deps.append(str(item))
+        return QueryNode(text, decl.kind, tuple(deps))
+
+    return QueryGraph(resolve, node)
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from dtbuild.engine import query
+    from dtbuild.engine.errors import UsageError
+
+    session = _session(args)
+    try:
+        labels = query.evaluate(args.expression, _query_graph(session))
+    except (query.QuerySyntaxError, query.UnknownFunctionError) as e:
+        raise UsageError(str(e)) from None
+    for label in labels:
+        print(label)
+    return 0
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from dtbuild.engine import query
+
+    session = _session(args)
+    labels = session.expand([args.target])
+    graph = _query_graph(session)
+    for label in labels:
+        print(query.render_graph(graph, str(label), args.format))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    session = _session(args)
+    labels = session.expand(args.targets)
+    lines = session.explain(labels)
+    for line in lines:
+        print(line)
+    runs = sum(1 for line in lines if ": would run" in line)
+    print(f"{runs} of {len(lines)} action(s) would run.")
+    return 0
+
+
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from dtbuild.engine.store import remove_tree
+    from dtbuild.engine.workspace import find_workspace
+
+    workspace = find_workspace()
+    remove_tree(workspace.out_dir)
+    print(f"removed {workspace.out_dir}", file=sys.stderr)
+    if args.expunge:
+        cache = workspace.cache_dir()
+        remove_tree(cache)
+        print(f"removed the cache at {cache}", file=sys.stderr)
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from dtbuild.engine.store import Store
+    from dtbuild.engine.workspace import find_workspace
+
+    store = Store(find_workspace().cache_dir())
+    if args.action == "stats":
+        stats = store.stats()
+        print(f"cache: {store.root}")
+        print(f"blobs: {stats['blobs']} ({stats['bytes'] / 1e6:.1f} MB)")
+        print(f"action results: {stats['actions']}")
+        return 0
+    removed = store.gc(max_age_seconds=args.max_age_days * 86400)
+    print(f"removed {removed['actions']} action result(s) and {removed['blobs']} blob(s) "
+          f"({removed['bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    session = _session(args)
+    registry = session.registry
+    pm = session.pm
+    print("plugins:")
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda np: np[0] or ""):
+        where = getattr(plugin, "__file__", None) or type(plugin).__module__
+        print(f"  {name}  ({where})")
+    for reg in ("rules", "action_kinds", "compressors", "layer_kinds", "executors", "output_formats"):
+        items = registry.get(reg)
+        print(f"{reg.replace('_', ' ')}:")
+        if not items:
+            print("  (none)")
+        for name in sorted(items):
+            print(f"  {name}  [{registry.owners[reg][name]}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

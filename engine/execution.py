@@ -1,0 +1,541 @@
+"""Execution: run (or find in the cache) the declared actions in dependency order.
+
+Each action's key is the sha256 of a canonical encoding of its kind and that kind's
+version, the declaring rule's version, its parameters, the paths and digests of its
+inputs and the paths of its outputs. Keys are computed when an action's inputs are
+known, so an input rebuilt to identical bytes stops the rebuild there (early cutoff).
+
+Actions run on worker threads (``--jobs``); commands run through an executor plugin.
+A result enters the action cache only after every output is safely in the store, so an
+interrupted or killed build leaves nothing a later build would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from dtbuild.engine.errors import ActionError, BuildFailure, Interrupted, Location, StoreError
+from dtbuild.engine.sources import SourceDigests
+from dtbuild.engine.store import ActionResult, BlobWriter, OutputValue, Store, canonical_json, remove_tree
+from dtbuild.plugins.interfaces import (
+    ActionFailed,
+    ActionKind,
+    CommandRequest,
+    CommandResult,
+    Compressor,
+    Executor,
+    InputArtifact,
+    TreeEntry,
+)
+from dtbuild.rules.api import ActionDecl
+from dtbuild.rules.artifacts import Artifact
+
+#: Bump when the key encoding or the store's result format changes.
+ENGINE_KEY_VERSION = "1"
+
+
+@dataclass
+class ExecutionStats:
+    executed: int = 0
+    cached: int = 0
+    remote_cached: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class ActionOutcome:
+    action: ActionDecl
+    status: str  # executed | cached | remote_cached | failed | skipped
+    key: str = ""
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class PluginItems:
+    """What the execution phase needs from the plugin registry."""
+
+    action_kinds: Mapping[str, type[ActionKind]]
+    executors: Mapping[str, type[Executor]]
+    compressors: Mapping[str, type[Compressor]]
+    hook: Any  # pluggy's HookRelay
+    _instances: dict[str, Any] = field(default_factory=dict)
+
+    def compressor(self, name: str) -> Compressor:
+        inst = self._instances.get("c:" + name)
+        if inst is None:
+            cls = self.compressors.get(name)
+            if cls is None:
+                raise ActionFailed(f"no compressor named {name!r} is registered "
+                                   f"(registered: {', '.join(sorted(self.compressors))})")
+            inst = self._instances["c:" + name] = cls()
+        return inst
+
+    def executor(self, mnemonic: str, requested: str) -> Executor:
+        available = [name for name, cls in sorted(self.executors.items()) if cls.unavailable_reason() is None]
+        chosen = self.hook.dtbuild_select_executor(mnemonic=mnemonic, requested=requested, available=available)
+        if chosen is None:
+            chosen = requested if requested != "auto" else (available[0] if available else None)
+        if chosen is None or chosen not in self.executors:
+            raise ActionFailed(f"no executor {requested!r} is registered "
+                               f"(registered: {', '.join(sorted(self.executors)) or 'none'})")
+        cls = self.executors[chosen]
+        reason = cls.unavailable_reason()
+        if reason is not None:
+            raise ActionFailed(f"the {chosen} executor cannot run here: {reason}")
+        inst = self._instances.get("e:" + chosen)
+        if inst is None:
+            inst = self._instances["e:" + chosen] = cls()
+        return inst
+
+
+def action_key(action: ActionDecl, kind_version: str, inputs: Mapping[str, Sequence[InputArtifact]]) -> str:
+    doc = {
+        "engine": ENGINE_KEY_VERSION,
+        "mnemonic": action.mnemonic,
+        "kind_version": kind_version,
+        "rule_version": action.rule_version,
+        "params": action.params,
+        "network": action.network,
+        "inputs": {slot: [[a.path, a.digest, a.is_tree, a.executable, a.symlink] for a in arts]
+                   for slot, arts in sorted(inputs.items())},
+        "outputs": {slot: [art.path, art.is_tree] for slot, art in sorted(action.outputs.items())},
+    }
+    return hashlib.sha256(canonical_json(doc)).hexdigest()
+
+
+class _OutputStream:
+    """``ctx.output_writer``: a file-like writer into the store."""
+
+    def __init__(self, writer: BlobWriter, on_close: Any) -> None:
+        self._writer = writer
+        self._on_close = on_close
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return self._writer.write(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            digest = self._writer.commit()
+            self._on_close(digest, self._writer.size)
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._writer.abort()
+
+    def __enter__(self) -> _OutputStream:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ActionContextImpl:
+    """The :class:`~dtbuild.plugins.interfaces.ActionContext` the engine gives an action."""
+
+    def __init__(self, runner: ActionRunner, action: ActionDecl, inputs: dict[str, list[InputArtifact]],
+                 work_dir: str) -> None:
+        self._runner = runner
+        self._store = runner.store
+        self.action = action
+        self.params = action.params
+        self._inputs = inputs
+        self.work_dir = work_dir
+        self.scratch_dir = os.path.join(work_dir, "scratch")
+        self._out_dir = os.path.join(work_dir, "out")
+        os.makedirs(self.scratch_dir)
+        os.makedirs(self._out_dir)
+        self._slots = {name: i for i, name in enumerate(sorted(action.outputs))}
+        self.direct_outputs: dict[str, OutputValue] = {}
+        self._open_streams: list[_OutputStream] = []
+
+    def inputs(self, name: str) -> Sequence[InputArtifact]:
+        return self._inputs.get(name, [])
+
+    def store_file(self, artifact: InputArtifact) -> None:
+        if artifact.is_tree or artifact.symlink is not None:
+            return
+        if not self._store.has_blob(artifact.digest, artifact.size):
+            if not artifact.path.startswith("dtbuild-out/"):
+                self._store.put_file(os.path.join(self._runner.root, artifact.path), artifact.digest)
+            else:
+                raise StoreError(f"{artifact.path} ({artifact.digest}) is missing from the cache",
+                                 hint="run the build again; missing entries are rebuilt")
+
+    def open_input(self, artifact: InputArtifact) -> IO[bytes]:
+        if artifact.is_tree:
+            raise ActionFailed(f"{artifact.path} is a directory; walk it with walk_tree()")
+        self.store_file(artifact)
+        return self._store.open_blob(artifact.digest)
+
+    def walk_tree(self, artifact: InputArtifact) -> Iterable[TreeEntry]:
+        return self._store.walk_tree(artifact.digest)
+
+    def open_blob(self, digest: str) -> IO[bytes]:
+        return self._store.open_blob(digest)
+
+    def materialize(self, artifact: InputArtifact, dest: str) -> str:
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        if artifact.symlink is not None:
+            os.symlink(artifact.symlink, dest)
+        elif artifact.is_tree:
+            self._store.materialize_tree(artifact.digest, dest)
+        else:
+            self.store_file(artifact)
+            shutil.copyfile(self._store.blob_path(artifact.digest), dest)
+            os.chmod(dest, 0o755 if artifact.executable else 0o644)
+        return dest
+
+    def output_path(self, name: str) -> str:
+        if name not in self._slots:
+            raise ActionFailed(f"{self.action.mnemonic} wrote undeclared output {name!r}")
+        return os.path.join(self._out_dir, f"{self._slots[name]}-{self.action.outputs[name].basename}")
+
+    def output_writer(self, name: str) -> IO[bytes]:
+        if name not in self._slots or self.action.outputs[name].is_tree:
+            raise ActionFailed(f"{self.action.mnemonic}: {name!r} is not a declared file output")
+
+        def done(digest: str, size: int) -> None:
+            self.direct_outputs[name] = OutputValue(digest, size, False, False)
+
+        stream = _OutputStream(self._store.writer(), done)
+        self._open_streams.append(stream)
+        return stream  # type: ignore[return-value]
+
+    def output_tree(self, name: str, entries: Sequence[TreeEntry]) -> None:
+        if name not in self._slots or not self.action.outputs[name].is_tree:
+            raise ActionFailed(f"{self.action.mnemonic}: {name!r} is not a declared tree output")
+        digest, total = build_tree(self._store, entries)
+        self.direct_outputs[name] = OutputValue(digest, total, True, False)
+
+    def run_command(self, request: CommandRequest) -> CommandResult:
+        executor = self._runner.plugins.executor(self.action.mnemonic, self.action.executor)
+        return executor.run(request, self._runner.cancel)
+
+    def compressor(self, name: str) -> Compressor:
+        return self._runner.plugins.compressor(name)
+
+    def log(self, message: str) -> None:
+        self._runner.report("dtbuild_action_log", label=self.action.owner, mnemonic=self.action.mnemonic,
+                            message=message)
+
+    def abort_streams(self) -> None:
+        for s in self._open_streams:
+            s.abort()
+
+
+def build_tree(store: Store, entries: Sequence[TreeEntry]) -> tuple[str, int]:
+    """Store Directory nodes for ``entries`` (parents implied with mode 0755) and return
+    (root digest, total file bytes). Duplicate paths are an error."""
+    root: dict[str, Any] = {"mode": 0o755, "files": {}, "dirs": {}, "links": {}}
+    total = 0
+
+    def directory(parts: list[str]) -> dict[str, Any]:
+        node = root
+        for part in parts:
+            if part in node["files"] or part in node["links"]:
+                raise ActionFailed(f"'{part}' is both a file and a directory in one tree")
+            node = node["dirs"].setdefault(part, {"mode": 0o755, "files": {}, "dirs": {}, "links": {}})
+        return node
+
+    for e in entries:
+        parts = [p for p in e.path.split("/") if p]
+        if not parts:
+            continue
+        parent = directory(parts[:-1])
+        name = parts[-1]
+        taken = name in parent["files"] or name in parent["links"]
+        if e.kind == "dir":
+            if taken:
+                raise ActionFailed(f"'{e.path}' is both a file and a directory in one tree")
+            directory(parts)["mode"] = e.mode
+            continue
+        if taken or name in parent["dirs"]:
+            raise ActionFailed(f"'{e.path}' appears twice in one tree")
+        if e.kind == "file":
+            parent["files"][name] = {"name": name, "digest": e.digest, "size": e.size, "mode": e.mode}
+            total += e.size
+        else:
+            parent["links"][name] = {"name": name, "target": e.target}
+
+    def put(node: dict[str, Any]) -> str:
+        dirs = [{"name": n, "digest": put(child)} for n, child in node["dirs"].items()]
+        return store.put_directory_node(list(node["files"].values()), dirs, list(node["links"].values()),
+                                        node["mode"])
+
+    return put(root), total
+
+
+class ActionRunner:
+    """Schedules actions on worker threads in dependency order."""
+
+    def __init__(self, *, root: str, store: Store, sources: SourceDigests, plugins: PluginItems,
+                 jobs: int, keep_going: bool, cancel: threading.Event,
+                 locations: Mapping[str, Location], kinds: Mapping[str, str] | None = None,
+                 debug: bool = False) -> None:
+        self.root = root
+        self.store = store
+        self.sources = sources
+        self.plugins = plugins
+        self.jobs = max(1, jobs)
+        self.keep_going = keep_going
+        self.cancel = cancel
+        self.locations = locations
+        self.kinds = kinds or {}
+        self.debug = debug
+        self.values: dict[str, OutputValue] = {}
+        self.stats = ExecutionStats()
+        self.outcomes: list[ActionOutcome] = []
+        self._report_lock = threading.Lock()
+        self._kind_instances: dict[str, ActionKind] = {}
+
+    # ------------------------------------------------------------------ reporting
+
+    def report(self, hook_name: str, **kwargs: Any) -> None:
+        with self._report_lock:
+            getattr(self.plugins.hook, hook_name)(**kwargs)
+
+    # ------------------------------------------------------------------ inputs and keys
+
+    def input_artifact(self, art: Artifact) -> InputArtifact:
+        if art.is_source:
+            src = self.sources.get(art.path)
+            return InputArtifact(art.path, src.digest, False, src.size, src.executable, src.symlink)
+        value = self.values[art.path]
+        return InputArtifact(art.path, value.digest, value.is_tree, value.size, value.executable)
+
+    def kind_for(self, action: ActionDecl) -> ActionKind:
+        inst = self._kind_instances.get(action.mnemonic)
+        if inst is None:
+            cls = self.plugins.action_kinds.get(action.mnemonic)
+            if cls is None:
+                raise ActionFailed(f"no plugin implements action kind {action.mnemonic!r} "
+                                   f"(known: {', '.join(sorted(self.plugins.action_kinds))})")
+            inst = self._kind_instances[action.mnemonic] = cls()
+        return inst
+
+    def _outputs_present(self, result: ActionResult, action: ActionDecl) -> bool:
+        if set(result.outputs) != set(action.outputs):
+            return False
+        for value in result.outputs.values():
+            if value.is_tree:
+                if not self.store.tree_blobs_present(value.digest):
+                    return False
+            elif not self.store.has_blob(value.digest, value.size):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ one action
+
+    def process(self, action: ActionDecl) -> ActionOutcome:
+        started = time.monotonic()
+        kind = self.kind_for(action)
+        inputs = {slot: [self.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
+        key = action_key(action, kind.VERSION, inputs)
+        result = self.store.get_action(key)
+        status = "cached"
+        if result is None or not self._outputs_present(result, action):
+            status = "executed"
+            self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
+                        description=action.description)
+            result = self._execute(action, kind, inputs)
+            if not action.network:
+                self.store.put_action(key, result)
+        else:
+            self.store.touch_action(key)
+        for slot, art in action.outputs.items():
+            self.values[art.path] = result.outputs[slot]
+        return ActionOutcome(action, status, key, seconds=time.monotonic() - started)
+
+    def _execute(self, action: ActionDecl, kind: ActionKind, inputs: dict[str, list[InputArtifact]]) -> ActionResult:
+        work_dir = self.store.temp_path("action")
+        os.makedirs(work_dir)
+        ctx = ActionContextImpl(self, action, inputs, work_dir)
+        try:
+            try:
+                kind.run(ctx)
+            except ActionFailed:
+                raise
+            except (BuildFailure, OSError) as e:
+                if self.cancel.is_set():
+                    raise Interrupted("interrupted") from None
+                raise ActionFailed(f"{type(e).__name__}: {e}") from e
+            except Exception as e:
+                if self.cancel.is_set():
+                    raise Interrupted("interrupted") from None
+                tb = traceback.format_exc() if self.debug else ""
+                raise ActionFailed(f"internal error in action kind {action.mnemonic}: {type(e).__name__}: {e}",
+                                   output_tail=tb) from e
+            if self.cancel.is_set():
+                raise Interrupted("interrupted")
+            outputs: dict[str, OutputValue] = {}
+            for slot, art in action.outputs.items():
+                if slot in ctx.direct_outputs:
+                    outputs[slot] = ctx.direct_outputs[slot]
+                    continue
+                path = ctx.output_path(slot)
+                if art.is_tree:
+                    if not os.path.isdir(path):
+                        raise ActionFailed(f"did not create declared output directory {art.path}")
+                    digest, total = self.store.put_tree_from_dir(path)
+                    outputs[slot] = OutputValue(digest, total, True)
+                else:
+                    if not os.path.isfile(path) or os.path.islink(path):
+                        raise ActionFailed(f"did not create declared output file {art.path}")
+                    executable = bool(os.stat(path).st_mode & 0o100)
+                    digest, size = self.store.put_file(path)
+                    outputs[slot] = OutputValue(digest, size, False, executable)
+            return ActionResult(outputs, {"mnemonic": action.mnemonic})
+        finally:
+            ctx.abort_streams()
+            remove_tree(work_dir)
+
+    # ------------------------------------------------------------------ the schedule
+
+    def run(self, actions: Sequence[ActionDecl], producers: Mapping[str, ActionDecl]) -> None:
+        """Run ``actions`` (in dependency order as given). Raises the first failure
+        (with ``keep_going``: after running everything that does not depend on it)."""
+        index = {id(a): i for i, a in enumerate(actions)}
+        deps: list[set[int]] = [set() for _ in actions]
+        dependents: list[list[int]] = [[] for _ in actions]
+        for i, action in enumerate(actions):
+            for arts in action.inputs.values():
+                for art in arts:
+                    producer = producers.get(art.path)
+                    if producer is not None and id(producer) in index:
+                        j = index[id(producer)]
+                        if j not in deps[i]:
+                            deps[i].add(j)
+                            dependents[j].append(i)
+        waiting = [len(d) for d in deps]
+        ready: list[int] = [i for i, n in enumerate(waiting) if n == 0]
+        work: queue.Queue[int | None] = queue.Queue()
+        done: queue.Queue[tuple[int, ActionOutcome]] = queue.Queue()
+        failures: list[ActionOutcome] = []
+        blocked: set[int] = set()
+
+        def worker() -> None:
+            while True:
+                i = work.get()
+                if i is None:
+                    return
+                action = actions[i]
+                try:
+                    outcome = self.process(action)
+                except BaseException as e:  # reported to the scheduler, never lost
+                    outcome = ActionOutcome(action, "failed", error=e)
+                done.put((i, outcome))
+
+        threads = [threading.Thread(target=worker, daemon=True, name=f"dtbuild-worker-{n}")
+                   for n in range(min(self.jobs, max(1, len(actions))))]
+        for t in threads:
+            t.start()
+        running = 0
+        finished = 0
+        stop = False
+        try:
+            while finished + len(blocked) < len(actions):
+                while ready and not stop and not self.cancel.is_set():
+                    work.put(ready.pop(0))
+                    running += 1
+                if running == 0:
+                    break
+                try:
+                    i, outcome = done.get(timeout=0.1)
+                except queue.Empty:
+                    if self.cancel.is_set() and not stop:
+                        stop = True
+                    continue
+                running -= 1
+                finished += 1
+                self.outcomes.append(outcome)
+                action = actions[i]
+                if outcome.status == "failed":
+                    self.stats.failed += 1
+                    failures.append(outcome)
+                    self.report("dtbuild_action_finished", label=action.owner, mnemonic=action.mnemonic,
+                                description=action.description, status="failed", seconds=outcome.seconds)
+                    self._block_dependents(i, dependents, blocked)
+                    if not self.keep_going or isinstance(outcome.error, Interrupted | KeyboardInterrupt):
+                        stop = True
+                    continue
+                setattr(self.stats, outcome.status, getattr(self.stats, outcome.status) + 1)
+                self.report("dtbuild_action_finished", label=action.owner, mnemonic=action.mnemonic,
+                            description=action.description, status=outcome.status, seconds=outcome.seconds)
+                for j in dependents[i]:
+                    waiting[j] -= 1
+                    if waiting[j] == 0 and j not in blocked:
+                        ready.append(j)
+        finally:
+            for _ in threads:
+                work.put(None)
+        self.stats.skipped = len(blocked)
+        if self.cancel.is_set():
+            raise Interrupted("interrupted: the build was stopped; nothing partial was kept",
+                              hint="run the same command again to finish the build")
+        if failures:
+            raise self._failure_error(failures[0], len(failures))
+
+    def _block_dependents(self, i: int, dependents: list[list[int]], blocked: set[int]) -> None:
+        stack = list(dependents[i])
+        while stack:
+            j = stack.pop()
+            if j not in blocked:
+                blocked.add(j)
+                stack.extend(dependents[j])
+
+    def _failure_error(self, outcome: ActionOutcome, count: int) -> BuildFailure:
+        err = outcome.error
+        action = outcome.action
+        location = self.locations.get(action.owner)
+        rule = self.kinds.get(action.owner)
+        more = f" ({count - 1} more action(s) failed too)" if count > 1 else ""
+        if isinstance(err, ActionFailed):
+            detail = []
+            if err.command:
+                detail.append(f"command: {err.command}")
+            if err.output_tail:
+                detail.append("--- output (last lines) ---\n" + err.output_tail.rstrip() + "\n---")
+            return ActionError(f"{action.mnemonic} failed: {err}{more}", location=location, target=action.owner,
+                               rule=rule, detail="\n".join(detail) or None)
+        if isinstance(err, BuildFailure):
+            if err.location is None:
+                err.location = location
+                err.target = action.owner
+                err.rule = rule
+            return err
+        if isinstance(err, KeyboardInterrupt):
+            return Interrupted("interrupted")
+        tb = "".join(traceback.format_exception(err)) if self.debug and err else None
+        return ActionError(f"{action.mnemonic} failed: {type(err).__name__}: {err}{more}",
+                           location=location, target=action.owner, rule=rule, detail=tb,
+                           hint=None if self.debug else "run with --debug for the traceback")
+
+
+def failed_summary(outcomes: Iterable[ActionOutcome]) -> list[str]:
+    return [o.action.description for o in outcomes if o.status == "failed"]
+
+
+__all__ = ["ActionContextImpl", "ActionRunner", "ExecutionStats", "PluginItems", "action_key", "build_tree"]

@@ -1,0 +1,415 @@
+"""Loading: BUILD and ``.bzl`` files evaluated with Starlark (starlark-rust through
+starlark-pyo3) into target declarations.
+
+Evaluation is deterministic: no I/O but ``load()`` and ``glob()`` (which list files in
+sorted order and never leave their package), no clock, no randomness. Every rule call
+is checked against the rule's attribute schema right away, so that errors point at the
+BUILD line that wrote them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtbuild.engine.errors import (
+    AttrError,
+    BuildFileError,
+    DtbuildError,
+    LabelError,
+    Location,
+    UnknownTargetError,
+    closest,
+    did_you_mean,
+)
+from dtbuild.engine.labels import Label, TargetPattern, parse_label
+from dtbuild.engine.workspace import BUILD_FILE_NAMES, OUT_DIR_NAME, WORKSPACE_FILE, Workspace
+from dtbuild.rules.api import COMMON_ATTRS, Rule
+from dtbuild.rules.attrs import AttrValueError
+
+_FRAME_RE = re.compile(r"^\s*\* (?P<file>.+?):(?P<line>\d+), in ", re.M)
+_ERROR_AT_RE = re.compile(r"^\s*--> (?P<file>.+?):(?P<line>\d+):(?P<col>\d+)", re.M)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetDecl:
+    """A target as its BUILD file declared it, attributes checked and coerced."""
+
+    label: Label
+    kind: str
+    attrs: Mapping[str, Any]
+    location: Location
+
+
+@dataclass
+class Package:
+    name: str
+    build_file: str  # workspace-relative
+    targets: dict[str, TargetDecl] = field(default_factory=dict)
+    #: Every file whose content the evaluation depended on (BUILD, loaded .bzl files).
+    files_read: list[str] = field(default_factory=list)
+
+
+class _Abort(Exception):
+    """Raised inside a rule call to stop Starlark; the real error is kept aside."""
+
+
+class Loader:
+    """Loads packages on demand and remembers them for the rest of the process."""
+
+    def __init__(self, workspace: Workspace, rules: Mapping[str, Rule],
+                 build_globals: Mapping[str, Any] | None = None,
+                 registry_values: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.workspace = workspace
+        self.rules = dict(rules)
+        self.build_globals = dict(build_globals or {})
+        self.registry_values = registry_values or {}
+        self._packages: dict[str, Package] = {}
+        self._modules: dict[str, Any] = {}  # .bzl label -> FrozenModule
+        self._loading: list[str] = []  # .bzl load stack, for cycle errors
+        self._current: Package | None = None
+        self._pending: DtbuildError | None = None
+        self._listing: dict[str, list[str]] = {}
+        self._all_packages: list[str] | None = None
+        import starlark as sl
+
+        self._sl = sl
+        self._globals = sl.Globals.extended_by([
+            sl.LibraryExtension.StructType, sl.LibraryExtension.CallStack,
+            sl.LibraryExtension.Print, sl.LibraryExtension.Json, sl.LibraryExtension.Map,
+            sl.LibraryExtension.Filter, sl.LibraryExtension.Partial])
+        self._dialect = sl.Dialect.extended()
+        self._prelude = "".join(
+            f"def {name}(**kwargs):\n    return _dtbuild_rule({name!r}, call_stack(), kwargs)\n"
+            for name in sorted(self.rules))
+
+    # ------------------------------------------------------------------ packages
+
+    def build_file_of(self, package: str) -> str | None:
+        directory = os.path.join(self.workspace.root, package)
+        for name in BUILD_FILE_NAMES:
+            if os.path.isfile(os.path.join(directory, name)):
+                return f"{package}/{name}" if package else name
+        return None
+
+    def package(self, name: str) -> Package:
+        pkg = self._packages.get(name)
+        if pkg is None:
+            pkg = self._load_package(name)
+            self._packages[name] = pkg
+        return pkg
+
+    def target(self, label: Label, *, referrer: TargetDecl | None = None, attr: str | None = None) -> TargetDecl:
+        """The declaration of ``label``; an error with the closest existing target otherwise."""
+        if self.build_file_of(label.package) is None:
+            close = closest(label.package, self.all_packages())
+            where = f"//{label.package}" if label.package else "the root package"
+            raise UnknownTargetError(
+                f"no package {where}: {label.package + '/' if label.package else ''}BUILD does not exist"
+                + self._referrer_text(referrer, attr, label),
+                location=referrer.location if referrer else None,
+                target=str(referrer.label) if referrer else None, rule=referrer.kind if referrer else None,
+                hint=f"did you mean '//{close}'?" if close is not None else None)
+        pkg = self.package(label.package)
+        decl = pkg.targets.get(label.name)
+        if decl is None:
+            close = closest(label.name, pkg.targets)
+            raise UnknownTargetError(
+                f"no target named '{label.name}' in package //{label.package}"
+                + self._referrer_text(referrer, attr, label),
+                location=referrer.location if referrer else None,
+                target=str(referrer.label) if referrer else None, rule=referrer.kind if referrer else None,
+                hint=(f"did you mean '{Label(label.package, close)}'?" if close else
+                      f"targets in //{label.package}: {', '.join(sorted(pkg.targets)) or 'none'}"))
+        return decl
+
+    @staticmethod
+    def _referrer_text(referrer: TargetDecl | None, attr: str | None, label: Label) -> str:
+        if referrer is None:
+            return ""
+        return f" (the '{attr}' attribute refers to {label})" if attr else f" (referred to as {label})"
+
+    def all_packages(self, under: str = "") -> list[str]:
+        """Every package at or below ``under``, sorted."""
+        if self._all_packages is None:
+            found = []
+            root = self.workspace.root
+            for dirpath, dirnames, filenames in os.walk(root):
+                rel = os.path.relpath(dirpath, root)
+                rel = "" if rel == "." else rel.replace(os.sep, "/")
+                if rel and WORKSPACE_FILE in filenames:
+                    dirnames[:] = []  # a nested workspace is not ours
+                    continue
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                                     and not (rel == "" and d == OUT_DIR_NAME))
+                if any(n in filenames for n in BUILD_FILE_NAMES):
+                    found.append(rel)
+            self._all_packages = sorted(found)
+        if not under:
+            return list(self._all_packages)
+        return [p for p in self._all_packages if p == under or p.startswith(under + "/")]
+
+    def expand(self, pattern: TargetPattern) -> list[Label]:
+        """The labels a pattern stands for, sorted. A pattern that matches nothing is an error."""
+        if pattern.name is not None:
+            decl = self.target(Label(pattern.package, pattern.name))
+            return [decl.label]
+        if pattern.recursive:
+            packages = self.all_packages(pattern.package)
+        else:
+            if self.build_file_of(pattern.package) is None:
+                self.target(Label(pattern.package, "all"))  # raises the no-package error
+            packages = [pattern.package]
+        labels = [decl.label for pkg in packages for decl in self.package(pkg).targets.values()]
+        if not labels:
+            raise UnknownTargetError(f"no targets match '{pattern}'")
+        return sorted(labels)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _read(self, rel_path: str) -> str:
+        with open(os.path.join(self.workspace.root, rel_path), encoding="utf-8") as f:
+            return f.read()
+
+    def _new_module(self) -> Any:
+        sl = self._sl
+        module = sl.Module()
+        module.add_callable("_dtbuild_rule", self._rule_call)
+        module.add_callable("glob", self._glob)
+        module.add_callable("package_name", self._package_name)
+        for key, value in self.build_globals.items():
+            module[key] = value
+        sl.eval(module, sl.parse("<dtbuild prelude>", self._prelude, self._dialect), self._globals)
+        return module
+
+    def _evaluate(self, rel_path: str, source: str, module: Any) -> None:
+        sl = self._sl
+        try:
+            ast = sl.parse(rel_path, source, self._dialect)
+            sl.eval(module, ast, self._globals, sl.FileLoader(self._load_bzl))
+        except sl.StarlarkError as e:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                raise pending from None
+            raise _starlark_error(str(e), rel_path) from None
+
+    def _load_package(self, name: str) -> Package:
+        build_file = self.build_file_of(name)
+        if build_file is None:
+            raise UnknownTargetError(f"no package //{name}: {name}/BUILD does not exist")
+        pkg = Package(name, build_file, files_read=[build_file])
+        outer, self._current = self._current, pkg
+        try:
+            self._evaluate(build_file, self._read(build_file), self._new_module())
+        finally:
+            self._current = outer
+        return pkg
+
+    def _load_bzl(self, text: str) -> Any:
+        pkg = self._current
+        try:
+            label = parse_label(text, pkg.name if pkg else "")
+        except LabelError as e:
+            self._pending = BuildFileError(f"bad load() label: {e.message}", hint=e.hint)
+            raise _Abort() from None
+        key = str(label)
+        module = self._modules.get(key)
+        if module is not None:
+            if pkg is not None:
+                pkg.files_read.append(_label_path(label))
+            return module
+        path = _label_path(label)
+        if not path.endswith(".bzl"):
+            self._pending = BuildFileError(f"load() takes .bzl files, but got '{text}'")
+            raise _Abort()
+        if key in self._loading:
+            cycle = " -> ".join([*self._loading[self._loading.index(key):], key])
+            self._pending = BuildFileError(f"load() cycle: {cycle}")
+            raise _Abort()
+        if not os.path.isfile(os.path.join(self.workspace.root, path)):
+            self._pending = BuildFileError(f"cannot load '{text}': {path} does not exist")
+            raise _Abort()
+        self._loading.append(key)
+        try:
+            module = self._new_module()
+            self._evaluate(path, self._read(path), module)
+            frozen = module.freeze()
+        finally:
+            self._loading.pop()
+        self._modules[key] = frozen
+        if pkg is not None:
+            pkg.files_read.append(path)
+        return frozen
+
+    # ------------------------------------------------------------------ built-in functions
+
+    def _package_name(self) -> str:
+        return self._current.name if self._current else ""
+
+    def _rule_call(self, kind: str, stack: str, kwargs: dict[str, Any]) -> None:
+        try:
+            self._declare(kind, stack, kwargs)
+        except DtbuildError as e:
+            self._pending = e
+            raise _Abort() from None
+
+    def _declare(self, kind: str, stack: str, kwargs: dict[str, Any]) -> None:
+        pkg = self._current
+        frames = _FRAME_RE.findall(stack)
+        location = Location(frames[0][0], int(frames[0][1])) if frames else Location("<unknown>")
+        if pkg is None:
+            raise BuildFileError(f"{kind}() may only be called while a BUILD file is evaluated",
+                                 location=location,
+                                 hint="call rules from BUILD files, or from macros that BUILD files call")
+        rule = self.rules[kind]
+        name = kwargs.get("name")
+        if not isinstance(name, str) or not name:
+            raise AttrError(f"{kind}() needs a 'name' attribute (a non-empty string)", location=location)
+        try:
+            label = parse_label(f"//{pkg.name}:{name}")
+        except LabelError as e:
+            raise AttrError(f"invalid target name {name!r}: {e.message}", location=location) from None
+        target_text = str(label)
+        if name in pkg.targets:
+            first = pkg.targets[name].location
+            raise BuildFileError(f"duplicate target name '{name}': already defined at {first}",
+                                 location=location, target=target_text, rule=kind,
+                                 hint="every target in a package needs its own name")
+
+        def resolve(text: str) -> str:
+            try:
+                return str(parse_label(text, pkg.name))
+            except LabelError as e:
+                raise ValueError(e.message) from None
+
+        values: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in COMMON_ATTRS:
+                continue
+            attr = rule.attrs.get(key)
+            if attr is None:
+                raise AttrError(f"{kind}() has no attribute '{key}'", location=location,
+                                target=target_text, rule=kind,
+                                hint=did_you_mean(key, [*rule.attrs, *COMMON_ATTRS])
+                                or f"valid attributes: {', '.join(sorted(rule.attrs))}")
+            try:
+                values[key] = attr.coerce(value, resolve, self.registry_values)
+            except AttrValueError as e:
+                raise AttrError(f"the '{key}' attribute {e}", location=location, target=target_text,
+                                rule=kind, hint=e.hint) from None
+        for key, attr in rule.attrs.items():
+            if key not in values:
+                if attr.mandatory:
+                    raise AttrError(f"missing mandatory attribute '{key}' ({attr.describe_type()}: {attr.doc})",
+                                    location=location, target=target_text, rule=kind)
+                values[key] = attr.default_value()
+        pkg.targets[name] = TargetDecl(label, kind, values, location)
+
+    def _glob(self, include: list[str], exclude: list[str] | None = None, allow_empty: bool = True) -> list[str]:
+        pkg = self._current
+        if pkg is None:
+            self._pending = BuildFileError("glob() may only be called while a BUILD file is evaluated")
+            raise _Abort()
+        for pattern in [*include, *(exclude or [])]:
+            if not isinstance(pattern, str) or pattern.startswith("/") or ".." in pattern.split("/"):
+                self._pending = BuildFileError(
+                    f"glob pattern {pattern!r} must be relative to the package and may not contain '..'",
+                    location=Location(pkg.build_file))
+                raise _Abort()
+        files = self._package_files(pkg.name)
+        inc = [_glob_regex(p) for p in include]
+        exc = [_glob_regex(p) for p in exclude or []]
+        result = [f for f in files if any(r.match(f) for r in inc) and not any(r.match(f) for r in exc)]
+        if not result and not allow_empty:
+            self._pending = BuildFileError(f"glob({include!r}) matched no files", location=Location(pkg.build_file))
+            raise _Abort()
+        return result
+
+    def _package_files(self, package: str) -> list[str]:
+        """Files (and symlinks) of a package, sorted, relative to it; subpackages,
+        dtbuild-out and hidden directories left out."""
+        listing = self._listing.get(package)
+        if listing is not None:
+            return listing
+        root = os.path.join(self.workspace.root, package)
+        out: list[str] = []
+
+        def walk(directory: str, prefix: str) -> None:
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except OSError:
+                return
+            for entry in entries:
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name.startswith(".") or (not package and not prefix and entry.name == OUT_DIR_NAME):
+                        continue
+                    sub = os.path.join(directory, entry.name)
+                    if any(os.path.isfile(os.path.join(sub, n)) for n in (*BUILD_FILE_NAMES, WORKSPACE_FILE)):
+                        continue  # a subpackage (or a nested workspace) owns its files
+                    walk(sub, rel + "/")
+                elif entry.name not in BUILD_FILE_NAMES:
+                    out.append(rel)
+
+        walk(root, "")
+        out.sort()
+        self._listing[package] = out
+        return out
+
+    def declared_targets(self) -> Iterable[TargetDecl]:
+        for pkg in self._packages.values():
+            yield from pkg.targets.values()
+
+
+def _label_path(label: Label) -> str:
+    return f"{label.package}/{label.name}" if label.package else label.name
+
+
+_GLOB_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """``**`` matches any number of directories, ``*`` and ``?`` stay within one."""
+    cached = _GLOB_CACHE.get(pattern)
+    if cached is not None:
+        return cached
+    parts = pattern.split("/")
+    regex = ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            regex += ".*" if last else "(?:[^/]+/)*"
+            continue
+        piece = ""
+        for ch in part:
+            if ch == "*":
+                piece += "[^/]*"
+            elif ch == "?":
+                piece += "[^/]"
+            else:
+                piece += re.escape(ch)
+        regex += piece + ("" if last else "/")
+    compiled = re.compile(f"^{regex}$")
+    _GLOB_CACHE[pattern] = compiled
+    return compiled
+
+
+def _starlark_error(text: str, rel_path: str) -> BuildFileError:
+    """Starlark's own error, caret and all, with its location pulled to the front."""
+    text = text.rstrip()
+    match = _ERROR_AT_RE.search(text)
+    frames = _FRAME_RE.findall(text)
+    if match:
+        location = Location(match["file"], int(match["line"]), int(match["col"]))
+    elif frames:
+        location = Location(frames[-1][0], int(frames[-1][1]))
+    else:
+        location = Location(rel_path)
+    first = next((line for line in text.splitlines() if line.startswith("error:")), text.splitlines()[0])
+    message = first.removeprefix("error:").strip()
+    if message.startswith("Parse error:"):
+        message = "syntax error: " + message.removeprefix("Parse error:").strip()
+    return BuildFileError(message, location=location, detail=text)

@@ -1,0 +1,519 @@
+"""The local content-addressed store: blobs by sha256, directory trees as Merkle trees,
+and the action cache.
+
+Layout under the cache directory::
+
+    cas/ab/abcd...      blobs (files, and Directory nodes of trees), read-only
+    ac/ab/<key>         action results (JSON with its own checksum)
+    tmp/                temporary files, renamed into place when complete
+
+Every write goes to a unique temporary name in ``tmp/`` (same file system), is fsynced,
+then renamed into place, so a crash never leaves a partial entry under its final name
+and two processes writing the same entry both end with correct bytes. Reads verify:
+blobs are written with a fixed sentinel mtime, so a blob whose size or mtime differs
+(someone wrote to it) is re-hashed, and one whose bytes no longer match its name is
+deleted and reported missing: the action that produced it runs again. Action results
+carry the sha256 of their body and are dropped when it does not match.
+
+Trees are stored as Directory nodes shaped like REAPI's ``Directory`` message (files,
+directories and symlinks, each sorted by name), in canonical JSON, so that a remote
+cache can hold them unchanged in meaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from dtbuild.engine.errors import StoreError
+from dtbuild.plugins.interfaces import TreeEntry
+
+#: mtime of every blob in the store: any later write to a blob changes it.
+SENTINEL_MTIME_NS = 1_000_000_000 * 1_000_000_000
+_CHUNK = 1 << 20
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no insignificant white space, UTF-8: the same value gives the same bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def hash_file(path: str) -> tuple[str, int]:
+    """sha256 hex digest and size of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return h.hexdigest(), size
+
+
+@dataclass(frozen=True, slots=True)
+class OutputValue:
+    """What an action produced in one output slot."""
+
+    digest: str  # sha256 hex of the file, or of the tree's root Directory node
+    size: int
+    is_tree: bool
+    executable: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"digest": self.digest, "size": self.size, "is_tree": self.is_tree, "executable": self.executable}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> OutputValue:
+        return OutputValue(str(d["digest"]), int(d["size"]), bool(d["is_tree"]), bool(d.get("executable", False)))
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    outputs: dict[str, OutputValue]
+    #: Free-form facts about the run (kind version, seconds, host-independent only).
+    meta: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outputs": {k: v.to_json() for k, v in sorted(self.outputs.items())}, "meta": self.meta}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> ActionResult:
+        return ActionResult({k: OutputValue.from_json(v) for k, v in d["outputs"].items()}, dict(d.get("meta", {})))
+
+
+class BlobWriter:
+    """Write a blob in a stream; ``commit()`` hashes nothing twice and returns the digest."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._path = store.temp_path("blob")
+        self._file = open(self._path, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hash.update(data)
+        self._file.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def commit(self) -> str:
+        digest = self._hash.hexdigest()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._store._install_blob(self._path, digest)
+        return digest
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
+
+
+class Store:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.cas_dir = os.path.join(self.root, "cas")
+        self.ac_dir = os.path.join(self.root, "ac")
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        self._counter = 0
+        self._lock = threading.Lock()
+        self._trusted: set[str] = set()  # blobs checked during this process
+        self._dir_cache: dict[str, dict[str, Any]] = {}
+        try:
+            for d in (self.cas_dir, self.ac_dir, self.tmp_dir):
+                os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the cache at {self.root}: {e.strerror}",
+                             hint="set DTBUILD_CACHE_DIR or [cache] dir in dtbuild.toml to a writable directory") from None
+
+    # ------------------------------------------------------------------ temp names
+
+    def temp_path(self, purpose: str) -> str:
+        with self._lock:
+            self._counter += 1
+            n = self._counter
+        return os.path.join(self.tmp_dir, f"{os.getpid()}-{threading.get_ident() % 100000}-{n}-{purpose}")
+
+    def clean_stale_temps(self) -> None:
+        """Remove temporaries left by processes that died (their pid is gone)."""
+        try:
+            names = os.listdir(self.tmp_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            pid_text = name.split("-", 1)[0]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid():
+                continue
+            if _pid_alive(int(pid_text)):
+                continue
+            path = os.path.join(self.tmp_dir, name)
+            remove_tree(path)
+
+    # ------------------------------------------------------------------ blobs
+
+    def blob_path(self, digest: str) -> str:
+        return os.path.join(self.cas_dir, digest[:2], digest)
+
+    def _install_blob(self, temp: str, digest: str) -> None:
+        final = self.blob_path(digest)
+        os.chmod(temp, 0o444)
+        os.utime(temp, ns=(SENTINEL_MTIME_NS, SENTINEL_MTIME_NS))
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.replace(temp, final)
+        self._trusted.add(digest)
+
+    def has_blob(self, digest: str, size: int | None = None) -> bool:
+        """Whether an intact copy of the blob is present. A blob that was written to
+        after it was stored is re-hashed; a corrupt one is deleted."""
+        if digest in self._trusted:
+            return True
+        path = self.blob_path(digest)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        if st.st_mtime_ns == SENTINEL_MTIME_NS and (size is None or st.st_size == size):
+            self._trusted.add(digest)
+            return True
+        return self.verify_blob(digest)
+
+    def verify_blob(self, digest: str) -> bool:
+        """Re-hash a blob; delete it when its bytes no longer match its name."""
+        path = self.blob_path(digest)
+        try:
+            actual, _ = hash_file(path)
+        except FileNotFoundError:
+            return False
+        if actual != digest:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._trusted.discard(digest)
+            return False
+        with contextlib.suppress(OSError):
+            os.utime(path, ns=(SENTINEL_MTIME_NS, SENTINEL_MTIME_NS))
+        self._trusted.add(digest)
+        return True
+
+    def put_bytes(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if self.has_blob(digest, len(data)):
+            return digest
+        writer = BlobWriter(self)
+        try:
+            writer.write(data)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def put_file(self, path: str, digest: str | None = None) -> tuple[str, int]:
+        """Copy a file into the store (hashing while copying) unless a blob with the
+        given digest is already there. Returns (digest, size)."""
+        if digest is not None:
+            size = os.stat(path).st_size
+            if self.has_blob(digest, size):
+                return digest, size
+        writer = BlobWriter(self)
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while True:
+                    n = f.readinto(buf)
+                    if not n:
+                        break
+                    writer.write(view[:n])
+            actual = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        if digest is not None and actual != digest:
+            raise StoreError(f"{path} changed while it was being read (expected sha256 {digest}, read {actual})",
+                             hint="do not edit sources while a build runs; run the build again")
+        return actual, writer.size
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def open_blob(self, digest: str) -> IO[bytes]:
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is missing from the cache at {self.root}",
+                             hint="run the build again; missing entries are rebuilt") from None
+
+    def read_blob(self, digest: str) -> bytes:
+        with self.open_blob(digest) as f:
+            return f.read()
+
+    # ------------------------------------------------------------------ trees
+
+    def put_directory_node(self, files: list[dict[str, Any]], dirs: list[dict[str, Any]],
+                           symlinks: list[dict[str, Any]], mode: int = 0o755) -> str:
+        node = {
+            "files": sorted(files, key=lambda e: e["name"]),
+            "directories": sorted(dirs, key=lambda e: e["name"]),
+            "symlinks": sorted(symlinks, key=lambda e: e["name"]),
+            "mode": mode,
+        }
+        return self.put_bytes(canonical_json(node))
+
+    def read_directory(self, digest: str) -> dict[str, Any]:
+        node = self._dir_cache.get(digest)
+        if node is None:
+            if not self.has_blob(digest):
+                raise StoreError(f"tree node {digest} is missing from the cache at {self.root}",
+                                 hint="run the build again; missing entries are rebuilt")
+            node = json.loads(self.read_blob(digest))
+            self._dir_cache[digest] = node
+        return node
+
+    def put_tree_from_dir(self, path: str, *, normalize_modes: bool = True) -> tuple[str, int]:
+        """Ingest a directory on disk. Modes become 0755/0644 by the owner's execute bit
+        when ``normalize_modes`` (so a umask never changes a digest). Returns
+        (root digest, total file bytes)."""
+        total = 0
+
+        def ingest(directory: str) -> str:
+            nonlocal total
+            files, dirs, links = [], [], []
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    links.append({"name": entry.name, "target": os.readlink(entry.path)})
+                elif stat.S_ISDIR(st.st_mode):
+                    dirs.append({"name": entry.name, "digest": ingest(entry.path)})
+                elif stat.S_ISREG(st.st_mode):
+                    digest, size = self.put_file(entry.path)
+                    total += size
+                    files.append({"name": entry.name, "digest": digest, "size": size,
+                                  "mode": _file_mode(st.st_mode, normalize_modes)})
+                else:
+                    raise StoreError(f"{entry.path}: only files, directories and symlinks can be outputs")
+            return self.put_directory_node(files, dirs, links)
+
+        return ingest(path), total
+
+    def walk_tree(self, digest: str, prefix: str = "") -> Iterator[TreeEntry]:
+        """Entries of a tree in sorted order (GNU tar --sort=name order: a directory,
+        then its contents), parents before children."""
+        node = self.read_directory(digest)
+        entries: list[tuple[str, str, dict[str, Any]]] = (
+            [(f["name"], "file", f) for f in node["files"]]
+            + [(d["name"], "dir", d) for d in node["directories"]]
+            + [(s["name"], "symlink", s) for s in node["symlinks"]])
+        entries.sort(key=lambda e: e[0])
+        for name, kind, e in entries:
+            path = prefix + name
+            if kind == "file":
+                yield TreeEntry(path, "file", e["mode"], e["digest"], e["size"])
+            elif kind == "symlink":
+                yield TreeEntry(path, "symlink", 0o777, target=e["target"])
+            else:
+                child = self.read_directory(e["digest"])
+                yield TreeEntry(path, "dir", child.get("mode", 0o755))
+                yield from self.walk_tree(e["digest"], path + "/")
+
+    def tree_blobs_present(self, digest: str) -> bool:
+        """Whether every node and file blob of a tree is present and intact."""
+        try:
+            node = self.read_directory(digest)
+        except (StoreError, ValueError):
+            return False
+        for f in node["files"]:
+            if not self.has_blob(f["digest"], f["size"]):
+                return False
+        return all(self.tree_blobs_present(d["digest"]) for d in node["directories"])
+
+    def materialize_blob(self, digest: str, dest: str, executable: bool = False) -> None:
+        """Write a copy of a blob at ``dest`` (atomically), mode 0755 or 0644."""
+        tmp = dest + f".dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
+        shutil.copyfile(self.blob_path(digest), tmp)
+        os.chmod(tmp, 0o755 if executable else 0o644)
+        os.replace(tmp, dest)
+
+    def materialize_tree(self, digest: str, dest: str) -> None:
+        """Write a tree as a new directory ``dest`` (which must not exist)."""
+        node = self.read_directory(digest)
+        os.mkdir(dest)
+        for f in node["files"]:
+            target = os.path.join(dest, f["name"])
+            shutil.copyfile(self.blob_path(f["digest"]), target)
+            os.chmod(target, f["mode"])
+        for s in node["symlinks"]:
+            os.symlink(s["target"], os.path.join(dest, s["name"]))
+        for d in node["directories"]:
+            self.materialize_tree(d["digest"], os.path.join(dest, d["name"]))
+        os.chmod(dest, node.get("mode", 0o755))
+
+    # ------------------------------------------------------------------ action cache
+
+    def _ac_path(self, key: str) -> str:
+        return os.path.join(self.ac_dir, key[:2], key)
+
+    def get_action(self, key: str) -> ActionResult | None:
+        path = self._ac_path(key)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            doc = json.loads(raw)
+            body = canonical_json(doc["result"])
+            if hashlib.sha256(body).hexdigest() != doc["sha256"]:
+                raise ValueError("checksum mismatch")
+            return ActionResult.from_json(doc["result"])
+        except (ValueError, KeyError, TypeError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # corrupt: a miss, rebuilt and rewritten
+            return None
+
+    def put_action(self, key: str, result: ActionResult) -> None:
+        body = result.to_json()
+        data = canonical_json({"result": body, "sha256": hashlib.sha256(canonical_json(body)).hexdigest()})
+        atomic_write(self._ac_path(key), data, tmp=self.temp_path("ac"))
+
+    # ------------------------------------------------------------------ maintenance
+
+    @contextlib.contextmanager
+    def lock(self, exclusive: bool = False) -> Iterator[None]:
+        """Builds hold the cache lock shared; ``gc`` holds it exclusively."""
+        import fcntl
+
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def touch_action(self, key: str) -> None:
+        """Mark an action result as used now (gc keeps recently used results)."""
+        with contextlib.suppress(OSError):
+            os.utime(self._ac_path(key))
+
+    def gc(self, max_age_seconds: float) -> dict[str, int]:
+        """Drop action results unused for ``max_age_seconds``, then every blob that no
+        remaining result refers to (directly or through a tree)."""
+        import time
+
+        removed = {"actions": 0, "blobs": 0, "bytes": 0}
+        with self.lock(exclusive=True):
+            cutoff = time.time() - max_age_seconds
+            live: set[str] = set()
+            for dirpath, _, filenames in os.walk(self.ac_dir):
+                for name in filenames:
+                    path = os.path.join(dirpath, name)
+                    result = self.get_action(name)
+                    if result is None or os.stat(path).st_mtime < cutoff:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+                        removed["actions"] += 1
+                        continue
+                    for value in result.outputs.values():
+                        if value.is_tree:
+                            self._tree_digests(value.digest, live)
+                        else:
+                            live.add(value.digest)
+            for dirpath, _, filenames in os.walk(self.cas_dir):
+                for name in filenames:
+                    if name not in live:
+                        path = os.path.join(dirpath, name)
+                        with contextlib.suppress(FileNotFoundError):
+                            removed["bytes"] += os.lstat(path).st_size
+                            os.unlink(path)
+                            removed["blobs"] += 1
+            remove_tree(self.tmp_dir)
+            os.makedirs(self.tmp_dir, exist_ok=True)
+        return removed
+
+    def _tree_digests(self, digest: str, into: set[str]) -> None:
+        into.add(digest)
+        try:
+            node = self.read_directory(digest)
+        except (StoreError, ValueError):
+            return
+        into.update(f["digest"] for f in node["files"])
+        for d in node["directories"]:
+            self._tree_digests(d["digest"], into)
+
+    def stats(self) -> dict[str, int]:
+        blobs = size = actions = 0
+        for dirpath, _, filenames in os.walk(self.cas_dir):
+            for name in filenames:
+                blobs += 1
+                with contextlib.suppress(FileNotFoundError):
+                    size += os.lstat(os.path.join(dirpath, name)).st_size
+        for _, _, filenames in os.walk(self.ac_dir):
+            actions += len(filenames)
+        return {"blobs": blobs, "bytes": size, "actions": actions}
+
+
+def _file_mode(st_mode: int, normalize: bool) -> int:
+    if normalize:
+        return 0o755 if st_mode & stat.S_IXUSR else 0o644
+    return stat.S_IMODE(st_mode)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(path: str, data: bytes, *, tmp: str | None = None, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync, rename."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = tmp or f"{path}.dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def remove_tree(path: str) -> None:
+    """Remove a file or directory tree, including read-only parts of it."""
+    def onerror(func: Any, p: str, exc: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(p), 0o755)
+            os.chmod(p, 0o755)
+            func(p)
+        except OSError:
+            pass
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, onerror=onerror)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

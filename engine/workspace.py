@@ -1,0 +1,98 @@
+"""The workspace: its root (the directory holding ``dtbuild.toml``), its settings, and
+where outputs and the cache go."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtbuild.engine.errors import WorkspaceError
+
+WORKSPACE_FILE = "dtbuild.toml"
+BUILD_FILE_NAMES = ("BUILD", "BUILD.dtbuild")
+OUT_DIR_NAME = "dtbuild-out"
+
+
+@dataclass
+class Workspace:
+    root: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> str:
+        return os.path.join(self.root, OUT_DIR_NAME)
+
+    @property
+    def state_dir(self) -> str:
+        """Per-workspace bookkeeping (memo of source digests, output index, lock)."""
+        return os.path.join(self.out_dir, ".dtbuild")
+
+    def cache_dir(self) -> str:
+        env = os.environ.get("DTBUILD_CACHE_DIR")
+        if env:
+            return os.path.abspath(env)
+        configured = self.config.get("cache", {}).get("dir")
+        if configured:
+            return os.path.normpath(os.path.join(self.root, os.path.expanduser(str(configured))))
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(xdg, "dtbuild")
+
+    def remote_cache(self) -> str | None:
+        value = self.config.get("remote", {}).get("cache")
+        return str(value) if value else None
+
+    def plugin_modules(self) -> list[str]:
+        modules = self.config.get("plugins", {}).get("modules", [])
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            raise WorkspaceError("[plugins] modules must be a list of strings",
+                                 location=_config_location(self.root))
+        return modules
+
+    def package_of(self, directory: str) -> str | None:
+        """The package path of ``directory`` (relative to the root), whether or not it has
+        a BUILD file; None outside the workspace."""
+        rel = os.path.relpath(os.path.abspath(directory), self.root)
+        if rel == ".":
+            return ""
+        if rel.startswith(".."):
+            return None
+        return rel.replace(os.sep, "/")
+
+
+def _config_location(root: str):  # -> Location, imported lazily with errors
+    from dtbuild.engine.errors import Location
+
+    return Location(os.path.join(root, WORKSPACE_FILE))
+
+
+def find_workspace(start: str | None = None) -> Workspace:
+    """Walk up from ``start`` (default: the working directory) to the first directory
+    holding ``dtbuild.toml``, like git does for ``.git``."""
+    here = os.path.abspath(start or os.getcwd())
+    probe = here
+    while True:
+        candidate = os.path.join(probe, WORKSPACE_FILE)
+        if os.path.isfile(candidate):
+            return Workspace(probe, _read_config(candidate))
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            raise WorkspaceError(
+                f"not inside a dtbuild workspace: no {WORKSPACE_FILE} in {here} or any parent directory",
+                hint=f"create an (even empty) {WORKSPACE_FILE} at the root of your repository")
+        probe = parent
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        return {}
+    import tomllib  # ~25 ms: only when there is something to parse
+
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        from dtbuild.engine.errors import Location
+
+        raise WorkspaceError(f"{WORKSPACE_FILE} is not valid TOML: {e}", location=Location(path)) from None

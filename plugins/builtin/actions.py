@@ -1,0 +1,90 @@
+"""Action kinds of the built-in ``files`` and ``genrule`` rules."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind, CommandRequest, TreeEntry
+
+#: The environment of sandboxed commands: nothing of the user's leaks in.
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class FilesTree(ActionKind):
+    """Builds the tree of a ``files`` target from its inputs' digests: nothing is copied
+    but sources not yet in the store."""
+
+    NAME = "FilesTree"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        prefix = ctx.params["prefix"]
+        mode = ctx.params["mode"]
+        srcs = ctx.inputs("srcs")
+        entries: list[TreeEntry] = []
+        for index, rel in ctx.params["entries"]:
+            art = srcs[index]
+            if art.is_tree:
+                base = prefix
+                for e in ctx.walk_tree(art):
+                    path = f"{base}/{e.path}" if base else e.path
+                    if e.kind == "file" and mode is not None:
+                        e = TreeEntry(e.path, "file", mode, e.digest, e.size)
+                    entries.append(TreeEntry(path, e.kind, e.mode, e.digest, e.size, e.target))
+                continue
+            dest = f"{prefix}/{rel}" if prefix else rel
+            if art.symlink is not None:
+                entries.append(TreeEntry(dest, "symlink", 0o777, target=art.symlink))
+                continue
+            ctx.store_file(art)
+            file_mode = mode if mode is not None else (0o755 if art.executable else 0o644)
+            entries.append(TreeEntry(dest, "file", file_mode, art.digest, art.size))
+        ctx.output_tree("tree", entries)
+
+
+class Genrule(ActionKind):
+    """Runs a genrule's command in a private execution root holding only its inputs."""
+
+    NAME = "Genrule"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        execroot = os.path.join(ctx.scratch_dir, "execroot")
+        home = os.path.join(ctx.scratch_dir, "home")
+        tmp = os.path.join(ctx.scratch_dir, "tmp")
+        for d in (execroot, home, tmp):
+            os.makedirs(d)
+        paths: dict[str, list[str]] = {}
+        for slot in ("srcs", "tools"):
+            paths[slot] = []
+            for art in ctx.inputs(slot):
+                dest = os.path.join(execroot, art.path)
+                if not os.path.lexists(dest):
+                    ctx.materialize(art, dest)
+                paths[slot].append(art.path)
+        out_dir = ctx.params["out_dir"]
+        outs = [f"{out_dir}/{out}" for out in ctx.params["outs"]]
+        for out in outs:
+            os.makedirs(os.path.dirname(os.path.join(execroot, out)), exist_ok=True)
+        os.makedirs(os.path.join(execroot, out_dir), exist_ok=True)
+        env = {
+            "PATH": SANDBOX_PATH, "HOME": home, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "TZ": "UTC", "SOURCE_DATE_EPOCH": "1",
+            "SRCS": " ".join(paths["srcs"]), "TOOLS": " ".join(paths["tools"]),
+            "OUTS": " ".join(outs), "OUT_DIR": out_dir,
+        }
+        if len(outs) == 1:
+            env["OUT"] = outs[0]
+        cmd = ctx.params["cmd"]
+        result = ctx.run_command(CommandRequest(
+            argv=["/bin/bash", "-c", "set -e -o pipefail\n" + cmd], cwd=execroot, env=env, network=False))
+        if result.exit_code != 0:
+            raise ActionFailed(f"command exited with status {result.exit_code}", output_tail=result.output,
+                               exit_code=result.exit_code, command=shlex.quote(cmd) if "\n" in cmd else cmd)
+        for name, out in zip(ctx.params["outs"], outs, strict=True):
+            produced = os.path.join(execroot, out)
+            if not os.path.isfile(produced) or os.path.islink(produced):
+                raise ActionFailed(f"the command did not create declared output '{name}' ({out})",
+                                   output_tail=result.output, command=cmd)
+            os.replace(produced, ctx.output_path(name))

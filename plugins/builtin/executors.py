@@ -1,0 +1,72 @@
+"""The ``local`` executor: commands run as host processes in their own session, without
+network access where ``unshare`` allows it, killed as a group when the build stops."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import tempfile
+
+from dtbuild.plugins.interfaces import CancelToken, CommandRequest, CommandResult, Executor
+
+OUTPUT_TAIL_LINES = 40
+_TAIL_BYTES = 64 * 1024
+
+
+@functools.cache
+def network_isolation_prefix() -> tuple[str, ...]:
+    """The command prefix that gives a process an empty network namespace here, or ()
+    where the machine allows none (unprivileged user namespaces disabled)."""
+    for prefix in (("unshare", "--net"), ("unshare", "--map-root-user", "--net")):
+        try:
+            done = subprocess.run([*prefix, "true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return prefix
+    return ()
+
+
+def output_tail(data: bytes, lines: int = OUTPUT_TAIL_LINES) -> str:
+    text = data.decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class LocalExecutor(Executor):
+    NAME = "local"
+
+    def run(self, request: CommandRequest, cancel: CancelToken) -> CommandResult:
+        argv = list(request.argv)
+        if not request.network:
+            argv = [*network_isolation_prefix(), *argv]
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(argv, cwd=request.cwd, env=dict(request.env), stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                while True:
+                    try:
+                        code = proc.wait(timeout=0.05)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if cancel.is_set():
+                            _kill_group(proc)
+                            code = proc.wait()
+                            break
+            except BaseException:
+                _kill_group(proc)
+                proc.wait()
+                raise
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - _TAIL_BYTES))
+            tail = log.read()
+        return CommandResult(code, output_tail(tail))
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

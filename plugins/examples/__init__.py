@@ -1,0 +1,1 @@
+"""Example plugins for plugin authors: small, complete and tested."""

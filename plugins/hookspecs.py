@@ -1,0 +1,170 @@
+"""The dtbuild plugin API: every hook a plugin may implement.
+
+A plugin is a module or object with functions decorated by
+``dtbuild.plugins.hookimpl`` whose names are hooks below. Plugins are found through
+the ``dtbuild`` entry-point group of installed distributions and through
+``[plugins] modules = [...]`` in the workspace's ``dtbuild.toml``. The built-in rules,
+action kinds, compressors, executors and reporter are plugins registered the same way
+(:mod:`dtbuild.plugins.builtin`).
+
+Registration hooks return classes (or, for rules, rule objects) keyed by their
+``NAME``; two plugins registering the same name is an error naming both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from dtbuild.plugins import hookspec
+
+if TYPE_CHECKING:
+    from dtbuild.plugins.interfaces import (
+        ActionKind,
+        Compressor,
+        Executor,
+        LayerKind,
+        OutputFormat,
+    )
+    from dtbuild.rules.api import Rule
+
+# --------------------------------------------------------------------------- registration
+# Called once, when the plugin manager is made, before any BUILD file is read.
+
+
+@hookspec
+def dtbuild_register_rules() -> Sequence[Rule]:
+    """Rules that BUILD files may call, such as ``files`` or ``image``.
+
+    Called once per process, before BUILD files are loaded.
+
+    :return: rule objects made with :func:`dtbuild.rules.rule`; each ``rule.name`` is
+        the function name BUILD files call.
+    """
+
+
+@hookspec
+def dtbuild_register_build_globals() -> Mapping[str, Any]:
+    """Constants visible in every BUILD and ``.bzl`` file (strings, numbers, lists and
+    dicts of them), such as ``SHADOW_SETUP``.
+
+    Called once per process, before BUILD files are loaded.
+
+    :return: a mapping from global name to value.
+    """
+
+
+@hookspec
+def dtbuild_register_action_kinds() -> Sequence[type[ActionKind]]:
+    """Implementations of action mnemonics that rules declare (``Genrule``, ``LayerWrite``).
+
+    Called once per process, before the first action runs.
+
+    :return: :class:`~dtbuild.plugins.interfaces.ActionKind` subclasses, each with a
+        unique ``NAME``.
+    """
+
+
+@hookspec
+def dtbuild_register_compressors() -> Sequence[type[Compressor]]:
+    """Compressors for layer blobs and image archives (``none``, ``gz``, ``zstd``).
+
+    Called once per process, before BUILD files are loaded (the ``compressor``
+    attribute of image rules accepts exactly the registered names).
+
+    :return: :class:`~dtbuild.plugins.interfaces.Compressor` subclasses.
+    """
+
+
+@hookspec
+def dtbuild_register_layer_kinds() -> Sequence[type[LayerKind]]:
+    """Kinds of image layers (pure file layers, root layers run in an overlay, ...).
+
+    Called once per process.
+
+    :return: :class:`~dtbuild.plugins.interfaces.LayerKind` subclasses.
+    """
+
+
+@hookspec
+def dtbuild_register_executors() -> Sequence[type[Executor]]:
+    """Executors that run commands for actions (local sandbox, namespace, VM, remote).
+
+    Called once per process.
+
+    :return: :class:`~dtbuild.plugins.interfaces.Executor` subclasses.
+    """
+
+
+@hookspec
+def dtbuild_register_output_formats() -> Sequence[type[OutputFormat]]:
+    """Extra output formats for images, besides docker-archive and OCI layout.
+
+    Called once per process.
+
+    :return: :class:`~dtbuild.plugins.interfaces.OutputFormat` subclasses.
+    """
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@hookspec(firstresult=True)
+def dtbuild_select_executor(mnemonic: str, requested: str, available: Sequence[str]) -> str | None:
+    """Choose the executor for an action that runs commands.
+
+    Called for each such action, just before it runs. The first non-``None`` answer wins;
+    the built-in implementation honours ``requested`` and maps ``"auto"`` to ``"local"``.
+
+    :param mnemonic: the action's kind, such as ``Genrule``.
+    :param requested: the executor the target asked for (``"auto"`` when it did not).
+    :param available: names of the registered executors that work on this machine.
+    :return: an executor name, or ``None`` to let another plugin decide.
+    """
+
+
+# --------------------------------------------------------------------------- observers
+# Called from the thread that reports progress; they must return quickly.
+
+
+@hookspec
+def dtbuild_build_started(targets: Sequence[str], total_actions: int) -> None:
+    """The execution phase is starting.
+
+    :param targets: the labels requested on the command line, expanded.
+    :param total_actions: how many actions the build may run or fetch from the cache.
+    """
+
+
+@hookspec
+def dtbuild_action_started(label: str, mnemonic: str, description: str) -> None:
+    """An action missed the cache and starts running.
+
+    :param label: the target that declared it.
+    :param mnemonic: the action kind.
+    :param description: a short human description (``Genrule //pkg:gen``).
+    """
+
+
+@hookspec
+def dtbuild_action_finished(label: str, mnemonic: str, description: str, status: str,
+                            seconds: float) -> None:
+    """An action is done.
+
+    :param status: ``"executed"``, ``"cached"``, ``"remote_cached"`` or ``"failed"``.
+    :param seconds: wall time spent on it in this build.
+    """
+
+
+@hookspec
+def dtbuild_action_log(label: str, mnemonic: str, message: str) -> None:
+    """An action reported progress (:meth:`ActionContext.log`)."""
+
+
+@hookspec
+def dtbuild_build_finished(summary: Mapping[str, Any], success: bool) -> None:
+    """The build is over (successfully or not).
+
+    :param summary: the ``--summary-json`` document.
+    :param success: whether every requested target was built.
+    """

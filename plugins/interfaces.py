@@ -1,0 +1,230 @@
+"""Interfaces that plugins implement: action kinds, executors, compressors, layer kinds,
+output formats.
+
+Every implementation is a class with a ``NAME`` (unique within its kind) and, where its
+output bytes can change between releases, a ``VERSION`` that goes into the keys of the
+actions that use it, so that changing an implementation invalidates exactly its cache
+entries. These interfaces never import the engine: the engine hands an implementation
+the narrow :class:`ActionContext` protocol below.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, ClassVar, Literal, Protocol
+
+# --------------------------------------------------------------------------- artifacts
+
+EntryKind = Literal["file", "dir", "symlink"]
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One entry of a directory tree held in the content-addressed store.
+
+    ``path`` is relative to the tree root, '/'-separated, never empty (the root itself
+    is not an entry). Trees are walked in sorted order, parents before children.
+    """
+
+    path: str
+    kind: EntryKind
+    mode: int = 0o644
+    digest: str = ""  # sha256 hex, files only
+    size: int = 0  # files only
+    target: str = ""  # symlinks only
+
+
+@dataclass(frozen=True, slots=True)
+class InputArtifact:
+    """An input of an action as the action sees it: where it sits in the action's
+    logical file system (a workspace-relative path such as ``pkg/a.txt`` or
+    ``dtbuild-out/pkg/name``) and what it holds."""
+
+    path: str
+    digest: str  # sha256 hex of the file, or of the root Directory node of a tree
+    is_tree: bool
+    size: int = 0
+    executable: bool = False
+    #: For a source that is a symbolic link: its target (``digest`` then names the link).
+    symlink: str | None = None
+
+
+class ActionContext(Protocol):
+    """What an :class:`ActionKind` may use while it runs. Provided by the engine."""
+
+    #: The action's parameters exactly as the rule declared them (JSON values).
+    params: Mapping[str, Any]
+    #: A private, empty scratch directory, removed after the action.
+    scratch_dir: str
+
+    def inputs(self, name: str) -> Sequence[InputArtifact]:
+        """The artifacts bound to input slot ``name`` (empty when the slot is absent)."""
+
+    def open_input(self, artifact: InputArtifact) -> IO[bytes]:
+        """Open a file input for reading (straight from the store: nothing is copied)."""
+
+    def walk_tree(self, artifact: InputArtifact) -> Iterator[TreeEntry]:
+        """Walk a tree input in sorted order, parents first."""
+
+    def open_blob(self, digest: str) -> IO[bytes]:
+        """Open any blob of the store by digest (for :class:`TreeEntry` files)."""
+
+    def materialize(self, artifact: InputArtifact, dest: str) -> str:
+        """Write a copy of ``artifact`` at ``dest`` (a file or a directory) and return it."""
+
+    def output_path(self, name: str) -> str:
+        """Where to write declared output ``name`` (a file or a directory). The parent
+        directory exists; the path does not."""
+
+    def output_writer(self, name: str) -> IO[bytes]:
+        """A stream that writes file output ``name`` straight into the store, hashing as
+        it goes (nothing is read back). Close it when done. Use instead of
+        :meth:`output_path` for large outputs."""
+
+    def output_tree(self, name: str, entries: Sequence[TreeEntry]) -> None:
+        """Declare tree output ``name`` as these entries, without writing files: each file
+        entry names a blob already in the store by digest (an input's digest, or the
+        digest of a blob written with :meth:`store_file`). Parents may be implied."""
+
+    def store_file(self, artifact: InputArtifact) -> None:
+        """Make sure a file input's bytes are in the store under ``artifact.digest``."""
+
+    def run_command(self, request: CommandRequest) -> CommandResult:
+        """Run a command through the executor chosen for this action."""
+
+    def compressor(self, name: str) -> Compressor:
+        """The registered compressor called ``name``."""
+
+    def log(self, message: str) -> None:
+        """A progress line shown to the user under this action."""
+
+
+class ActionKind(abc.ABC):
+    """An implementation of actions of one mnemonic (``Genrule``, ``LayerWrite``, ...).
+
+    ``run`` reads inputs and parameters through the context and writes every declared
+    output at ``ctx.output_path(name)``. It must be deterministic: the same inputs and
+    parameters give the same bytes. Raise :class:`ActionFailed` with a message the user
+    can act on.
+    """
+
+    NAME: ClassVar[str]
+    VERSION: ClassVar[str] = "1"
+
+    @abc.abstractmethod
+    def run(self, ctx: ActionContext) -> None: ...
+
+
+class ActionFailed(Exception):
+    """Raised by an action kind: the action failed for a reason the user can fix."""
+
+    def __init__(self, message: str, *, output_tail: str = "", exit_code: int | None = None,
+                 command: str | None = None) -> None:
+        super().__init__(message)
+        self.output_tail = output_tail
+        self.exit_code = exit_code
+        self.command = command
+
+
+# --------------------------------------------------------------------------- executors
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRequest:
+    argv: Sequence[str]
+    cwd: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    #: Allow network access. Off by default: actions must be hermetic.
+    network: bool = False
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    exit_code: int
+    #: The last lines of stdout and stderr, interleaved as written.
+    output: str
+
+
+class Executor(abc.ABC):
+    """Runs commands for actions: a local sandbox, a namespace, a VM, a remote cluster."""
+
+    NAME: ClassVar[str]
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """``None`` when this executor works on this machine, else what is missing and
+        how to get it."""
+        return None
+
+    @abc.abstractmethod
+    def run(self, request: CommandRequest, cancel: CancelToken) -> CommandResult: ...
+
+
+class CancelToken(Protocol):
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+# --------------------------------------------------------------------------- compressors
+
+
+class Compressor(abc.ABC):
+    """A stream compressor for layer blobs and image archives.
+
+    Output must be deterministic: no timestamps or file names in headers, and the same
+    bytes whatever the machine or thread count.
+    """
+
+    NAME: ClassVar[str]  # "gz", "zstd", "none"
+    VERSION: ClassVar[str] = "1"
+    #: Appended to archive file names: ".gz", ".zst", "".
+    EXTENSION: ClassVar[str]
+    #: OCI layer media type.
+    OCI_LAYER_MEDIA_TYPE: ClassVar[str]
+    #: Docker schema 2 layer media type, or None where Docker has none (zstd).
+    DOCKER_LAYER_MEDIA_TYPE: ClassVar[str | None]
+    #: Leading bytes that identify this format (b"" for none).
+    MAGIC: ClassVar[bytes]
+
+    @abc.abstractmethod
+    def compress_to(self, sink: IO[bytes]) -> IO[bytes]:
+        """A writable stream; what is written to it reaches ``sink`` compressed. Closing
+        it flushes everything into ``sink`` but leaves ``sink`` open."""
+
+    @abc.abstractmethod
+    def decompress_from(self, source: IO[bytes]) -> IO[bytes]:
+        """A readable stream of the decompressed bytes of ``source``."""
+
+
+# --------------------------------------------------------------------------- layer kinds
+
+
+class LayerKind(abc.ABC):
+    """A way of producing an image layer (pure files, a root script in an overlay, ...).
+
+    A layer kind is an :class:`ActionKind` whose declared outputs are ``layer.tar``
+    (the uncompressed layer) and ``layer.json`` (``{"diff_id", "size"}``); image
+    assembly compresses and records it. Registering it as a layer kind lets
+    ``dtbuild plugins`` list it and rules look it up by ``NAME``.
+    """
+
+    NAME: ClassVar[str]
+    #: The action kind (by NAME) that builds layers of this kind.
+    ACTION_KIND: ClassVar[str]
+    DOC: ClassVar[str] = ""
+
+
+# --------------------------------------------------------------------------- output formats
+
+
+class OutputFormat(abc.ABC):
+    """An extra way of writing a built image (besides docker-archive and OCI layout)."""
+
+    NAME: ClassVar[str]
+    #: The action kind (by NAME) that writes it.
+    ACTION_KIND: ClassVar[str]
+    DOC: ClassVar[str] = ""

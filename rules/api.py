@@ -1,0 +1,252 @@
+"""The rule-authoring API.
+
+A rule is an attribute schema plus a pure implementation::
+
+    from dtbuild.rules import attrs
+    from dtbuild.rules.api import rule
+    from dtbuild.rules.providers import DefaultInfo
+
+    def _hello_impl(ctx):
+        out = ctx.declare_file(ctx.name + ".txt")
+        ctx.actions.declare("WriteFile", outputs={"out": out},
+                            params={"content": ctx.attr.greeting})
+        return [DefaultInfo(files=(out,))]
+
+    hello = rule("hello", _hello_impl, attrs={"greeting": attrs.string(doc="What to write.")},
+                 doc="Writes a greeting.")
+
+The implementation never touches the file system: it reads attributes and its
+dependencies' providers, declares outputs and the actions that write them, and returns
+providers. The engine runs the declared actions (through the action kinds that plugins
+register) and caches them by the digests of their inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from dtbuild.rules.artifacts import Artifact
+from dtbuild.rules.attrs import Attr
+from dtbuild.rules.providers import DefaultInfo, Provider
+
+P = TypeVar("P", bound=Provider)
+
+#: Attributes every rule has.
+COMMON_ATTRS = ("name", "visibility", "tags")
+
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+_MNEMONIC_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+
+
+class RuleFailure(Exception):
+    """Raised by a rule implementation (through :meth:`RuleContext.fail`) to reject its
+    target's attributes or dependencies. The engine adds the BUILD location."""
+
+    def __init__(self, message: str, *, attr: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.attr = attr
+        self.hint = hint
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A rule: what BUILD files call to declare targets."""
+
+    name: str
+    impl: Callable[[RuleContext], Sequence[Provider]]
+    attrs: Mapping[str, Attr]
+    doc: str
+    #: Part of every action key of this rule's targets: bump it when the
+    #: implementation changes what it declares, so exactly its actions re-run.
+    version: str = "1"
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"rule name {self.name!r} must be lower_snake_case")
+        for reserved in COMMON_ATTRS:
+            if reserved in self.attrs:
+                raise ValueError(f"rule {self.name!r} may not redefine the common attribute {reserved!r}")
+
+    @property
+    def NAME(self) -> str:
+        return self.name
+
+
+def rule(name: str, impl: Callable[[RuleContext], Sequence[Provider]], *, attrs: Mapping[str, Attr],
+         doc: str, version: str = "1") -> Rule:
+    """Define a rule. Register it from a plugin's ``dtbuild_register_rules`` hook."""
+    return Rule(name, impl, MappingProxyType(dict(attrs)), doc, version)
+
+
+# --------------------------------------------------------------------------- analysis-time values
+
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    """A dependency as a rule implementation sees it: its label and its providers."""
+
+    label: str
+    kind: str
+    providers: Mapping[type, Provider]
+
+    def __getitem__(self, provider: type[P]) -> P:
+        try:
+            return self.providers[provider]  # type: ignore[return-value]
+        except KeyError:
+            raise RuleFailure(f"{self.label} ({self.kind}) does not provide {provider.__name__}") from None
+
+    def get(self, provider: type[P]) -> P | None:
+        return self.providers.get(provider)  # type: ignore[return-value]
+
+    def __contains__(self, provider: type) -> bool:
+        return provider in self.providers
+
+    @property
+    def files(self) -> tuple[Artifact, ...]:
+        info = self.providers.get(DefaultInfo)
+        return info.files if isinstance(info, DefaultInfo) else ()
+
+
+@dataclass(frozen=True, slots=True)
+class ActionDecl:
+    """One declared action. ``inputs`` and ``outputs`` map slot names to artifacts; the
+    action kind called ``mnemonic`` reads and writes them by slot."""
+
+    mnemonic: str
+    owner: str
+    inputs: Mapping[str, tuple[Artifact, ...]]
+    outputs: Mapping[str, Artifact]
+    params: Mapping[str, Any]
+    description: str
+    executor: str = "auto"
+    #: The action may use the network: it is run but never trusted as reproducible.
+    network: bool = False
+    rule_version: str = "1"
+
+
+class Actions:
+    """``ctx.actions``: where a rule implementation declares its actions."""
+
+    def __init__(self, owner: str, rule_version: str) -> None:
+        self._owner = owner
+        self._rule_version = rule_version
+        self.declared: list[ActionDecl] = []
+
+    def declare(self, mnemonic: str, *, outputs: Mapping[str, Artifact],
+                inputs: Mapping[str, Sequence[Artifact]] | None = None,
+                params: Mapping[str, Any] | None = None, description: str | None = None,
+                executor: str = "auto", network: bool = False) -> ActionDecl:
+        """Declare that the action kind ``mnemonic`` turns ``inputs`` into ``outputs``.
+
+        ``params`` must be JSON values: they go, with the inputs' digests, into the
+        action's cache key.
+        """
+        if not _MNEMONIC_RE.match(mnemonic):
+            raise ValueError(f"action mnemonic {mnemonic!r} must be CamelCase")
+        if not outputs:
+            raise ValueError(f"action {mnemonic} of {self._owner} declares no outputs")
+        for slot, art in outputs.items():
+            if art.is_source or art.owner != self._owner:
+                raise ValueError(f"output {slot!r} of {mnemonic} must be declared by {self._owner} "
+                                 "with ctx.declare_file or ctx.declare_directory")
+        decl = ActionDecl(
+            mnemonic=mnemonic, owner=self._owner,
+            inputs={k: tuple(v) for k, v in (inputs or {}).items()},
+            outputs=dict(outputs),
+            params=dict(params or {}),
+            description=description or f"{mnemonic} {self._owner}",
+            executor=executor, network=network, rule_version=self._rule_version)
+        self.declared.append(decl)
+        return decl
+
+
+class AttrValues:
+    """``ctx.attr``: the target's attribute values, by name, after coercion. Label-typed
+    attributes hold :class:`Dependency` objects; ``source_list`` attributes hold
+    :class:`Dependency` objects and source :class:`Artifact` objects."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no attribute {name!r}") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values
+
+
+class RuleContext:
+    """What a rule implementation gets: ``ctx.attr``, ``ctx.actions``, ``ctx.label``."""
+
+    def __init__(self, *, label: str, package: str, name: str, kind: str, attr: AttrValues,
+                 rule_version: str, registry: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.label = label
+        self.package = package
+        self.name = name
+        self.kind = kind
+        self.attr = attr
+        self.actions = Actions(label, rule_version)
+        #: Names of registered plugin items by registry ("compressors", "executors", ...).
+        self.registry: Mapping[str, Sequence[str]] = registry or {}
+        self._declared: dict[str, Artifact] = {}
+
+    # Outputs live under dtbuild-out/<package>/, named by the rule.
+    def _declare(self, name: str, is_tree: bool) -> Artifact:
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise RuleFailure(f"cannot declare output {name!r}: use a relative path without '..'")
+        base = f"dtbuild-out/{self.package}" if self.package else "dtbuild-out"
+        art = Artifact(f"{base}/{name}", is_tree=is_tree, is_source=False, owner=self.label, root=base)
+        if art.path in self._declared:
+            raise RuleFailure(f"output {name!r} is declared twice")
+        self._declared[art.path] = art
+        return art
+
+    def declare_file(self, name: str) -> Artifact:
+        """An output file at ``dtbuild-out/<package>/<name>``."""
+        return self._declare(name, False)
+
+    def declare_directory(self, name: str) -> Artifact:
+        """An output directory (a tree) at ``dtbuild-out/<package>/<name>``."""
+        return self._declare(name, True)
+
+    def declare_internal(self, name: str, *, is_tree: bool = False) -> Artifact:
+        """An intermediate output, kept in the cache but not meant for users:
+        ``dtbuild-out/<package>/_<target>/<name>``."""
+        return self._declare(f"_{self.name}/{name}", is_tree)
+
+    def files(self, attr_name: str) -> list[Artifact]:
+        """Every file an attribute names: source files as they are, and the
+        ``DefaultInfo`` outputs of labels."""
+        value = self.attr[attr_name]
+        items = value if isinstance(value, list) else [value]
+        out: list[Artifact] = []
+        for item in items:
+            if item is None:
+                continue
+            if isinstance(item, Artifact):
+                out.append(item)
+            else:
+                out.extend(item.files)
+        return out
+
+    def fail(self, message: str, *, attr: str | None = None, hint: str | None = None) -> None:
+        """Stop analysis of this target with an error (``attr`` names the culprit)."""
+        raise RuleFailure(message, attr=attr, hint=hint)
+
+    @property
+    def outputs(self) -> list[Artifact]:
+        return list(self._declared.values())
+
+
+__all__ = ["ActionDecl", "Actions", "Artifact", "AttrValues", "Dependency", "Rule", "RuleContext",
+           "RuleFailure", "rule"]

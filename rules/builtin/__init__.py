@@ -1,0 +1,1 @@
+"""Built-in rules, each written against the public rule API like any plugin's."""

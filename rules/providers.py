@@ -1,0 +1,82 @@
+"""Providers: the only way data flows from a target to the targets that depend on it.
+
+Each provider is a frozen, slotted dataclass. A rule implementation returns a list of
+them; a dependent reads ``dep[PackageInfo]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from dtbuild.rules.artifacts import Artifact
+
+
+class Provider:
+    """Base class of providers (a marker: providers are frozen dataclasses)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultInfo(Provider):
+    """What building the target produces: the files and directories a user gets under
+    ``dtbuild-out/``, and what ``srcs`` of a dependent see."""
+
+    files: tuple[Artifact, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PackageEntry:
+    """Place ``artifact`` at ``dest`` (an absolute path in the image). A tree artifact's
+    contents are merged below ``dest``; a file artifact becomes the file ``dest``."""
+
+    dest: str
+    artifact: Artifact
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PackageInfo(Provider):
+    """A package: a tree of files placed in an image, with runtime dependencies.
+
+    ``deps`` are the direct runtime dependencies; the closure over them is what layered
+    images put into layers (one layer per package, most popular first).
+    """
+
+    label: str
+    entries: tuple[PackageEntry, ...]
+    deps: tuple[PackageInfo, ...] = ()
+
+    def closure(self) -> Iterator[PackageInfo]:
+        """This package and every package it depends on, each once, depth first."""
+        seen: set[str] = set()
+        stack = [self]
+        while stack:
+            pkg = stack.pop()
+            if pkg.label in seen:
+                continue
+            seen.add(pkg.label)
+            yield pkg
+            stack.extend(reversed(pkg.deps))
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo(Provider):
+    """One image layer: ``tar`` is the uncompressed layer, ``meta`` a JSON file with its
+    ``diff_id`` and sizes."""
+
+    label: str
+    tar: Artifact
+    meta: Artifact
+    packages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo(Provider):
+    """A built image: ``manifest`` is a JSON description of its config and layers
+    (in the shape of ``name.json``), ``layers`` the uncompressed layer tars in order."""
+
+    label: str
+    manifest: Artifact
+    config: Artifact
+    layers: tuple[LayerInfo, ...] = field(default=())
