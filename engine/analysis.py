@@ -99,7 +99,7 @@ class Analyzer:
             items = value if isinstance(value, list) else [value]
             resolved: list[Label | Artifact] = []
             for item in items:
-                resolved.append(self._resolve_item(decl, name, item, attr.type == "source_list"))
+                resolved.append(self._resolve_item(decl, name, item, attr.accepts_sources))
             out.append((name, resolved))
         self._dep_cache[decl.label] = out
         return out

@@ -142,8 +142,9 @@ class Session:
                         paths.append(art.path)
                     result.outputs[str(label)] = paths
                     image = target.providers.get(ImageInfo)
-                    if isinstance(image, ImageInfo):
-                        result.images[str(label)] = json.loads(store.read_blob(runner.values[image.manifest.path].digest))
+                    if isinstance(image, ImageInfo) and image.description is not None:
+                        description = runner.values[image.description.path]
+                        result.images[str(label)] = json.loads(store.read_blob(description.digest))
                 tree.save()
             self.pm.hook.dtbuild_build_finished(summary=result.summary(), success=result.error is None)
         self.last_runner = runner
@@ -254,3 +255,74 @@ class Session:
                     reasons.append(f"input {p} changed (sha256 {before[p][:12]} -> {now[p][:12]})")
         return "; ".join(reasons) or "its previous result is no longer in the cache"
 
+
+
+class StoreReader:
+    """Read access to store-held trees for code that runs outside an action (``stream``,
+    ``inspect``): the ``walk_tree``/``open_blob`` part of an ActionContext."""
+
+    def __init__(self, store: Store, inputs: dict[str, list[Any]] | None = None) -> None:
+        self.store = store
+        self._inputs = inputs or {}
+
+    def inputs(self, name: str) -> list[Any]:
+        return self._inputs.get(name, [])
+
+    def walk_tree(self, artifact: Any) -> Iterator[Any]:
+        return self.store.walk_tree(artifact.digest)
+
+    def open_blob(self, digest: str) -> Any:
+        return self.store.open_blob(digest)
+
+
+def image_inputs(session: Session, label: Label, options: BuildOptions, cancel: threading.Event,
+                 ) -> tuple[StoreReader, Any, str]:
+    """Build what an image target's docker-archive is made from (not the archive itself)
+    and return a reader of its image tree, the tree's input artifact and the compressor."""
+    from dtbuild.engine.errors import UsageError
+    from dtbuild.plugins.interfaces import InputArtifact
+
+    analysis = session.analyze([label])
+    target = analysis.targets[label]
+    image = target.providers.get(ImageInfo)
+    if not isinstance(image, ImageInfo):
+        raise UsageError(f"{label} ({target.decl.kind}) is not an image target",
+                         hint="stream and inspect take image targets such as image or layered_image")
+    producer = analysis.producers[image.image.path]
+    needed = [a for a in analysis.actions_for([label]) if a is producer or _feeds(analysis, a, producer)]
+    compressor = "none"
+    for action in analysis.actions:
+        if action.owner == str(label) and action.mnemonic == "DockerArchive":
+            compressor = action.params["compressor"]
+    store = session.store()
+    with session.workspace_lock(), store.lock():
+        runner = session._runner(store, options, cancel)
+        session.pm.hook.dtbuild_build_started(targets=[str(label)], total_actions=len(needed))
+        try:
+            runner.run(needed, analysis.producers)
+        finally:
+            runner.sources.save()
+            session.pm.hook.dtbuild_build_finished(summary={}, success=True)
+    value = runner.values[image.image.path]
+    artifact = InputArtifact(image.image.path, value.digest, True, value.size)
+    return StoreReader(store, {"images": [artifact]}), artifact, compressor
+
+
+def _feeds(analysis: AnalysisResult, action: ActionDecl, target: ActionDecl) -> bool:
+    """Whether ``action``'s outputs are (transitively) inputs of ``target``."""
+    outputs = {a.path for a in action.outputs.values()}
+    stack = [target]
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for arts in current.inputs.values():
+            for art in arts:
+                if art.path in outputs:
+                    return True
+                producer = analysis.producers.get(art.path)
+                if producer is not None:
+                    stack.append(producer)
+    return False

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-COMMANDS = ("build", "query", "graph", "explain", "clean", "cache", "plugins")
+COMMANDS = ("build", "query", "graph", "explain", "stream", "inspect", "clean", "cache", "plugins")
 
 
 def _version() -> str:
@@ -59,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", parents=[common], help="which actions would run, and why")
     explain.add_argument("targets", nargs="+", metavar="TARGET")
+
+    stream = sub.add_parser("stream", parents=[common],
+                            help="write an image's docker-archive to stdout without storing it")
+    stream.add_argument("target")
+    stream.add_argument("--jobs", "-j", type=int, default=0)
+
+    inspect = sub.add_parser("inspect", parents=[common], help="an image's layers, sizes, config and contents")
+    inspect.add_argument("target")
+    inspect.add_argument("--jobs", "-j", type=int, default=0)
 
     clean = sub.add_parser("clean", parents=[common], help="remove dtbuild-out/ (and the cache with --expunge)")
     clean.add_argument("--expunge", action="store_true", help="also remove the whole local cache")
@@ -124,6 +133,7 @@ def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
 def _run(args: argparse.Namespace) -> int:
     return {
         "build": _cmd_build, "query": _cmd_query, "graph": _cmd_graph, "explain": _cmd_explain,
+        "stream": _cmd_stream, "inspect": _cmd_inspect,
         "clean": _cmd_clean, "cache": _cmd_cache, "plugins": _cmd_plugins,
     }[args.command](args)
 
@@ -236,6 +246,80 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print(line)
     runs = sum(1 for line in lines if ": would run" in line)
     print(f"{runs} of {len(lines)} action(s) would run.")
+    return 0
+
+
+def _single_image(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    from dtbuild.engine.build import BuildOptions, image_inputs
+    from dtbuild.engine.errors import UsageError
+    from dtbuild.plugins.builtin.reporter import ConsoleReporter
+
+    session = _session(args, ConsoleReporter(quiet=True))
+    labels = session.expand([args.target])
+    if len(labels) != 1:
+        raise UsageError(f"'{args.target}' names {len(labels)} targets; give exactly one image target")
+    cancel = threading.Event()
+    _install_signal_handlers(cancel)
+    reader, artifact, compressor = image_inputs(session, labels[0], BuildOptions(jobs=args.jobs, debug=args.debug),
+                                                cancel)
+    return session, reader, artifact, compressor
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from dtbuild.plugins.builtin import imageformat
+    from dtbuild.plugins.builtin.image_actions import archive_images
+
+    session, reader, _, compressor_name = _single_image(args)
+    if sys.stdout.isatty():
+        from dtbuild.engine.errors import UsageError
+
+        raise UsageError("stream writes a tar archive to stdout; pipe it somewhere",
+                         hint=f"dtbuild stream {args.target} | docker load")
+    compressor = session.plugin_items().compressor(compressor_name)
+    out = sys.stdout.buffer
+    imageformat.write_docker_archive(out, archive_images(reader), compressor)
+    out.flush()
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+    import tarfile
+
+    from dtbuild.plugins.builtin.image_actions import ImageTree
+
+    _, reader, artifact, _ = _single_image(args)
+    tree = ImageTree(reader, artifact)  # type: ignore[arg-type]
+    desc = tree.description
+    print(f"image: {desc['label']}")
+    print(f"tags: {', '.join(desc['repo_tags'])}")
+    print(f"manifest: {desc['manifest_digest']}")
+    print(f"config: {desc['config_digest']}")
+    config = tree.config
+    print(f"platform: {config.get('os')}/{config.get('architecture')}  created: {config.get('created')}")
+    print("config:")
+    for line in json.dumps(config.get("config") or {}, indent=2, sort_keys=True).splitlines():
+        print("  " + line)
+    history = [h for h in config.get("history", []) if not h.get("empty_layer")]
+    print(f"layers ({len(desc['layers'])}):")
+    for i, layer in enumerate(desc["layers"]):
+        files = dirs = 0
+        top: dict[str, int] = {}
+        with tree.layer_opener(layer["diff_id"])() as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if member.isdir():
+                    dirs += 1
+                else:
+                    files += 1
+                    head = "/" + member.name.lstrip("./").split("/", 1)[0]
+                    top[head] = top.get(head, 0) + 1
+        created_by = history[i].get("created_by", "") if i < len(history) else ""
+        print(f"  {i + 1}. {layer['digest']}  {layer['size'] / 1e6:.2f} MB  {layer['media_type']}")
+        print(f"     diff_id {layer['diff_id']}; {files} files, {dirs} directories")
+        if created_by:
+            print(f"     {created_by}")
+        if top:
+            print("     holds: " + ", ".join(f"{k} ({v})" for k, v in sorted(top.items())))
     return 0
 
 

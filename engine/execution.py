@@ -107,6 +107,7 @@ def action_key(action: ActionDecl, kind_version: str, inputs: Mapping[str, Seque
         "rule_version": action.rule_version,
         "params": action.params,
         "network": action.network,
+        "cacheable": action.cacheable,
         "inputs": {slot: [[a.path, a.digest, a.is_tree, a.executable, a.symlink] for a in arts]
                    for slot, arts in sorted(inputs.items())},
         "outputs": {slot: [art.path, art.is_tree] for slot, art in sorted(action.outputs.items())},
@@ -183,6 +184,12 @@ class ActionContextImpl:
             else:
                 raise StoreError(f"{artifact.path} ({artifact.digest}) is missing from the cache",
                                  hint="run the build again; missing entries are rebuilt")
+
+    def put_blob(self, data: bytes) -> str:
+        return self._store.put_bytes(data)
+
+    def put_file(self, path: str) -> tuple[str, int]:
+        return self._store.put_file(path)
 
     def open_input(self, artifact: InputArtifact) -> IO[bytes]:
         if artifact.is_tree:
@@ -354,14 +361,14 @@ class ActionRunner:
         kind = self.kind_for(action)
         inputs = {slot: [self.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
         key = action_key(action, kind.VERSION, inputs)
-        result = self.store.get_action(key)
+        result = self.store.get_action(key) if action.cacheable else None
         status = "cached"
         if result is None or not self._outputs_present(result, action):
             status = "executed"
             self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
                         description=action.description)
             result = self._execute(action, kind, inputs)
-            if not action.network:
+            if action.cacheable:
                 self.store.put_action(key, result)
         else:
             self.store.touch_action(key)

@@ -88,6 +88,14 @@ class ActionContext(Protocol):
         entry names a blob already in the store by digest (an input's digest, or the
         digest of a blob written with :meth:`store_file`). Parents may be implied."""
 
+    def put_blob(self, data: bytes) -> str:
+        """Store small bytes (a JSON document) and return their sha256 hex digest, for
+        use in :meth:`output_tree`."""
+
+    def put_file(self, path: str) -> tuple[str, int]:
+        """Copy a file the action wrote (in its scratch directory) into the store and
+        return (sha256 hex digest, size), for use in :meth:`output_tree`."""
+
     def store_file(self, artifact: InputArtifact) -> None:
         """Make sure a file input's bytes are in the store under ``artifact.digest``."""
 

@@ -123,8 +123,12 @@ class ActionDecl:
     params: Mapping[str, Any]
     description: str
     executor: str = "auto"
-    #: The action may use the network: it is run but never trusted as reproducible.
+    #: The action may use the network (a download checked by digest, a root script that
+    #: asked for it). Commands without it run with no network where the machine allows.
     network: bool = False
+    #: False for actions whose result is deliberately not a function of their inputs
+    #: (``created = "now"``): they run every time and never enter the cache.
+    cacheable: bool = True
     rule_version: str = "1"
 
 
@@ -139,7 +143,7 @@ class Actions:
     def declare(self, mnemonic: str, *, outputs: Mapping[str, Artifact],
                 inputs: Mapping[str, Sequence[Artifact]] | None = None,
                 params: Mapping[str, Any] | None = None, description: str | None = None,
-                executor: str = "auto", network: bool = False) -> ActionDecl:
+                executor: str = "auto", network: bool = False, cacheable: bool = True) -> ActionDecl:
         """Declare that the action kind ``mnemonic`` turns ``inputs`` into ``outputs``.
 
         ``params`` must be JSON values: they go, with the inputs' digests, into the
@@ -159,7 +163,7 @@ class Actions:
             outputs=dict(outputs),
             params=dict(params or {}),
             description=description or f"{mnemonic} {self._owner}",
-            executor=executor, network=network, rule_version=self._rule_version)
+            executor=executor, network=network, cacheable=cacheable, rule_version=self._rule_version)
         self.declared.append(decl)
         return decl
 

@@ -59,7 +59,11 @@ class Attr:
 
     @property
     def is_dependency(self) -> bool:
-        return self.type in ("label", "label_list", "source_list")
+        return self.type in ("label", "label_list", "source_list", "source")
+
+    @property
+    def accepts_sources(self) -> bool:
+        return self.type in ("source_list", "source")
 
     def describe_type(self) -> str:
         return _TYPE_WORDS[self.type] + (" or None" if self.allow_none else "")
@@ -93,6 +97,7 @@ _TYPE_WORDS = {
     "label": "a label",
     "label_list": "a list of labels",
     "source_list": "a list of source paths or labels",
+    "source": "a source path or label",
     "dict": "a dict",
 }
 
@@ -158,23 +163,29 @@ def _label_list(attr: Attr, value: Any, resolve: LabelResolver) -> list[str]:
     return out
 
 
+def _source_item(item: str, resolve: LabelResolver) -> str:
+    if item.startswith(("//", ":", "@")):
+        try:
+            return resolve(item)
+        except ValueError as e:
+            raise AttrValueError(f"must hold source paths or labels, but {e}") from None
+    if item.startswith("/") or item in ("", ".") or ".." in item.split("/"):
+        raise AttrValueError(
+            f"must hold paths inside the package, but has {item!r}",
+            hint="write paths relative to the BUILD file's directory, without '..'")
+    return item.rstrip("/")
+
+
 def _source_list(attr: Attr, value: Any, resolve: LabelResolver) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _wrong(attr, value)
-    out = []
-    for item in value:
-        if item.startswith(("//", ":", "@")):
-            try:
-                out.append(resolve(item))
-            except ValueError as e:
-                raise AttrValueError(f"must hold source paths or labels, but {e}") from None
-        else:
-            if item.startswith("/") or item in ("", ".") or ".." in item.split("/"):
-                raise AttrValueError(
-                    f"must hold paths inside the package, but has {item!r}",
-                    hint="write paths relative to the BUILD file's directory, without '..'")
-            out.append(item.rstrip("/"))
-    return out
+    return [_source_item(item, resolve) for item in value]
+
+
+def _source(attr: Attr, value: Any, resolve: LabelResolver) -> str:
+    if not isinstance(value, str):
+        raise _wrong(attr, value)
+    return _source_item(value, resolve)
 
 
 def _dict(attr: Attr, value: Any, _r: LabelResolver) -> dict[str, Any]:
@@ -186,7 +197,7 @@ def _dict(attr: Attr, value: Any, _r: LabelResolver) -> dict[str, Any]:
 _COERCERS: dict[str, Callable[[Attr, Any, LabelResolver], Any]] = {
     "string": _string, "int": _int, "bool": _bool, "string_list": _string_list,
     "string_dict": _string_dict, "label": _label, "label_list": _label_list,
-    "source_list": _source_list, "dict": _dict,
+    "source_list": _source_list, "source": _source, "dict": _dict,
 }
 
 
@@ -226,6 +237,10 @@ def label_list(doc: str, default: Any = MISSING, *, providers: Sequence[type] = 
 
 def source_list(doc: str, default: Any = MISSING) -> Attr:
     return Attr("source_list", doc, default)
+
+
+def source(doc: str, default: Any = MISSING) -> Attr:
+    return Attr("source", doc, default)
 
 
 def dictionary(doc: str, default: Any = MISSING) -> Attr:
