@@ -7,7 +7,7 @@ them; a dependent reads ``dep[PackageInfo]``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dtbuild.rules.artifacts import Artifact
 
@@ -63,20 +63,25 @@ class PackageInfo(Provider):
 @dataclass(frozen=True, slots=True)
 class LayerInfo(Provider):
     """One image layer: ``tar`` is the uncompressed layer, ``meta`` a JSON file with its
-    ``diff_id`` and sizes."""
+    ``diff_id``, ``size`` and the ``packages`` it holds."""
 
     label: str
     tar: Artifact
     meta: Artifact
-    packages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ImageInfo(Provider):
-    """A built image: ``manifest`` is a JSON description of its config and layers
-    (in the shape of ``name.json``), ``layers`` the uncompressed layer tars in order."""
+    """A built or imported image.
+
+    ``image`` is an *image tree* (see docs/image-tree.md): ``image.json`` (the
+    description users get as ``name.json``), ``config.json``, ``manifest.json`` (OCI),
+    ``layers/<diff_id hex>`` (uncompressed layer tars) and ``blobs/<digest hex>`` (the
+    layer blobs as the manifest lists them). Its files are shared with the store, so
+    passing an image around copies nothing.
+    """
 
     label: str
-    manifest: Artifact
-    config: Artifact
-    layers: tuple[LayerInfo, ...] = field(default=())
+    image: Artifact
+    #: ``name.json`` for users (the same content as the tree's image.json).
+    description: Artifact | None = None
