@@ -1,0 +1,963 @@
+"""Image metadata and the archive formats images travel in.
+
+This module owns:
+
+* canonical JSON (sorted keys, compact, UTF-8) for configs, manifests and indexes, so
+  their digests are reproducible; image configs and manifests (OCI and Docker schema 2);
+  the tag of an image built with ``tag=None`` (:func:`content_tag`);
+* writing docker-archives (:func:`write_docker_archive`, the layout ``docker save``
+  writes) and OCI image layouts (:func:`write_oci_layout`);
+* reading base images from docker-archives (plain, gzip or zstd), OCI archives (a tar
+  of an OCI layout) and OCI layout directories (:func:`extract_image_archive`, which
+  copies each layer out once, and :func:`read_image_archive`), checking every layer
+  against its diff_id.
+
+Pure library: no engine, no store. Layer tars themselves come from
+:mod:`dtbuild.plugins.builtin.layertar`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import shutil
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from dtbuild.plugins.builtin.compressors import (
+    BUILTIN_COMPRESSORS,
+    GzipCompressor,
+    NoneCompressor,
+    compressor_named,
+    detect_compressor,
+)
+from dtbuild.plugins.builtin.layertar import (
+    BLOCK_SIZE,
+    END_OF_ARCHIVE,
+    LayerEntry,
+    TarStream,
+    entry_header,
+    sorted_entries,
+)
+from dtbuild.plugins.interfaces import Compressor
+
+OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+OCI_LAYOUT_VERSION = "1.0.0"
+#: The ``created`` of the legacy per-layer ``json`` files of a docker-archive (the
+#: layers' own mtime, so that a layer directory does not depend on the image).
+LEGACY_LAYER_CREATED = "1970-01-01T00:00:01Z"
+
+_CHUNK = 1 << 20
+_INDEX_TYPES = (OCI_INDEX_MEDIA_TYPE, DOCKER_MANIFEST_LIST_MEDIA_TYPE)
+_MANIFEST_TYPES = (OCI_MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE)
+#: Small members of an archive that are read into memory while scanning it.
+_SMALL_MEMBER = 4 << 20
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def canonical_json(value: Any) -> bytes:
+    """``value`` as canonical JSON bytes: sorted keys, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def sha256_digest(data: bytes) -> str:
+    """``"sha256:<hex>"`` of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _hex(digest: str) -> str:
+    algorithm, _, hex_part = digest.partition(":")
+    if algorithm != "sha256" or len(hex_part) != 64 or not all(c in "0123456789abcdef" for c in hex_part):
+        raise ValueError(f"{digest!r} is not a sha256 digest (sha256:<64 lowercase hex digits>)")
+    return hex_part
+
+
+def make_config(architecture: str, os: str, config: dict[str, Any], diff_ids: list[str],
+                history: list[dict[str, Any]], created: str) -> bytes:
+    """An image config (OCI and Docker share it) as canonical JSON bytes.
+
+    :param config: the runtime config (``Env``, ``Cmd``, ``Entrypoint``, ...).
+    :param diff_ids: the layers' diff_ids, bottom first.
+    :param history: entries in order; exactly one per layer must not be ``empty_layer``
+        (registries reject a config whose layer-bearing history differs from its
+        layers), and each layer-bearing entry needs a non-empty ``created_by``. An entry
+        without ``created`` gets ``created``.
+    :raises ValueError: when history and layers disagree.
+    """
+    for diff_id in diff_ids:
+        _hex(diff_id)
+    entries = []
+    bearing = 0
+    for item in history:
+        entry = dict(item)
+        entry.setdefault("created", created)
+        if not entry.get("empty_layer"):
+            bearing += 1
+            if not entry.get("created_by"):
+                raise ValueError(f"history entry {len(entries)} describes a layer but has no created_by")
+        entries.append(entry)
+    if bearing != len(diff_ids):
+        raise ValueError(f"the history has {bearing} entries that are not empty_layer but the image has "
+                         f"{len(diff_ids)} layers; registries reject such configs")
+    return canonical_json({
+        "architecture": architecture, "os": os, "created": created, "config": config,
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)}, "history": entries,
+    })
+
+
+#: Layer media types: (OCI, Docker schema 2 or None, compressor NAME).
+LAYER_MEDIA_TYPES: tuple[tuple[str, str | None, str], ...] = tuple(
+    (cls.OCI_LAYER_MEDIA_TYPE, cls.DOCKER_LAYER_MEDIA_TYPE, cls.NAME) for cls in BUILTIN_COMPRESSORS)
+
+
+def layer_compressor_name(media_type: str) -> str:
+    """The compressor NAME (``none``, ``gz``, ``zstd``) of a layer media type, OCI or
+    Docker (also the non-distributable/foreign variants).
+
+    :raises ValueError: for a media type that is not a layer's.
+    """
+    for oci, docker, name in LAYER_MEDIA_TYPES:
+        if media_type in (oci, docker):
+            return name
+    if "nondistributable" in media_type or "foreign" in media_type:
+        if media_type.endswith(("gzip", "+gzip")):
+            return "gz"
+        if media_type.endswith("zstd"):
+            return "zstd"
+        if media_type.endswith("tar"):
+            return "none"
+    raise ValueError(f"{media_type!r} is not a layer media type")
+
+
+def _layer_media_type(media_type: str, oci: bool) -> str:
+    name = layer_compressor_name(media_type)
+    for oci_type, docker_type, compressor in LAYER_MEDIA_TYPES:
+        if compressor == name:
+            if oci:
+                return oci_type
+            if docker_type is None:
+                raise ValueError(f"{name} layers ({media_type}) have no Docker media type; use an OCI manifest")
+            return docker_type
+    raise AssertionError(name)
+
+
+def make_manifest(config_digest: str, config_size: int, layers: Sequence[tuple[str, int, str]],
+                  oci: bool) -> bytes:
+    """An image manifest as canonical JSON bytes: OCI (for OCI layouts, and pushes of
+    zstd layers) or Docker schema 2.
+
+    :param layers: (blob digest, blob size, media type) bottom first; the media type may
+        be given in either flavour and is written in the manifest's.
+    :raises ValueError: for a zstd layer in a Docker manifest (Docker has no such type).
+    """
+    _hex(config_digest)
+    descriptors = []
+    for digest, size, media_type in layers:
+        _hex(digest)
+        descriptors.append({"mediaType": _layer_media_type(media_type, oci), "digest": digest, "size": size})
+    return canonical_json({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST_MEDIA_TYPE if oci else DOCKER_MANIFEST_MEDIA_TYPE,
+        "config": {"mediaType": OCI_CONFIG_MEDIA_TYPE if oci else DOCKER_CONFIG_MEDIA_TYPE,
+                   "digest": config_digest, "size": config_size},
+        "layers": descriptors,
+    })
+
+
+def content_tag(digest: str) -> str:
+    """The tag of an image built with ``tag=None``: the first 32 hex digits of its
+    config digest (``"sha256:<hex>"`` or bare hex).
+
+    dockerTools uses its output hash, 32 characters; the config digest is the image ID
+    ``docker images`` shows, it names every layer by diff_id, and it does not depend on
+    the compressor, so the same image gets the same tag in every output format.
+    """
+    hex_part = digest.removeprefix("sha256:")
+    _hex("sha256:" + hex_part)
+    return hex_part[:32]
+
+
+def split_repo_tag(repo_tag: str) -> tuple[str, str]:
+    """("name", "tag") of "name:tag" (a registry port, "host:5000/name", is no tag).
+
+    :raises ValueError: without a tag.
+    """
+    name, sep, tag = repo_tag.rpartition(":")
+    if not sep or not name or not tag or "/" in tag:
+        raise ValueError(f"{repo_tag!r} is not name:tag")
+    return name, tag
+
+
+# --------------------------------------------------------------------------- docker-archive
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveLayer:
+    """One layer of an image to write into a docker-archive."""
+
+    diff_id: str
+    #: Size of the uncompressed layer tar.
+    tar_size: int
+    #: Opens the uncompressed layer tar.
+    open_tar: Callable[[], IO[bytes]]
+    #: Opens the layer's compressed blob, if there is one; an archive compressed the
+    #: same way copies these bytes instead of compressing the tar again.
+    open_blob: Callable[[], IO[bytes]] | None = None
+    #: Media type of the blob (OCI or Docker; it names the compression).
+    blob_media_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveImage:
+    """One image to write into a docker-archive."""
+
+    #: The config bytes (their sha256 is the image ID).
+    config: bytes
+    #: "name:tag" references docker load gives the image.
+    repo_tags: Sequence[str]
+    #: Bottom first; their diff_ids must be the config's.
+    layers: Sequence[ArchiveLayer]
+
+
+def _chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """OCI ChainIDs: ChainID(L0) = DiffID(L0), ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        chain.append(diff_id if not chain else sha256_digest(f"{chain[-1]} {diff_id}".encode()))
+    return chain
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    path: str
+    kind: str  # dir | file
+    data: bytes = b""
+    layer: ArchiveLayer | None = None
+
+
+def _docker_archive_members(images: Sequence[ArchiveImage]) -> list[_Member]:
+    """Every member of the archive, in ``tar --sort=name`` order."""
+    members: dict[str, _Member] = {}
+    layer_dirs: dict[str, str] = {}  # diff_id -> directory of its first occurrence
+    manifest = []
+    repositories: dict[str, dict[str, str]] = {}
+    tag_owner: dict[str, int] = {}
+    for number, image in enumerate(images):
+        try:
+            config = json.loads(image.config)
+            diff_ids = list(config["rootfs"]["diff_ids"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"image {number}: its config is not an image config ({e})") from None
+        if diff_ids != [layer.diff_id for layer in image.layers]:
+            raise ValueError(f"image {number}: its layers ({[layer.diff_id for layer in image.layers]}) are not the "
+                             f"config's diff_ids ({diff_ids})")
+        config_name = _hex(sha256_digest(image.config)) + ".json"
+        members[config_name] = _Member(config_name, "file", image.config)
+        layer_paths = []
+        parent = ""
+        for layer, chain_id in zip(image.layers, _chain_ids(diff_ids), strict=True):
+            directory = layer_dirs.get(layer.diff_id)
+            if directory is None:
+                directory = layer_dirs[layer.diff_id] = _hex(chain_id)
+                legacy: dict[str, Any] = {"created": LEGACY_LAYER_CREATED, "id": directory}
+                if parent:
+                    legacy["parent"] = parent
+                members[directory] = _Member(directory, "dir")
+                members[directory + "/VERSION"] = _Member(directory + "/VERSION", "file", b"1.0")
+                members[directory + "/json"] = _Member(directory + "/json", "file", canonical_json(legacy))
+                members[directory + "/layer.tar"] = _Member(directory + "/layer.tar", "file", layer=layer)
+            layer_paths.append(directory + "/layer.tar")
+            parent = directory
+        for repo_tag in image.repo_tags:
+            name, tag = split_repo_tag(repo_tag)
+            if tag_owner.setdefault(repo_tag, number) != number:
+                raise ValueError(f"{repo_tag} names two images of the archive ({tag_owner[repo_tag]} and {number})")
+            if parent:
+                repositories.setdefault(name, {})[tag] = parent
+        manifest.append({"Config": config_name, "RepoTags": list(image.repo_tags), "Layers": layer_paths})
+    members["manifest.json"] = _Member("manifest.json", "file", canonical_json(manifest))
+    if repositories:  # docker save writes it only for tagged images
+        members["repositories"] = _Member("repositories", "file", canonical_json(repositories))
+    order = sorted_entries(LayerEntry(m.path, "dir" if m.kind == "dir" else "file") for m in members.values())
+    return [members[entry.path] for entry in order]
+
+
+class _MemberWriter:
+    """Compressed output made of independent members (gzip members, zstd frames): the
+    current member starts at the first write after :meth:`end_member`."""
+
+    def __init__(self, out: IO[bytes], compressor: Compressor) -> None:
+        self.out = out
+        self.compressor = compressor
+        self.member: IO[bytes] | None = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.member is None:
+            self.member = self.compressor.compress_to(self.out)
+        self.member.write(data)
+        return len(data)
+
+    def end_member(self) -> None:
+        if self.member is not None:
+            self.member.close()
+            self.member = None
+
+
+def _reusable_blob(layer: ArchiveLayer, compressor: Compressor) -> tuple[IO[bytes], bytes] | None:
+    """The layer's blob opened, with the bytes already read from it, when the blob can
+    be copied as complete members of an archive compressed with ``compressor``."""
+    if not compressor.MAGIC or layer.open_blob is None or layer.blob_media_type is None:
+        return None
+    try:
+        if layer_compressor_name(layer.blob_media_type) != compressor.NAME:
+            return None
+    except ValueError:
+        return None
+    blob = layer.open_blob()
+    head = blob.read(len(compressor.MAGIC))
+    usable = head == compressor.MAGIC
+    if usable and compressor.MAGIC == GzipCompressor.MAGIC:
+        # A gzip blob must end with its member's trailer, whose last field is the
+        # uncompressed size mod 2**32: this rules out trailing padding or garbage, which
+        # Go's reader (docker load) would reject in the middle of an archive.
+        usable = blob.seekable()
+        if usable:
+            blob.seek(-4, io.SEEK_END)
+            usable = int.from_bytes(blob.read(4), "little") == layer.tar_size % (1 << 32)
+            blob.seek(len(head))
+    if not usable:
+        blob.close()
+        return None
+    return blob, head
+
+
+def write_docker_archive(out: IO[bytes], images: Sequence[ArchiveImage], compressor: Compressor, *,
+                         reuse_blobs: bool = True) -> None:
+    """Write ``images`` as one docker-archive, the layout ``docker save`` writes,
+    compressed as a whole with ``compressor`` (as dockerTools compresses its archives).
+
+    Members, sorted by name, each mtime 1, owner 0:0: ``<layer id>/`` with ``VERSION``
+    (``1.0``), ``json`` (legacy layer JSON: id, parent, created) and ``layer.tar``
+    (uncompressed); ``<config hex>.json``; ``manifest.json``; ``repositories`` (when an
+    image is tagged). A layer id is the hex of the layer's OCI ChainID in the first image
+    that has it; a layer in several images (or twice in one) is written once.
+
+    Only writes to ``out`` (a pipe or stdout will do). When ``reuse_blobs`` and a layer
+    has a blob compressed with the same compressor, the archive is made of compressed
+    members: the tar bytes before the layer, the blob's own bytes, the bytes after.
+    gzip and zstd readers (Python's, zcat, zstd, Go's used by docker and skopeo) read
+    concatenated members as one stream, so this decompresses to the same archive without
+    compressing the layer twice. The output stays a function of the inputs.
+
+    :raises ValueError: when an image's layers are not its config's, or a tag names
+        two images.
+    :raises LayerSourceChanged: when a layer tar is not ``tar_size`` bytes long.
+    """
+    members = _docker_archive_members(images)
+    writer = _MemberWriter(out, compressor)
+    stream = TarStream(_CHUNK, [writer], hashing=False)  # type: ignore[list-item]
+    for member in members:
+        layer = member.layer
+        size = layer.tar_size if layer is not None else len(member.data)
+        stream.put(entry_header(LayerEntry(member.path, "dir" if member.kind == "dir" else "file",
+                                           0o755 if member.kind == "dir" else 0o644, size=size)))
+        if layer is None:
+            stream.put(member.data + bytes(-len(member.data) % BLOCK_SIZE))
+            continue
+        reusable = _reusable_blob(layer, compressor) if reuse_blobs else None
+        if reusable is None:
+            stream.put_contents(layer.open_tar, layer.tar_size, f"layer {layer.diff_id}")
+            continue
+        blob, head = reusable
+        with blob:
+            stream.flush()
+            writer.end_member()
+            out.write(head)
+            while chunk := blob.read(_CHUNK):
+                out.write(chunk)
+        stream.put(bytes(-layer.tar_size % BLOCK_SIZE))
+    stream.put(END_OF_ARCHIVE)
+    stream.flush()
+    writer.end_member()
+    out.flush()
+
+
+# --------------------------------------------------------------------------- OCI layout
+
+
+@dataclass(frozen=True, slots=True)
+class OciImage:
+    """One image to write into an OCI layout: its manifest and config bytes (the layers
+    are the manifest's) and the "name:tag" references that name it."""
+
+    manifest: bytes
+    config: bytes
+    repo_tags: Sequence[str]
+
+
+def write_oci_layout(dest_dir: str, images: Sequence[OciImage],
+                     place_blob: Callable[[str, str], None]) -> None:
+    """Write an OCI image layout at ``dest_dir`` (created if needed): ``oci-layout``,
+    ``index.json`` and ``blobs/sha256/<hex>``.
+
+    ``index.json`` lists each image once per tag, annotated with
+    ``org.opencontainers.image.ref.name`` = the tag (what ``skopeo oci:DIR:tag`` and
+    ``umoci`` look up) and ``io.containerd.image.name`` = "name:tag" (what ``ctr import``
+    uses), with the platform from the config; an untagged image is listed once without
+    annotations. Manifests and configs are written here; each layer blob is placed by
+    ``place_blob(digest, dest_path)`` (once per digest), so the caller can hard-link it.
+
+    :raises ValueError: when a manifest does not name its config's digest.
+    """
+    blobs = os.path.join(dest_dir, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+    placed: set[str] = set()
+    descriptors = []
+
+    def write_blob(data: bytes) -> str:
+        digest = sha256_digest(data)
+        if digest not in placed:
+            placed.add(digest)
+            with open(os.path.join(blobs, _hex(digest)), "wb") as f:
+                f.write(data)
+        return digest
+
+    for number, image in enumerate(images):
+        manifest = json.loads(image.manifest)
+        config_digest = write_blob(image.config)
+        if manifest.get("config", {}).get("digest") != config_digest:
+            raise ValueError(f"image {number}: its manifest names config {manifest.get('config', {}).get('digest')} "
+                             f"but the config's digest is {config_digest}")
+        for layer in manifest.get("layers", []):
+            digest = layer["digest"]
+            if digest not in placed:
+                placed.add(digest)
+                place_blob(digest, os.path.join(blobs, _hex(digest)))
+        manifest_digest = write_blob(image.manifest)
+        config = json.loads(image.config)
+        descriptor: dict[str, Any] = {
+            "mediaType": manifest.get("mediaType", OCI_MANIFEST_MEDIA_TYPE), "digest": manifest_digest,
+            "size": len(image.manifest),
+            "platform": {key: config[key] for key in ("architecture", "os", "variant") if config.get(key)},
+        }
+        for repo_tag in image.repo_tags:
+            _, tag = split_repo_tag(repo_tag)
+            descriptors.append({**descriptor, "annotations": {"io.containerd.image.name": repo_tag,
+                                                              "org.opencontainers.image.ref.name": tag}})
+        if not image.repo_tags:
+            descriptors.append(descriptor)
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX_MEDIA_TYPE, "manifests": descriptors}
+    with open(os.path.join(dest_dir, "index.json"), "wb") as f:
+        f.write(canonical_json(index))
+    with open(os.path.join(dest_dir, "oci-layout"), "wb") as f:
+        f.write(canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveLayerInfo:
+    """A layer of an image read from an archive."""
+
+    diff_id: str
+    #: Media type of the layer as stored: the OCI descriptor's, or for a docker-archive
+    #: the OCI type of the compression found in the member.
+    media_type: str
+    #: Opens the uncompressed layer tar; reading it to the end checks the diff_id.
+    open: Callable[[], IO[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveImageInfo:
+    """An image read from an archive."""
+
+    config: bytes
+    repo_tags: tuple[str, ...]
+    layers: tuple[ArchiveLayerInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractedLayer:
+    """A layer copied out of an archive by :func:`extract_image_archive`."""
+
+    diff_id: str
+    #: The uncompressed layer tar, checked against ``diff_id``.
+    tar_path: str
+    tar_size: int
+    #: The compressed blob as the archive held it (None when it held the plain tar).
+    blob_path: str | None
+    blob_digest: str | None
+    blob_size: int | None
+    #: Media type of the blob (OCI), or of the plain tar.
+    media_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExtractedImage:
+    config: bytes
+    repo_tags: tuple[str, ...]
+    layers: tuple[ExtractedLayer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _LayerRef:
+    name: str  # member path in the archive
+    diff_id: str
+    media_type: str | None  # OCI descriptors give it; docker-archives do not
+    digest: str | None  # OCI descriptors give it
+
+
+@dataclass(frozen=True, slots=True)
+class _ImageRef:
+    config: bytes
+    repo_tags: tuple[str, ...]
+    layers: tuple[_LayerRef, ...]
+
+
+def _member_name(name: str) -> str:
+    """An archive path normalised: no leading './' or '/', no trailing '/'; never
+    outside the archive."""
+    norm = posixpath.normpath("/" + name).lstrip("/")
+    if not norm or norm == ".":
+        raise ValueError(f"{name!r} does not name a file of the archive")
+    return norm
+
+
+class _Source:
+    """Files of an image archive by member name."""
+
+    def has(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def read(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def open(self, name: str) -> IO[bytes]:
+        raise NotImplementedError
+
+    def head(self, name: str) -> bytes:
+        with self.open(name) as f:
+            return f.read(4)
+
+
+class _DirSource(_Source):
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, *_member_name(name).split("/"))
+
+    def has(self, name: str) -> bool:
+        return os.path.isfile(self.path(name))
+
+    def read(self, name: str) -> bytes:
+        with open(self.path(name), "rb") as f:
+            return f.read()
+
+    def open(self, name: str) -> IO[bytes]:
+        return open(self.path(name), "rb")
+
+
+@dataclass(slots=True)
+class _ScannedMember:
+    head: bytes
+    size: int
+    data: bytes | None  # small members
+    path: str | None  # where extract_image_archive copied it
+    sha256: str | None
+
+
+class _ScannedTar(_Source):
+    """A tar archive read in one pass (compressed or not): small members kept in memory,
+    every member's first bytes and, when ``copy_dir`` is given, every regular member
+    copied there with its sha256. Random access afterwards: from the copies, by seeking
+    in a plain tar, or by decompressing from the start again."""
+
+    def __init__(self, path: str, copy_dir: str | None) -> None:
+        self.archive = path
+        with open(path, "rb") as f:
+            self.compression = detect_compressor(f.read(4))
+        self.members: dict[str, _ScannedMember] = {}
+        self.links: dict[str, str] = {}
+        with self._open_tar() as tar:
+            for number, info in enumerate(tar):
+                name = _member_name(info.name) if info.name.strip("./") else ""
+                if not name:
+                    continue
+                if info.issym():
+                    self.links[name] = _member_name(posixpath.join(posixpath.dirname(name), info.linkname))
+                elif info.islnk():
+                    self.links[name] = _member_name(info.linkname)
+                elif info.isreg():
+                    self.members[name] = self._scan(tar, info, copy_dir, number)
+
+    def _open_tar(self) -> tarfile.TarFile:
+        raw = open(self.archive, "rb")  # noqa: SIM115 (closed with the tar below)
+        try:
+            stream = compressor_named(self.compression).decompress_from(raw)
+            tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (closed by the caller)
+        except BaseException:
+            raw.close()
+            raise
+        original_close = tar.close
+
+        def close() -> None:
+            try:
+                original_close()
+            finally:
+                stream.close()
+                raw.close()
+
+        tar.close = close  # type: ignore[method-assign]
+        return tar
+
+    @staticmethod
+    def _scan(tar: tarfile.TarFile, info: tarfile.TarInfo, copy_dir: str | None, number: int) -> _ScannedMember:
+        src = tar.extractfile(info)
+        assert src is not None
+        with src:
+            if copy_dir is None:
+                head = src.read(4)
+                data = head + src.read() if info.size <= _SMALL_MEMBER else None
+                return _ScannedMember(head, info.size, data, None, None)
+            path = os.path.join(copy_dir, str(number))
+            digest = hashlib.sha256()
+            head = b""
+            small = bytearray() if info.size <= _SMALL_MEMBER else None
+            with open(path, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    if len(head) < 4:
+                        head = (head + chunk)[:4]
+                    digest.update(chunk)
+                    out.write(chunk)
+                    if small is not None:
+                        small += chunk
+            return _ScannedMember(head, info.size, bytes(small) if small is not None else None, path,
+                                  "sha256:" + digest.hexdigest())
+
+    def _resolve(self, name: str) -> str:
+        name = _member_name(name)
+        for _ in range(40):
+            if name in self.members:
+                return name
+            if name not in self.links:
+                break
+            name = self.links[name]
+        raise KeyError(name)
+
+    def member(self, name: str) -> _ScannedMember:
+        try:
+            return self.members[self._resolve(name)]
+        except KeyError:
+            raise ValueError(f"the archive has no file {name}") from None
+
+    def has(self, name: str) -> bool:
+        try:
+            self._resolve(name)
+        except (KeyError, ValueError):
+            return False
+        return True
+
+    def read(self, name: str) -> bytes:
+        member = self.member(name)
+        if member.data is not None:
+            return member.data
+        with self.open(name) as f:
+            return f.read()
+
+    def head(self, name: str) -> bytes:
+        return self.member(name).head
+
+    def open(self, name: str) -> IO[bytes]:
+        member = self.member(name)
+        if member.path is not None:
+            return open(member.path, "rb")
+        if member.data is not None:
+            return io.BytesIO(member.data)
+        target = self._resolve(name)
+        if self.compression == NoneCompressor.NAME:
+            tar = tarfile.open(self.archive, mode="r:")  # noqa: SIM115 (closed with the member stream)
+            src = tar.extractfile(target)
+        else:  # no random access into a compressed stream: read up to the member
+            tar = self._open_tar()
+            src = next((tar.extractfile(i) for i in tar if i.isreg() and _member_name(i.name) == target), None)
+        if src is None:
+            tar.close()
+            raise ValueError(f"the archive has no file {name}")
+        return _Closing(src, tar)  # type: ignore[return-value]
+
+
+class _Closing(io.RawIOBase):
+    """Reads ``stream``; closing also closes ``owner`` (the tar it comes from)."""
+
+    def __init__(self, stream: IO[bytes], owner: tarfile.TarFile) -> None:
+        self._stream = stream
+        self._owner = owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._stream.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._stream.close()
+            finally:
+                self._owner.close()
+        super().close()
+
+
+class _Verifying(io.RawIOBase):
+    """Reads ``stream`` and, at its end, checks its sha256 against ``diff_id``."""
+
+    def __init__(self, stream: IO[bytes], diff_id: str, closers: Sequence[IO[bytes]]) -> None:
+        self._stream = stream
+        self._diff_id = diff_id
+        self._hash = hashlib.sha256()
+        self._closers = closers
+        self._checked = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._stream.read(len(buffer))
+        if not data:
+            if not self._checked:
+                self._checked = True
+                _check_diff_id(self._diff_id, "sha256:" + self._hash.hexdigest())
+            return 0
+        self._hash.update(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            for closer in self._closers:
+                closer.close()
+        super().close()
+
+
+def _check_diff_id(diff_id: str, actual: str) -> None:
+    if actual != diff_id:
+        raise ValueError(f"layer {diff_id}: its uncompressed content has digest {actual}; the archive is corrupt")
+
+
+def _repo_tags(annotations: dict[str, str]) -> tuple[str, ...]:
+    name = annotations.get("io.containerd.image.name")
+    if name:
+        return (name,)
+    ref = annotations.get("org.opencontainers.image.ref.name", "")
+    # A bare tag ("latest", as skopeo writes) names no repository.
+    if "/" in ref or ":" in ref:
+        return (ref,)
+    return ()
+
+
+def _read_checked(source: _Source, name: str, digest: str) -> bytes:
+    data = source.read(name)
+    if sha256_digest(data) != digest:
+        raise ValueError(f"{name} does not have its digest {digest}")
+    return data
+
+
+def _images(source: _Source) -> list[_ImageRef]:
+    """The images of a docker-archive (manifest.json) or OCI layout (index.json)."""
+    if source.has("manifest.json"):
+        return _docker_images(source)
+    if source.has("index.json"):
+        return _oci_images(source)
+    raise ValueError("this is neither a docker-archive (no manifest.json) nor an OCI layout (no index.json)")
+
+
+def _docker_images(source: _Source) -> list[_ImageRef]:
+    images = []
+    for entry in json.loads(source.read("manifest.json")):
+        config = source.read(entry["Config"])
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        if len(diff_ids) != len(entry["Layers"]):
+            raise ValueError(f"manifest.json lists {len(entry['Layers'])} layers for {entry['Config']}, "
+                             f"whose config has {len(diff_ids)}")
+        layers = tuple(_LayerRef(name, diff_id, None, None) for name, diff_id in zip(entry["Layers"], diff_ids,
+                                                                                     strict=True))
+        images.append(_ImageRef(config, tuple(entry.get("RepoTags") or ()), layers))
+    return images
+
+
+def _oci_images(source: _Source) -> list[_ImageRef]:
+    found: dict[str, _ImageRef] = {}  # manifest digest -> image; tags of repeated entries merged
+
+    def visit(descriptor: dict[str, Any], tags: tuple[str, ...], depth: int) -> None:
+        media_type = descriptor.get("mediaType")
+        digest = descriptor["digest"]
+        name = "blobs/sha256/" + _hex(digest)
+        if media_type in _INDEX_TYPES and depth < 4:
+            for child in json.loads(_read_checked(source, name, digest)).get("manifests", []):
+                visit(child, tags, depth + 1)
+            return
+        if media_type not in _MANIFEST_TYPES:
+            return
+        if digest in found:
+            image = found[digest]
+            found[digest] = _ImageRef(image.config, image.repo_tags + tuple(t for t in tags
+                                                                             if t not in image.repo_tags),
+                                      image.layers)
+            return
+        manifest = json.loads(_read_checked(source, name, digest))
+        config_digest = manifest["config"]["digest"]
+        config = _read_checked(source, "blobs/sha256/" + _hex(config_digest), config_digest)
+        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        if len(diff_ids) != len(manifest["layers"]):
+            raise ValueError(f"manifest {digest} lists {len(manifest['layers'])} layers but its config has "
+                             f"{len(diff_ids)}")
+        layers = tuple(_LayerRef("blobs/sha256/" + _hex(d["digest"]), diff_id, d["mediaType"], d["digest"])
+                       for d, diff_id in zip(manifest["layers"], diff_ids, strict=True))
+        found[digest] = _ImageRef(config, tags, layers)
+
+    index = json.loads(source.read("index.json"))
+    for descriptor in index.get("manifests", []):
+        visit(descriptor, _repo_tags(descriptor.get("annotations") or {}), 0)
+    return list(found.values())
+
+
+def _source(path: str, copy_dir: str | None) -> _Source:
+    if os.path.isdir(path):
+        return _DirSource(path)
+    return _ScannedTar(path, copy_dir)
+
+
+def _stored_media_type(source: _Source, ref: _LayerRef) -> str:
+    if ref.media_type is not None:
+        return ref.media_type
+    return compressor_named(detect_compressor(source.head(ref.name))).OCI_LAYER_MEDIA_TYPE
+
+
+def read_image_archive(path: str) -> list[ArchiveImageInfo]:
+    """The images of a docker-archive (plain, gzip or zstd: told by the magic bytes), an
+    OCI archive (a tar of an OCI layout) or an OCI layout directory.
+
+    Reads the metadata now and each layer when its ``open`` is called; a layer's stream
+    raises ValueError at its end when the content does not match the diff_id. For a
+    compressed archive each ``open`` decompresses the archive up to the layer, so prefer
+    :func:`extract_image_archive` to read every layer.
+    """
+    source = _source(path, None)
+    out = []
+    for image in _images(source):
+        layers = []
+        for ref in image.layers:
+            media_type = _stored_media_type(source, ref)
+
+            def opener(ref: _LayerRef = ref, media_type: str = media_type) -> IO[bytes]:
+                raw = source.open(ref.name)
+                try:
+                    compression = detect_compressor(source.head(ref.name))
+                    stream = compressor_named(compression).decompress_from(raw)
+                except BaseException:
+                    raw.close()
+                    raise
+                reader = _Verifying(stream, ref.diff_id, (stream, raw))
+                return io.BufferedReader(reader, buffer_size=_CHUNK)  # type: ignore[return-value]
+
+            layers.append(ArchiveLayerInfo(ref.diff_id, media_type, opener))
+        out.append(ArchiveImageInfo(image.config, image.repo_tags, tuple(layers)))
+    return out
+
+
+def _copy_hashing(src: IO[bytes], dest: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(dest, "wb") as out:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+    return "sha256:" + digest.hexdigest(), size
+
+
+def extract_image_archive(path: str, dest_dir: str) -> list[ExtractedImage]:
+    """Copy the images of an archive (the kinds :func:`read_image_archive` reads) into
+    ``dest_dir`` (an existing, empty directory): ``layers/<diff_id hex>`` (uncompressed
+    tars) and ``blobs/<digest hex>`` (compressed blobs as the archive held them).
+
+    A tar archive is read once, front to back (a compressed one is decompressed once);
+    each plain layer is copied once, each compressed one copied and decompressed once.
+    Every layer is checked against its diff_id, every OCI blob, manifest and config
+    against its digest.
+
+    :raises ValueError: for an archive of another kind, or content that does not match
+        its digest (the message names the layer).
+    """
+    members_dir = os.path.join(dest_dir, "members")
+    layers_dir = os.path.join(dest_dir, "layers")
+    blobs_dir = os.path.join(dest_dir, "blobs")
+    for directory in (members_dir, layers_dir, blobs_dir):
+        os.makedirs(directory, exist_ok=True)
+    source = _source(path, members_dir)
+    done: dict[str, ExtractedLayer] = {}
+    images = []
+    try:
+        for image in _images(source):
+            layers = []
+            for ref in image.layers:
+                if ref.diff_id not in done:
+                    done[ref.diff_id] = _extract_layer(source, ref, layers_dir, blobs_dir)
+                layers.append(done[ref.diff_id])
+            images.append(ExtractedImage(image.config, image.repo_tags, tuple(layers)))
+    finally:
+        shutil.rmtree(members_dir, ignore_errors=True)
+    return images
+
+
+def _extract_layer(source: _Source, ref: _LayerRef, layers_dir: str, blobs_dir: str) -> ExtractedLayer:
+    media_type = _stored_media_type(source, ref)
+    compression = detect_compressor(source.head(ref.name))
+    tar_path = os.path.join(layers_dir, _hex(ref.diff_id))
+    copied = source.member(ref.name) if isinstance(source, _ScannedTar) else None
+    if compression == NoneCompressor.NAME:
+        if copied is not None and copied.path is not None and copied.sha256 is not None:
+            _check_diff_id(ref.diff_id, copied.sha256)
+            if ref.digest is not None and ref.digest != copied.sha256:
+                raise ValueError(f"blob {ref.digest} of layer {ref.diff_id} has digest {copied.sha256}")
+            os.replace(copied.path, tar_path)
+            return ExtractedLayer(ref.diff_id, tar_path, copied.size, None, None, None,
+                                  NoneCompressor.OCI_LAYER_MEDIA_TYPE)
+        with source.open(ref.name) as src:
+            digest, size = _copy_hashing(src, tar_path)
+        _check_diff_id(ref.diff_id, digest)
+        return ExtractedLayer(ref.diff_id, tar_path, size, None, None, None, NoneCompressor.OCI_LAYER_MEDIA_TYPE)
+    # A compressed blob: keep it as it came, and decompress it once.
+    if copied is not None and copied.path is not None and copied.sha256 is not None:
+        blob_digest, blob_size = copied.sha256, copied.size
+        blob_path = os.path.join(blobs_dir, _hex(blob_digest))
+        os.replace(copied.path, blob_path)
+    else:
+        with source.open(ref.name) as src:
+            staging = os.path.join(blobs_dir, "incoming")
+            blob_digest, blob_size = _copy_hashing(src, staging)
+        blob_path = os.path.join(blobs_dir, _hex(blob_digest))
+        os.replace(staging, blob_path)
+    if ref.digest is not None and ref.digest != blob_digest:
+        raise ValueError(f"blob {ref.digest} of layer {ref.diff_id} has digest {blob_digest}")
+    with open(blob_path, "rb") as raw, compressor_named(compression).decompress_from(raw) as src:
+        digest, size = _copy_hashing(src, tar_path)
+    _check_diff_id(ref.diff_id, digest)
+    return ExtractedLayer(ref.diff_id, tar_path, size, blob_path, blob_digest, blob_size, media_type)
+

@@ -1,0 +1,405 @@
+"""Deterministic layer tars, written in one streaming pass that also hashes and
+compresses them.
+
+This module owns the byte format of every layer dtbuild writes:
+
+* POSIX ustar headers built by hand (``ustar\\0`` magic, version ``00``), numeric owners
+  (``uname``/``gname`` empty unless given), every mtime :data:`LAYER_MTIME`, directory
+  names ending in ``/`` as GNU tar writes them. A path longer than 100 bytes is split
+  into the prefix and name fields where GNU tar splits it (at the last ``/`` that fits
+  the 155-byte prefix).
+* A PAX extended header (type ``x``, named ``././@PaxHeader`` as Python's tarfile names
+  it) only for a field that does not fit: a path that cannot be split, a link target over
+  100 bytes, a size of 8 GiB or more, a uid/gid over 2097151, a long user/group name.
+  Its records are sorted by key and never hold times, so they are deterministic.
+* The archive ends with two zero blocks and is NOT padded to a 10240-byte record: Go's
+  archive/tar (docker, containerd, skopeo, umoci) writes no padding either, GNU tar,
+  bsdtar and Python's tarfile read it, and a layer stays 0-10 KiB smaller. For a small
+  tree the bytes equal ``tar --format=ustar --sort=name --mtime=@1 --owner=0 --group=0
+  --numeric-owner`` cut after its two zero blocks (the tests check this).
+
+The writer does not sort: :func:`sorted_entries` gives GNU ``tar --sort=name`` order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import IO, Literal
+
+from dtbuild.plugins.interfaces import Compressor
+
+#: The mtime of every entry of every layer (SOURCE_DATE_EPOCH=1, as in dockerTools).
+LAYER_MTIME = 1
+
+BLOCK_SIZE = 512
+#: How a tar ends: two zero blocks.
+END_OF_ARCHIVE = bytes(2 * BLOCK_SIZE)
+
+LayerEntryKind = Literal["file", "dir", "symlink", "hardlink", "char"]
+
+_TYPEFLAGS: dict[str, bytes] = {"file": b"0", "hardlink": b"1", "symlink": b"2", "char": b"3", "dir": b"5"}
+_MAX_OCTAL_7 = 0o7777777  # 8-byte numeric fields: mode, uid, gid
+_MAX_OCTAL_11 = 0o77777777777  # 12-byte numeric fields: size (8 GiB - 1)
+_MTIME_FIELD = b"%011o\0" % LAYER_MTIME
+_ZERO_DEVICE = b"0000000\0"
+_PAX_NAME = b"././@PaxHeader"
+_OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
+_DOCKER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
+
+
+class LayerSourceChanged(ValueError):
+    """A file gave more or fewer bytes than its declared size while it was archived."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerEntry:
+    """One member of a layer tar.
+
+    ``path`` is relative ('/'-separated, no leading or trailing '/', no '.' or '..'
+    component). ``mode`` holds permission bits with setuid/setgid/sticky (file type bits
+    are ignored). ``open`` returns a binary stream of a file's ``size`` bytes. ``linkname``
+    is a symlink's target or, for a hardlink, the path of the entry it links to. ``char``
+    is a 0/0 character device (overlayfs' whiteout); the image format's own whiteouts are
+    empty files named ``.wh.NAME``.
+    """
+
+    path: str
+    kind: LayerEntryKind
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    uname: str = ""
+    gname: str = ""
+    size: int = 0
+    open: Callable[[], IO[bytes]] | None = None
+    linkname: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerDigests:
+    """What one pass of :func:`write_layer` computed."""
+
+    #: "sha256:<hex>" of the uncompressed tar.
+    diff_id: str
+    tar_size: int
+    #: "sha256:<hex>" of the compressed blob (equal to ``diff_id`` without compression).
+    blob_digest: str
+    blob_size: int
+    #: OCI layer media type of the blob.
+    media_type: str
+    #: Docker schema 2 media type of the blob, or None where Docker has none (zstd).
+    docker_media_type: str | None
+
+
+def _path_key(path: str) -> tuple[bytes, ...]:
+    return tuple(part.encode("utf-8", "surrogateescape") for part in path.split("/"))
+
+
+def sorted_entries(entries: Iterable[LayerEntry]) -> list[LayerEntry]:
+    """``entries`` in GNU ``tar --sort=name`` order of a tree walk: each directory
+    directly followed by its contents, siblings by the byte order of their names.
+
+    :raises ValueError: when two entries have the same path.
+    """
+    ordered = sorted(entries, key=lambda e: _path_key(e.path))
+    for before, after in itertools.pairwise(ordered):
+        if before.path == after.path:
+            raise ValueError(f"duplicate path in layer: /{after.path} appears twice "
+                             f"(as a {before.kind} and as a {after.kind})")
+    return ordered
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def _encode(text: str) -> bytes:
+    # Names that were not UTF-8 on disk come back as surrogate escapes (os.fsdecode).
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
+    """(prefix, name) fields for a path, split where GNU tar splits it; None if it
+    cannot be split."""
+    length = len(name)
+    if length <= 100:
+        return b"", name
+    if length > 256:
+        return None
+    limit = 156 if length > 156 else (length - 1 if name.endswith(b"/") else length)
+    cut = name.rfind(b"/", 1, limit)
+    if cut <= 0 or not 0 < length - cut - 1 <= 100:
+        return None
+    return name[:cut], name[cut + 1:]
+
+
+def _ustar_header(name: bytes, mode: int, uid: int, gid: int, size: int, typeflag: bytes, linkname: bytes,
+                  uname: bytes, gname: bytes, prefix: bytes) -> bytes:
+    head = b"".join((name.ljust(100, b"\0"), b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid,
+                     b"%011o\0" % size, _MTIME_FIELD))
+    tail = b"".join((typeflag, linkname.ljust(100, b"\0"), b"ustar\x0000", uname.ljust(32, b"\0"),
+                     gname.ljust(32, b"\0"), _ZERO_DEVICE, _ZERO_DEVICE, prefix.ljust(155, b"\0"), bytes(12)))
+    checksum = sum(head) + sum(tail) + 8 * 0x20  # the checksum field counts as 8 spaces
+    return b"".join((head, b"%06o\0 " % checksum, tail))
+
+
+def _pax_records(records: dict[str, bytes]) -> bytes:
+    """PAX extended header data: "<len> <key>=<value>\\n" records, sorted by key."""
+    binary = False
+    out = []
+    for key in sorted(records):
+        value = records[key]
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            binary = True
+        out.append((key.encode("ascii"), value))
+    if binary:
+        out.insert(0, (b"hdrcharset", b"BINARY"))
+    data = []
+    for key, value in out:
+        body = b" " + key + b"=" + value + b"\n"
+        length = len(body) + 1
+        while len(str(length)) + len(body) != length:
+            length = len(str(length)) + len(body)
+        data.append(b"%d" % length + body)
+    return b"".join(data)
+
+
+def entry_header(entry: LayerEntry) -> bytes:
+    """The header block(s) of ``entry``: a PAX header first when a field needs one."""
+    kind = entry.kind
+    typeflag = _TYPEFLAGS.get(kind)
+    if typeflag is None:
+        raise ValueError(f"layer entry /{entry.path}: unknown kind {kind!r} "
+                         f"(one of {', '.join(sorted(_TYPEFLAGS))})")
+    _check_path(entry.path)
+    path = _encode(entry.path)
+    if kind == "dir":
+        path += b"/"
+    size = entry.size if kind == "file" else 0
+    if size < 0:
+        raise ValueError(f"layer entry /{entry.path}: negative size {size}")
+    linkname = _encode(entry.linkname)
+    if kind in ("symlink", "hardlink"):
+        if not linkname:
+            raise ValueError(f"layer entry /{entry.path}: a {kind} needs a linkname")
+        if kind == "hardlink":
+            _check_path(entry.linkname)
+    elif linkname:
+        raise ValueError(f"layer entry /{entry.path}: a {kind} has no linkname")
+    uname, gname = _encode(entry.uname), _encode(entry.gname)
+    uid, gid = entry.uid, entry.gid
+    if uid < 0 or gid < 0:
+        raise ValueError(f"layer entry /{entry.path}: negative owner {uid}:{gid}")
+
+    pax: dict[str, bytes] = {}
+    split = _split_ustar_name(path)
+    if split is None:
+        pax["path"] = path
+        prefix, name = b"", path[:100]
+    else:
+        prefix, name = split
+    if len(linkname) > 100:
+        pax["linkpath"] = linkname
+        linkname = linkname[:100]
+    if size > _MAX_OCTAL_11:
+        pax["size"] = b"%d" % size
+        size_field = 0
+    else:
+        size_field = size
+    if uid > _MAX_OCTAL_7:
+        pax["uid"] = b"%d" % uid
+        uid = 0
+    if gid > _MAX_OCTAL_7:
+        pax["gid"] = b"%d" % gid
+        gid = 0
+    if len(uname) > 32:
+        pax["uname"] = uname
+        uname = uname[:32]
+    if len(gname) > 32:
+        pax["gname"] = gname
+        gname = gname[:32]
+    header = _ustar_header(name, entry.mode & 0o7777, uid, gid, size_field, typeflag, linkname, uname, gname,
+                           prefix)
+    if not pax:
+        return header
+    records = _pax_records(pax)
+    pax_header = _ustar_header(_PAX_NAME, 0o644, 0, 0, len(records), b"x", b"", b"", b"", b"")
+    return b"".join((pax_header, records, _padding(len(records)), header))
+
+
+def _padding(size: int) -> bytes:
+    return bytes(-size % BLOCK_SIZE)
+
+
+def _check_path(path: str) -> None:
+    if not path or path.startswith("/") or path.endswith("/") or "\0" in path:
+        raise ValueError(f"layer entry path {path!r} must be relative, non-empty, without a trailing '/'")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise ValueError(f"layer entry path {path!r} has an empty, '.' or '..' component")
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class _HashingSink:
+    """A write-only stream that hashes and counts what passes to ``sink`` (or nowhere)."""
+
+    def __init__(self, sink: IO[bytes] | None) -> None:
+        self.sink = sink
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.hash.update(data)
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self.size += n
+        if self.sink is not None:
+            self.sink.write(data)
+        return n
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.flush()
+
+
+class TarStream:
+    """Assembles tar bytes in one fixed buffer; each full buffer is hashed (unless
+    ``hashing`` is off) and handed to every output in ``outputs``. File contents are read
+    straight into the buffer, so nothing is copied twice and memory stays bounded.
+    Outputs must not keep the buffers they are given (file objects and the compressors
+    copy them)."""
+
+    def __init__(self, chunk_size: int, outputs: list[IO[bytes]], *, hashing: bool = True) -> None:
+        if chunk_size < BLOCK_SIZE:
+            raise ValueError(f"chunk_size must be at least {BLOCK_SIZE}")
+        self.buffer = bytearray(chunk_size)
+        self.view = memoryview(self.buffer)
+        self.pos = 0
+        self.hash = hashlib.sha256() if hashing else None
+        #: Bytes flushed so far.
+        self.size = 0
+        self.outputs = outputs
+
+    def flush(self) -> None:
+        if self.pos:
+            chunk = self.view[: self.pos]
+            if self.hash is not None:
+                self.hash.update(chunk)
+            for out in self.outputs:
+                out.write(chunk)
+            self.size += self.pos
+            self.pos = 0
+
+    def put(self, data: bytes) -> None:
+        n = len(data)
+        if n <= len(self.buffer) - self.pos:
+            self.view[self.pos: self.pos + n] = data
+            self.pos += n
+            return
+        offset = 0
+        while offset < n:
+            space = len(self.buffer) - self.pos
+            if space == 0:
+                self.flush()
+                continue
+            take = min(space, n - offset)
+            self.view[self.pos: self.pos + take] = data[offset: offset + take]
+            self.pos += take
+            offset += take
+
+    def put_contents(self, opener: Callable[[], IO[bytes]] | None, size: int, what: str) -> None:
+        """Copy exactly ``size`` bytes from the stream ``opener`` returns, then the zero
+        padding to a block boundary. ``what`` names the file in errors.
+
+        :raises LayerSourceChanged: when the stream is shorter or longer than ``size``.
+        """
+        if opener is None:
+            if size:
+                raise ValueError(f"{what}: a file of {size} bytes needs an opener")
+            return
+        buffer_size = len(self.buffer)
+        with opener() as stream:
+            readinto = getattr(stream, "readinto", None)
+            remaining = size
+            while remaining:
+                if self.pos == buffer_size:
+                    self.flush()
+                want = min(buffer_size - self.pos, remaining)
+                target = self.view[self.pos: self.pos + want]
+                if readinto is not None:
+                    n = readinto(target) or 0
+                else:
+                    data = stream.read(want)
+                    n = len(data)
+                    target[:n] = data
+                if n == 0:
+                    raise LayerSourceChanged(f"{what} ended after {size - remaining} of its {size} bytes: "
+                                             f"it changed while it was archived")
+                self.pos += n
+                remaining -= n
+            if stream.read(1):
+                raise LayerSourceChanged(f"{what} holds more than its {size} bytes: it changed while it was "
+                                         f"archived")
+        pad = -size % BLOCK_SIZE
+        if pad:
+            self.put(bytes(pad))
+
+
+def write_layer(entries: Iterable[LayerEntry], *, tar_out: IO[bytes] | None = None,
+                compressor: Compressor | None = None, blob_out: IO[bytes] | None = None,
+                chunk_size: int = 1 << 20) -> LayerDigests:
+    """Write ``entries`` (in the order given) as a layer tar, in one streaming pass.
+
+    :param tar_out: receives the uncompressed tar (optional).
+    :param compressor: compresses the blob; ``None`` or the ``none`` compressor make the
+        blob the tar itself.
+    :param blob_out: receives the compressed blob (optional; without compression it
+        receives the tar too).
+    :param chunk_size: size of the one buffer used; memory stays bounded by it whatever
+        the file sizes.
+    :return: the digests and sizes of the tar and of the blob.
+    :raises ValueError: for an invalid entry.
+    :raises LayerSourceChanged: when a file's bytes differ in length from its ``size``.
+    """
+    plain = compressor is None or not compressor.MAGIC
+    outputs: list[IO[bytes]] = []
+    if tar_out is not None:
+        outputs.append(tar_out)
+    blob_sink: _HashingSink | None = None
+    blob_stream: IO[bytes] | None = None
+    if plain:
+        if blob_out is not None:
+            outputs.append(blob_out)
+    else:
+        assert compressor is not None
+        blob_sink = _HashingSink(blob_out)
+        blob_stream = compressor.compress_to(blob_sink)  # type: ignore[arg-type]
+        outputs.append(blob_stream)
+    stream = TarStream(chunk_size, outputs)
+    try:
+        for entry in entries:
+            stream.put(entry_header(entry))
+            if entry.kind == "file":
+                stream.put_contents(entry.open, entry.size, f"/{entry.path}")
+        stream.put(END_OF_ARCHIVE)
+        stream.flush()
+    finally:
+        if blob_stream is not None:
+            blob_stream.close()
+    assert stream.hash is not None
+    diff_id = "sha256:" + stream.hash.hexdigest()
+    if blob_sink is None:
+        media_type = compressor.OCI_LAYER_MEDIA_TYPE if compressor is not None else _OCI_TAR
+        docker_type = compressor.DOCKER_LAYER_MEDIA_TYPE if compressor is not None else _DOCKER_TAR
+        return LayerDigests(diff_id, stream.size, diff_id, stream.size, media_type, docker_type)
+    assert compressor is not None
+    return LayerDigests(diff_id, stream.size, "sha256:" + blob_sink.hash.hexdigest(), blob_sink.size,
+                        compressor.OCI_LAYER_MEDIA_TYPE, compressor.DOCKER_LAYER_MEDIA_TYPE)
