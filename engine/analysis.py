@@ -150,8 +150,7 @@ class Analyzer:
             raise AttrError(
                 f"the '{attr}' attribute names the directory '{path}'; list files, not directories",
                 location=decl.location, target=str(decl.label), rule=decl.kind,
-                hint=f"use glob([\"{path.split('/', decl.label.package.count('/') + 1)[-1]}/**\"]) for every file below it"
-                if decl.label.package else f"use glob([\"{path}/**\"]) for every file below it")
+                hint=f"use glob([\"{path[len(package) + 1:] if package else path}/**\"]) for every file below it")
         return Artifact(path, is_tree=False, is_source=True, owner=None, root=package)
 
     # ------------------------------------------------------------------ the graph

@@ -238,7 +238,8 @@ class Session:
             return "it has never been built in this workspace"
         reasons = []
         if last["version"] != [kind_version, action.rule_version]:
-            reasons.append(f"the implementation changed (version {last['version']} -> {[kind_version, action.rule_version]})")
+            now = [kind_version, action.rule_version]
+            reasons.append(f"the implementation changed (version {last['version']} -> {now})")
         if last["params"] != json.loads(json.dumps(dict(action.params))):
             changed = sorted(k for k in set(last["params"]) | set(action.params)
                              if last["params"].get(k) != action.params.get(k))

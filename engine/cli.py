@@ -169,7 +169,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
         from dtbuild.engine.store import atomic_write
 
-        atomic_write(os.path.abspath(args.summary_json), (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
+        atomic_write(os.path.abspath(args.summary_json), text.encode())
     stats = result.stats
     out = sys.stderr
     if result.error is not None:

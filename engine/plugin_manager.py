@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
-
 from dtbuild.engine.errors import PluginError
 from dtbuild.plugins import PROJECT_NAME
 

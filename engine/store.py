@@ -146,7 +146,8 @@ class Store:
                 os.makedirs(d, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the cache at {self.root}: {e.strerror}",
-                             hint="set DTBUILD_CACHE_DIR or [cache] dir in dtbuild.toml to a writable directory") from None
+                             hint="point DTBUILD_CACHE_DIR or [cache] dir in dtbuild.toml at a writable directory",
+                             ) from None
 
     # ------------------------------------------------------------------ temp names
 

@@ -18,25 +18,27 @@ if TYPE_CHECKING:
 
 @hookimpl
 def dtbuild_register_rules() -> Sequence[Rule]:
+    from dtbuild.rules.builtin.fetch import fetch_url
     from dtbuild.rules.builtin.files import files
     from dtbuild.rules.builtin.genrule import genrule
+    from dtbuild.rules.builtin.image import image, image_archive, pure_layer
 
-    return [files, genrule]
+    return [files, genrule, fetch_url, pure_layer, image, image_archive]
 
 
 @hookimpl
 def dtbuild_register_action_kinds() -> Sequence[type[ActionKind]]:
     from dtbuild.plugins.builtin.actions import FilesTree, Genrule
+    from dtbuild.plugins.builtin.fetch import FetchUrl
+    from dtbuild.plugins.builtin.image_actions import IMAGE_ACTION_KINDS
 
-    return [FilesTree, Genrule]
+    return [FilesTree, Genrule, FetchUrl, *IMAGE_ACTION_KINDS]
 
 
 @hookimpl
 def dtbuild_register_compressors() -> Sequence[type[Compressor]]:
-    try:  # TEMPORARY until compressors land
-        from dtbuild.plugins.builtin.compressors import BUILTIN_COMPRESSORS
-    except ModuleNotFoundError:
-        return []
+    from dtbuild.plugins.builtin.compressors import BUILTIN_COMPRESSORS
+
     return list(BUILTIN_COMPRESSORS)
 
 

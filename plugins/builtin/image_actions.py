@@ -1,0 +1,502 @@
+"""Action kinds that build images: LayerWrite, LayerCompress, ImageAssemble,
+DockerArchive, OciLayout and ImageImport.
+
+An image travels between actions as an *image tree* (docs/image-tree.md) whose files
+are blobs of the store: ``image.json``, ``config.json``, ``manifest.json``,
+``layers/<diff_id hex>`` and ``blobs/<digest hex>``. Building one copies no layer bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+from dtbuild.plugins.builtin import imageformat
+from dtbuild.plugins.builtin.layer_contents import ContentConflict, MergedTree, Node, base_directories
+from dtbuild.plugins.builtin.layertar import LayerEntry, sorted_entries, write_layer
+from dtbuild.plugins.interfaces import (
+    ActionContext,
+    ActionFailed,
+    ActionKind,
+    CommandRequest,
+    InputArtifact,
+    TreeEntry,
+)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+def canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _Hashing:
+    """A write-through stream that hashes what passes."""
+
+    def __init__(self, sink: IO[bytes]) -> None:
+        self.sink = sink
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.sink.write(data) or len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- image trees
+
+
+class ImageTree:
+    """Read access to an image tree input."""
+
+    def __init__(self, ctx: ActionContext, artifact: InputArtifact) -> None:
+        self.ctx = ctx
+        self.files = {e.path: e for e in ctx.walk_tree(artifact) if e.kind == "file"}
+        self.description = json.loads(self.read("image.json"))
+        self.config_bytes = self.read("config.json")
+        self.config = json.loads(self.config_bytes)
+        self.manifest_bytes = self.read("manifest.json")
+
+    def entry(self, path: str) -> TreeEntry:
+        try:
+            return self.files[path]
+        except KeyError:
+            raise ActionFailed(f"image tree has no {path}") from None
+
+    def read(self, path: str) -> bytes:
+        with self.ctx.open_blob(self.entry(path).digest) as f:
+            return f.read()
+
+    def layer_opener(self, diff_id: str) -> Callable[[], IO[bytes]]:
+        digest = self.entry("layers/" + diff_id.removeprefix("sha256:")).digest
+        return lambda: self.ctx.open_blob(digest)
+
+    def blob_opener(self, digest: str) -> Callable[[], IO[bytes]]:
+        blob = self.entry("blobs/" + digest.removeprefix("sha256:")).digest
+        return lambda: self.ctx.open_blob(blob)
+
+    def tree_entries(self) -> list[TreeEntry]:
+        return list(self.files.values())
+
+
+def image_tree_entries(ctx: ActionContext, *, description: dict[str, Any], config: bytes, manifest: bytes,
+                       layers: list[tuple[str, str, int]], blobs: list[tuple[str, str, int]]) -> list[TreeEntry]:
+    """Entries of an image tree. ``layers``: (diff_id, store digest of the tar, size);
+    ``blobs``: (digest, store digest, size)."""
+    entries = []
+    for name, data in (("image.json", canonical(description)), ("config.json", config), ("manifest.json", manifest)):
+        entries.append(TreeEntry(name, "file", 0o644, ctx.put_blob(data), len(data)))
+    seen = set()
+    for diff_id, digest, size in layers:
+        path = "layers/" + diff_id.removeprefix("sha256:")
+        if path not in seen:
+            seen.add(path)
+            entries.append(TreeEntry(path, "file", 0o644, digest, size))
+    for blob_digest, digest, size in blobs:
+        path = "blobs/" + blob_digest.removeprefix("sha256:")
+        if path not in seen:
+            seen.add(path)
+            entries.append(TreeEntry(path, "file", 0o644, digest, size))
+    return entries
+
+
+# --------------------------------------------------------------------------- LayerWrite
+
+
+class LayerWrite(ActionKind):
+    """A deterministic layer tar from packages (and extra_commands), streamed into the
+    store while its diff_id is computed."""
+
+    NAME = "LayerWrite"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        params = ctx.params
+        uid, gid = params["uid"], params["gid"]
+        tree = MergedTree(keep_dirlinks=params["keep_contents_dirlinks"])
+        contents = ctx.inputs("contents")
+        packages: list[str] = []
+        try:
+            for index, dest, label in params["placements"]:
+                if label not in packages:
+                    packages.append(label)
+                self._place(ctx, tree, contents[index], dest.strip("/"), label)
+        except ContentConflict as e:
+            raise ActionFailed(str(e)) from None
+        base_dirs = {}
+        if ctx.inputs("base"):
+            base = ImageTree(ctx, ctx.inputs("base")[0])
+            base_dirs = base_directories(
+                opener() for opener in (base.layer_opener(d) for d in base.config["rootfs"]["diff_ids"]))
+        if params["extra_commands"]:
+            entries = self._run_extra_commands(ctx, tree, params["extra_commands"], uid, gid)
+        else:
+            entries = self._entries(ctx, tree, uid, gid)
+        entries = [self._with_base_dir(e, base_dirs) for e in entries]
+        try:
+            ordered = sorted_entries(entries)
+        except ValueError as e:
+            raise ActionFailed(str(e)) from None
+        with ctx.output_writer("tar") as out:
+            digests = write_layer(ordered, tar_out=out, compressor=None, blob_out=None)
+        meta = {"diff_id": digests.diff_id, "size": digests.tar_size, "packages": packages}
+        with open(ctx.output_path("meta"), "wb") as f:
+            f.write(canonical(meta))
+
+    @staticmethod
+    def _with_base_dir(entry: LayerEntry, base_dirs: dict[str, Any]) -> LayerEntry:
+        if entry.kind != "dir" or entry.path not in base_dirs:
+            return entry
+        attrs = base_dirs[entry.path]
+        from dataclasses import replace
+
+        return replace(entry, mode=attrs.mode, uid=attrs.uid, gid=attrs.gid)
+
+    @staticmethod
+    def _place(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
+        if art.is_tree:
+            for e in ctx.walk_tree(art):
+                path = f"{dest}/{e.path}" if dest else e.path
+                tree.add(path, Node(e.kind, e.mode, e.digest, e.size, e.target, label))
+            return
+        if not dest:
+            raise ContentConflict(f"{label} places the file {art.path} at / (the image root)")
+        if art.symlink is not None:
+            tree.add(dest, Node("symlink", 0o777, target=art.symlink, origin=label))
+        else:
+            ctx.store_file(art)
+            tree.add(dest, Node("file", 0o755 if art.executable else 0o644, art.digest, art.size, origin=label))
+
+    @staticmethod
+    def _entries(ctx: ActionContext, tree: MergedTree, uid: int, gid: int) -> list[LayerEntry]:
+        out = []
+        for path in tree.sorted_paths():
+            node = tree.nodes[path]
+            if node.kind == "file":
+                digest = node.digest
+                out.append(LayerEntry(path=path, kind="file", mode=node.mode, uid=uid, gid=gid, size=node.size,
+                                      open=lambda d=digest: ctx.open_blob(d)))
+            elif node.kind == "dir":
+                out.append(LayerEntry(path=path, kind="dir", mode=node.mode, uid=uid, gid=gid))
+            else:
+                out.append(LayerEntry(path=path, kind="symlink", mode=0o777, uid=uid, gid=gid, linkname=node.target))
+        return out
+
+    @staticmethod
+    def _run_extra_commands(ctx: ActionContext, tree: MergedTree, commands: str, uid: int,
+                            gid: int) -> list[LayerEntry]:
+        root = os.path.join(ctx.scratch_dir, "root")
+        os.mkdir(root)
+        for path in tree.sorted_paths():
+            node = tree.nodes[path]
+            full = os.path.join(root, path)
+            if node.kind == "dir":
+                os.makedirs(full, exist_ok=True)
+            elif node.kind == "symlink":
+                os.symlink(node.target, full)
+            else:
+                with ctx.open_blob(node.digest) as src, open(full, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                os.chmod(full, node.mode)
+        for path in tree.sorted_paths():
+            if tree.nodes[path].kind == "dir":
+                os.chmod(os.path.join(root, path), tree.nodes[path].mode)
+        home = os.path.join(ctx.scratch_dir, "home")
+        os.mkdir(home)
+        result = ctx.run_command(CommandRequest(
+            argv=["/bin/bash", "-c", "set -e -o pipefail\numask 022\n" + commands], cwd=root,
+            env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": home,
+                 "TMPDIR": ctx.scratch_dir, "LANG": "C.UTF-8", "TZ": "UTC", "SOURCE_DATE_EPOCH": "1",
+                 "out": root}))
+        if result.exit_code != 0:
+            raise ActionFailed(f"extra_commands exited with status {result.exit_code}", output_tail=result.output,
+                               exit_code=result.exit_code, command=commands)
+        return list(entries_from_directory(root, uid, gid))
+
+
+def entries_from_directory(root: str, uid: int | None, gid: int | None) -> Iterator[LayerEntry]:
+    """Layer entries for a directory on disk, in tar order; hard links kept as such.
+    Owners are ``uid``/``gid`` when given, else the files' own."""
+    seen_inodes: dict[tuple[int, int], str] = {}
+
+    def walk(directory: str, prefix: str) -> Iterator[LayerEntry]:
+        with os.scandir(directory) as it:
+            names = sorted(e.name for e in it)
+        for name in names:
+            full = os.path.join(directory, name)
+            rel = prefix + name
+            st = os.lstat(full)
+            owner = (uid if uid is not None else st.st_uid, gid if gid is not None else st.st_gid)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISDIR(st.st_mode):
+                yield LayerEntry(path=rel, kind="dir", mode=mode, uid=owner[0], gid=owner[1])
+                yield from walk(full, rel + "/")
+            elif stat.S_ISLNK(st.st_mode):
+                yield LayerEntry(path=rel, kind="symlink", mode=0o777, uid=owner[0], gid=owner[1],
+                                 linkname=os.readlink(full))
+            elif stat.S_ISREG(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if st.st_nlink > 1 and key in seen_inodes:
+                    yield LayerEntry(path=rel, kind="hardlink", mode=mode, uid=owner[0], gid=owner[1],
+                                     linkname=seen_inodes[key])
+                    continue
+                seen_inodes[key] = rel
+                yield LayerEntry(path=rel, kind="file", mode=mode, uid=owner[0], gid=owner[1], size=st.st_size,
+                                 open=lambda p=full: open(p, "rb"))  # noqa: SIM115 - the tar writer closes it
+            else:
+                raise ActionFailed(f"/{rel}: only files, directories and symlinks can go into a layer")
+
+    yield from walk(root, "")
+
+
+# --------------------------------------------------------------------------- LayerCompress
+
+
+class LayerCompress(ActionKind):
+    NAME = "LayerCompress"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        tar = ctx.inputs("tar")[0]
+        with ctx.open_input(ctx.inputs("meta")[0]) as f:
+            layer_meta = json.loads(f.read())
+        compressor = ctx.compressor(ctx.params["compressor"])
+        with ctx.output_writer("blob") as out:
+            hashing = _Hashing(out)
+            stream = compressor.compress_to(hashing)  # type: ignore[arg-type]
+            with ctx.open_input(tar) as src:
+                while chunk := src.read(1 << 20):
+                    stream.write(chunk)
+            stream.close()
+        meta = {"digest": "sha256:" + hashing.hash.hexdigest(), "size": hashing.size,
+                "media_type": compressor.OCI_LAYER_MEDIA_TYPE, "diff_id": layer_meta["diff_id"]}
+        with open(ctx.output_path("meta"), "wb") as f:
+            f.write(canonical(meta))
+
+
+# --------------------------------------------------------------------------- ImageAssemble
+
+
+def merge_config(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The base image's config with ``new`` applied: Env appended after the base's (a
+    variable set again replaces the base's value in place), dict fields merged, other
+    fields replaced."""
+    merged = dict(base)
+    for key, value in new.items():
+        if key == "Env":
+            names = {item.split("=", 1)[0]: item for item in value}
+            kept = [item for item in base.get("Env") or [] if item.split("=", 1)[0] not in names]
+            merged["Env"] = kept + list(value)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = {**base[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+class ImageAssemble(ActionKind):
+    NAME = "ImageAssemble"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        p = ctx.params
+        created = p["created"]
+        if created == "now":
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        base = ImageTree(ctx, ctx.inputs("base")[0]) if ctx.inputs("base") else None
+        base_config = base.config if base else {}
+        diff_ids: list[str] = list(base_config.get("rootfs", {}).get("diff_ids", []))
+        history = [h for h in base_config.get("history", [])]
+        if sum(1 for h in history if not h.get("empty_layer")) != len(diff_ids):
+            # A base whose history does not match its layers would make registries reject the
+            # manifest; give each base layer one entry instead.
+            history = [{"created": base_config.get("created", created), "created_by": "base image layer"}
+                       for _ in diff_ids]
+        descriptors: list[dict[str, Any]] = list(base.description["layers"]) if base else []
+        layer_files: list[tuple[str, str, int]] = []
+        blob_files: list[tuple[str, str, int]] = []
+        if base:
+            for d in descriptors:
+                layer_files.append((d["diff_id"], base.entry("layers/" + d["diff_id"][7:]).digest,
+                                    base.entry("layers/" + d["diff_id"][7:]).size))
+                blob_files.append((d["digest"], base.entry("blobs/" + d["digest"][7:]).digest,
+                                   base.entry("blobs/" + d["digest"][7:]).size))
+        tars = ctx.inputs("layer_tars")
+        metas = ctx.inputs("layer_metas")
+        blobs = ctx.inputs("blobs")
+        blob_metas = ctx.inputs("blob_metas")
+        for i, (tar, meta_art) in enumerate(zip(tars, metas, strict=True)):
+            with ctx.open_input(meta_art) as f:
+                meta = json.loads(f.read())
+            diff_ids.append(meta["diff_id"])
+            packages = ", ".join(meta.get("packages", [])) or "no packages"
+            history.append({"created": created, "created_by": f"dtbuild {p['layer_labels'][i]} ({packages})",
+                            "comment": "dtbuild"})
+            layer_files.append((meta["diff_id"], tar.digest, tar.size))
+            if blobs:
+                with ctx.open_input(blob_metas[i]) as f:
+                    bmeta = json.loads(f.read())
+                descriptors.append({"digest": bmeta["digest"], "diff_id": meta["diff_id"], "size": bmeta["size"],
+                                    "media_type": bmeta["media_type"]})
+                blob_files.append((bmeta["digest"], blobs[i].digest, blobs[i].size))
+            else:
+                descriptors.append({"digest": meta["diff_id"], "diff_id": meta["diff_id"], "size": meta["size"],
+                                    "media_type": "application/vnd.oci.image.layer.v1.tar"})
+                blob_files.append((meta["diff_id"], tar.digest, tar.size))
+        config = {
+            "architecture": p["architecture"], "os": p["os"], "created": created,
+            "config": merge_config(base_config.get("config") or {}, p["config"]),
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}, "history": history,
+        }
+        config_bytes = canonical(config)
+        config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+        manifest = {
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
+            "layers": [{"mediaType": d["media_type"], "digest": d["digest"], "size": d["size"]} for d in descriptors],
+        }
+        manifest_bytes = canonical(manifest)
+        tag = p["tag"] or imageformat.content_tag(config_digest)
+        description = {
+            "label": p["label"], "repo_tags": [f"{p['repository']}:{tag}"],
+            "manifest_digest": "sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
+            "config_digest": config_digest,
+            "layers": [{"digest": d["digest"], "diff_id": d["diff_id"], "size": d["size"],
+                        "media_type": d["media_type"]} for d in descriptors],
+            "archive": p.get("archive"), "oci_layout": p.get("oci_layout"),
+        }
+        ctx.output_tree("image", image_tree_entries(ctx, description=description, config=config_bytes,
+                                                    manifest=manifest_bytes, layers=layer_files, blobs=blob_files))
+        with open(ctx.output_path("description"), "wb") as f:
+            f.write(json.dumps(description, indent=2, sort_keys=True).encode() + b"\n")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def archive_images(ctx: ActionContext) -> list[imageformat.ArchiveImage]:
+    images = []
+    for art in ctx.inputs("images"):
+        tree = ImageTree(ctx, art)
+        layers = []
+        for d in tree.description["layers"]:
+            entry = tree.entry("layers/" + d["diff_id"][7:])
+            blob = None
+            if d["digest"] != d["diff_id"]:
+                blob = tree.blob_opener(d["digest"])
+            layers.append(imageformat.ArchiveLayer(
+                diff_id=d["diff_id"], tar_size=entry.size, open_tar=tree.layer_opener(d["diff_id"]),
+                open_blob=blob, blob_media_type=d["media_type"]))
+        images.append(imageformat.ArchiveImage(config=tree.config_bytes, repo_tags=list(tree.description["repo_tags"]),
+                                               layers=layers))
+    return images
+
+
+class DockerArchive(ActionKind):
+    NAME = "DockerArchive"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        compressor = ctx.compressor(ctx.params["compressor"])
+        with ctx.output_writer("archive") as out:
+            imageformat.write_docker_archive(out, archive_images(ctx), compressor)
+
+
+class OciLayout(ActionKind):
+    NAME = "OciLayout"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        entries: list[TreeEntry] = []
+        manifests = []
+        seen: set[str] = set()
+
+        def blob(path_digest: str, store_digest: str, size: int) -> None:
+            path = "blobs/sha256/" + path_digest.removeprefix("sha256:")
+            if path not in seen:
+                seen.add(path)
+                entries.append(TreeEntry(path, "file", 0o644, store_digest, size))
+
+        for art in ctx.inputs("images"):
+            tree = ImageTree(ctx, art)
+            config = tree.entry("config.json")
+            manifest = tree.entry("manifest.json")
+            blob(config.digest, config.digest, config.size)
+            blob(manifest.digest, manifest.digest, manifest.size)
+            for d in tree.description["layers"]:
+                e = tree.entry("blobs/" + d["digest"][7:])
+                blob(d["digest"], e.digest, e.size)
+            for repo_tag in tree.description["repo_tags"]:
+                manifests.append({
+                    "mediaType": OCI_MANIFEST, "digest": "sha256:" + manifest.digest, "size": manifest.size,
+                    "annotations": {"org.opencontainers.image.ref.name": repo_tag.rsplit(":", 1)[1],
+                                    "io.containerd.image.name": repo_tag}})
+        index = canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
+        layout = canonical({"imageLayoutVersion": "1.0.0"})
+        entries.append(TreeEntry("index.json", "file", 0o644, ctx.put_blob(index), len(index)))
+        entries.append(TreeEntry("oci-layout", "file", 0o644, ctx.put_blob(layout), len(layout)))
+        ctx.output_tree("layout", entries)
+
+
+class ImageImport(ActionKind):
+    """An image from a docker-archive, OCI archive or OCI layout, as an image tree."""
+
+    NAME = "ImageImport"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        src = ctx.inputs("src")[0]
+        path = ctx.materialize(src, os.path.join(ctx.scratch_dir, "src", os.path.basename(src.path)))
+        dest = os.path.join(ctx.scratch_dir, "extracted")
+        os.mkdir(dest)
+        try:
+            images = imageformat.extract_image_archive(path, dest)
+        except (ValueError, OSError) as e:
+            raise ActionFailed(f"cannot read {src.path} as a docker-archive or OCI image: {e}") from None
+        index = ctx.params["index"]
+        if not 0 <= index < len(images):
+            raise ActionFailed(f"{src.path} holds {len(images)} image(s); index {index} is out of range")
+        image = images[index]
+        layer_files, blob_files, descriptors = [], [], []
+        for layer in image.layers:
+            digest, size = ctx.put_file(layer.tar_path)
+            layer_files.append((layer.diff_id, digest, size))
+            if layer.blob_path is not None:
+                bdigest, bsize = ctx.put_file(layer.blob_path)
+                blob_files.append(("sha256:" + bdigest, bdigest, bsize))
+                descriptors.append({"digest": "sha256:" + bdigest, "diff_id": layer.diff_id, "size": bsize,
+                                    "media_type": layer.media_type})
+            else:
+                blob_files.append((layer.diff_id, digest, size))
+                descriptors.append({"digest": layer.diff_id, "diff_id": layer.diff_id, "size": size,
+                                    "media_type": "application/vnd.oci.image.layer.v1.tar"})
+        config_digest = "sha256:" + hashlib.sha256(image.config).hexdigest()
+        manifest = canonical({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(image.config)},
+            "layers": [{"mediaType": d["media_type"], "digest": d["digest"], "size": d["size"]} for d in descriptors]})
+        description = {"label": ctx.params["label"], "repo_tags": list(image.repo_tags),
+                       "manifest_digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
+                       "config_digest": config_digest, "layers": descriptors}
+        ctx.output_tree("image", image_tree_entries(ctx, description=description, config=image.config,
+                                                    manifest=manifest, layers=layer_files, blobs=blob_files))
+        with open(ctx.output_path("description"), "wb") as f:
+            f.write(json.dumps(description, indent=2, sort_keys=True).encode() + b"\n")
+
+
+IMAGE_ACTION_KINDS = [LayerWrite, LayerCompress, ImageAssemble, DockerArchive, OciLayout, ImageImport]

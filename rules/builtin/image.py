@@ -1,0 +1,285 @@
+"""Image rules: ``pure_layer`` (mkPureLayer), ``image`` (buildImage) and
+``image_archive`` (a base image from a docker-archive or OCI archive file).
+
+Every image, built or imported, is an *image tree* (see ImageInfo); the outputs users
+get (docker-archive, OCI layout, name.json) are written from it by separate actions, so
+each is cached on its own and `dtbuild stream` can write the archive from the tree.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from dtbuild.rules import attrs
+from dtbuild.rules.api import Dependency, RuleContext, rule
+from dtbuild.rules.artifacts import Artifact
+from dtbuild.rules.providers import DefaultInfo, ImageInfo, LayerInfo, PackageInfo, Provider
+
+DEFAULT_CREATED = "1970-01-01T00:00:01Z"
+_CREATED_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+ARCHITECTURES = ("amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64", "mips64le")
+
+#: The image config fields users may set, with the JSON type each takes.
+CONFIG_FIELDS: dict[str, type] = {
+    "Env": list, "Cmd": list, "Entrypoint": list, "ExposedPorts": dict, "WorkingDir": str, "User": str,
+    "Labels": dict, "Volumes": dict, "StopSignal": str, "Healthcheck": dict, "OnBuild": list, "Shell": list,
+    "ArgsEscaped": bool,
+}
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def layer_placements(packages: list[PackageInfo]) -> tuple[list[Artifact], list[list[Any]]]:
+    """The artifacts of ``packages`` and their runtime closure, and where each goes:
+    ``[input index, destination, package label]``, packages in closure order."""
+    arts: list[Artifact] = []
+    placements: list[list[Any]] = []
+    seen: set[str] = set()
+    for top in packages:
+        for pkg in top.closure():
+            if pkg.label in seen:
+                continue
+            seen.add(pkg.label)
+            for entry in pkg.entries:
+                placements.append([len(arts), entry.dest, pkg.label])
+                arts.append(entry.artifact)
+    return arts, placements
+
+
+def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: list[PackageInfo],
+                  base: ImageInfo | None = None, description: str | None = None) -> LayerInfo:
+    """Declare a LayerWrite action for ``packages`` with this target's uid, gid,
+    keep_contents_dirlinks and extra_commands attributes."""
+    arts, placements = layer_placements(packages)
+    inputs: dict[str, list[Artifact]] = {"contents": arts}
+    if base is not None:
+        inputs["base"] = [base.image]
+    ctx.actions.declare(
+        "LayerWrite", inputs=inputs, outputs={"tar": tar, "meta": meta},
+        params={"placements": placements, "uid": ctx.attr.uid, "gid": ctx.attr.gid,
+                "keep_contents_dirlinks": ctx.attr.keep_contents_dirlinks,
+                "extra_commands": ctx.attr.extra_commands},
+        description=description or f"LayerWrite {ctx.label}")
+    return LayerInfo(label=ctx.label, tar=tar, meta=meta)
+
+
+def check_ids(ctx: RuleContext) -> None:
+    for attr in ("uid", "gid"):
+        value = ctx.attr[attr]
+        if not 0 <= value < 2**32:
+            ctx.fail(f"must be between 0 and 4294967295, but was {value}", attr=attr)
+
+
+def check_created(ctx: RuleContext) -> None:
+    created = ctx.attr.created
+    if created != "now" and not _CREATED_RE.match(created):
+        ctx.fail(f"must be an RFC 3339 time such as '{DEFAULT_CREATED}', or 'now', but was {created!r}",
+                 attr="created")
+
+
+def check_config(ctx: RuleContext) -> dict[str, Any]:
+    from difflib import get_close_matches
+
+    config = ctx.attr.config
+    for key, value in config.items():
+        expected = CONFIG_FIELDS.get(key)
+        if expected is None:
+            close = get_close_matches(key, CONFIG_FIELDS, n=1)
+            ctx.fail(f"has the unknown field {key!r}", attr="config",
+                     hint=f"did you mean '{close[0]}'?" if close else
+                     f"image config fields: {', '.join(sorted(CONFIG_FIELDS))}")
+        if not isinstance(value, expected):
+            ctx.fail(f"field {key!r} must be a {expected.__name__}, but was {type(value).__name__} {value!r}",
+                     attr="config")
+        if key in ("Env", "Cmd", "Entrypoint", "Shell", "OnBuild") and not all(isinstance(v, str) for v in value):
+            ctx.fail(f"field {key!r} must be a list of strings", attr="config")
+        if key == "Env":
+            for item in value:
+                if "=" not in item or item.startswith("="):
+                    ctx.fail(f"Env entries are 'NAME=value', but one was {item!r}", attr="config")
+        if key == "Labels" and not all(isinstance(v, str) for v in value.values()):
+            ctx.fail("field 'Labels' must map strings to strings", attr="config")
+    return config
+
+
+def repository_name(ctx: RuleContext) -> str:
+    name = ctx.attr.image_name or ctx.name
+    if not _REPO_RE.match(name):
+        ctx.fail(f"{name!r} is not a valid image repository name (lowercase letters, digits, '.', '_', '-', '/')",
+                 attr="image_name" if ctx.attr.image_name else None,
+                 hint="set image_name = \"...\" to a lowercase name")
+    return name
+
+
+def declare_image_outputs(ctx: RuleContext, *, image_tree: Artifact, description: Artifact,
+                          compressor: str) -> list[Artifact]:
+    """The docker-archive and OCI layout of an image tree (name.tar[.ext], name.oci/)."""
+    ext = {"none": "", "gz": ".gz", "zstd": ".zst"}.get(compressor, "." + compressor)
+    archive = ctx.declare_file(f"{ctx.name}.tar{ext}")
+    oci = ctx.declare_directory(f"{ctx.name}.oci")
+    ctx.actions.declare("DockerArchive", inputs={"images": [image_tree]}, outputs={"archive": archive},
+                        params={"compressor": compressor}, description=f"DockerArchive {ctx.label}")
+    ctx.actions.declare("OciLayout", inputs={"images": [image_tree]}, outputs={"layout": oci},
+                        params={}, description=f"OciLayout {ctx.label}")
+    return [archive, oci, description]
+
+
+def compress_layers(ctx: RuleContext, layers: list[LayerInfo], compressor: str) -> dict[str, list[Artifact]]:
+    """LayerCompress actions for new layers; the inputs ImageAssemble takes for them."""
+    inputs: dict[str, list[Artifact]] = {"layer_tars": [], "layer_metas": [], "blobs": [], "blob_metas": []}
+    for i, layer in enumerate(layers):
+        inputs["layer_tars"].append(layer.tar)
+        inputs["layer_metas"].append(layer.meta)
+        if compressor == "none":
+            continue
+        blob = ctx.declare_internal(f"layer{i}.{compressor}")
+        blob_meta = ctx.declare_internal(f"layer{i}.{compressor}.json")
+        ctx.actions.declare("LayerCompress", inputs={"tar": [layer.tar], "meta": [layer.meta]},
+                            outputs={"blob": blob, "meta": blob_meta}, params={"compressor": compressor},
+                            description=f"LayerCompress {ctx.label} layer {i} ({compressor})")
+        inputs["blobs"].append(blob)
+        inputs["blob_metas"].append(blob_meta)
+    return inputs
+
+
+# --------------------------------------------------------------------------- pure_layer
+
+
+def _pure_layer_impl(ctx: RuleContext) -> list[Provider]:
+    check_ids(ctx)
+    packages = [dep[PackageInfo] for dep in ctx.attr.copy_to_root]
+    layer = declare_layer(ctx, tar=ctx.declare_file(f"{ctx.name}.tar"), meta=ctx.declare_internal("layer.json"),
+                          packages=packages)
+    return [DefaultInfo(files=(layer.tar,)), layer]
+
+
+_LAYER_ATTRS = {
+    "copy_to_root": attrs.label_list(doc="Packages copied to the root of the layer, with their runtime closure.",
+                                     default=[], providers=[PackageInfo]),
+    "keep_contents_dirlinks": attrs.boolean(
+        doc="When a package places files below a path that an earlier package made a symlink to a "
+            "directory, keep the symlink and put the files where it points (rsync -K); by default the "
+            "later directory replaces the symlink.", default=False),
+    "extra_commands": attrs.string(doc="Shell commands run in the layer's root directory before it is "
+                                       "packed (sandboxed, not chrooted, not as root).", default=""),
+    "uid": attrs.integer(doc="Numeric owner of the layer's files.", default=0),
+    "gid": attrs.integer(doc="Numeric group of the layer's files.", default=0),
+}
+
+pure_layer = rule(
+    "pure_layer", _pure_layer_impl,
+    doc="A layer made of packages' files (mkPureLayer): a deterministic tar with fixed mtimes and "
+        "numeric owners. Use it in `image(layers = [...])`.",
+    attrs=_LAYER_ATTRS)
+
+
+# --------------------------------------------------------------------------- image
+
+
+def _image_impl(ctx: RuleContext) -> list[Provider]:
+    check_ids(ctx)
+    check_created(ctx)
+    config = check_config(ctx)
+    repo = repository_name(ctx)
+    tag = ctx.attr.tag
+    if tag is not None and not _TAG_RE.match(tag):
+        ctx.fail(f"must be a valid image tag (letters, digits, '_', '.', '-'; at most 128), but was {tag!r}",
+                 attr="tag")
+    if ctx.attr.architecture not in ARCHITECTURES:
+        from difflib import get_close_matches
+
+        close = get_close_matches(ctx.attr.architecture, ARCHITECTURES, n=1)
+        ctx.fail(f"must be one of {', '.join(ARCHITECTURES)}, but was {ctx.attr.architecture!r}",
+                 attr="architecture", hint=f"did you mean '{close[0]}'?" if close else None)
+    if ctx.attr.run_as_root is not None:
+        ctx.fail("is not supported yet: root layers (running a script as root in an overlay) are not "
+                 "implemented in this version", attr="run_as_root",
+                 hint="remove run_as_root, or use extra_commands for steps that need no root")
+    base_dep = ctx.attr.from_image
+    base = base_dep[ImageInfo] if isinstance(base_dep, Dependency) else None
+    layers = [dep[LayerInfo] for dep in ctx.attr.layers]
+    packages = [dep[PackageInfo] for dep in ctx.attr.copy_to_root]
+    if packages or ctx.attr.extra_commands or not (layers or base):
+        layers.append(declare_layer(ctx, tar=ctx.declare_internal("layer.tar"),
+                                    meta=ctx.declare_internal("layer.json"), packages=packages, base=base))
+    compressor = ctx.attr.compressor
+    inputs = compress_layers(ctx, layers, compressor)
+    if base is not None:
+        inputs["base"] = [base.image]
+    tree = ctx.declare_internal("image", is_tree=True)
+    description = ctx.declare_file(f"{ctx.name}.json")
+    ext = {"none": "", "gz": ".gz", "zstd": ".zst"}.get(compressor, "." + compressor)
+    ctx.actions.declare(
+        "ImageAssemble", inputs=inputs, outputs={"image": tree, "description": description},
+        params={"label": ctx.label, "repository": repo, "tag": tag, "config": config,
+                "architecture": ctx.attr.architecture, "os": "linux", "created": ctx.attr.created,
+                "compressor": compressor, "layer_labels": [layer.label for layer in layers],
+                "archive": f"{description.root}/{ctx.name}.tar{ext}",
+                "oci_layout": f"{description.root}/{ctx.name}.oci"},
+        description=f"ImageAssemble {ctx.label}", cacheable=ctx.attr.created != "now")
+    files = declare_image_outputs(ctx, image_tree=tree, description=description, compressor=compressor)
+    return [DefaultInfo(files=tuple(files)), ImageInfo(label=ctx.label, image=tree, description=description)]
+
+
+_IMAGE_COMMON = {
+    "tag": attrs.string(doc="Image tag; None derives it from the image's content (as dockerTools does).",
+                        default=None, allow_none=True),
+    "image_name": attrs.string(doc="Repository name in the image's tags; default: the target name.",
+                               default=None, allow_none=True),
+    "from_image": attrs.label(doc="Base image: any image target (image, layered_image, image_archive, "
+                                  "pull_image).", default=None, allow_none=True, providers=[ImageInfo]),
+    "config": attrs.dictionary(doc="Image config: Env (appended to the base's, replacing same-named "
+                                   "variables), Cmd, Entrypoint, ExposedPorts, WorkingDir, User, Labels, "
+                                   "Volumes, StopSignal, Healthcheck.", default={}),
+    "architecture": attrs.string(doc="Image architecture (GOARCH spelling).", default="amd64"),
+    "created": attrs.string(doc="Creation time recorded in the config only (layers never change with it); "
+                                "'now' makes the image deliberately non-reproducible.", default=DEFAULT_CREATED),
+    "compressor": attrs.string(doc="Compressor of the docker-archive and of OCI layer blobs.", default="gz",
+                               values_from="compressors"),
+}
+
+image = rule(
+    "image", _image_impl,
+    doc="An image (buildImage): the base image's layers, then `layers`, then one layer with "
+        "`copy_to_root` and `extra_commands`. Outputs NAME.tar[.gz|.zst] (docker-archive), "
+        "NAME.oci/ (OCI layout) and NAME.json.",
+    attrs={
+        **_IMAGE_COMMON,
+        **_LAYER_ATTRS,
+        "layers": attrs.label_list(doc="Extra layers (pure_layer targets) added after the base image's.",
+                                   default=[], providers=[LayerInfo]),
+        "run_as_root": attrs.string(doc="A script run as root in an overlay over the base image "
+                                        "(not supported yet).", default=None, allow_none=True),
+        "disk_size": attrs.integer(doc="Disk size in MiB for the VM executor of run_as_root.", default=1024),
+        "build_vm_memory_size": attrs.integer(doc="Memory in MiB for the VM executor of run_as_root.",
+                                              default=512),
+    })
+
+
+# --------------------------------------------------------------------------- image_archive
+
+
+def _image_archive_impl(ctx: RuleContext) -> list[Provider]:
+    srcs = ctx.files("src")
+    if len(srcs) != 1 or (srcs[0].is_tree and not srcs[0].path.endswith(".oci")):
+        ctx.fail(f"must name exactly one archive file (or OCI layout directory), but names {len(srcs)} "
+                 "files", attr="src")
+    tree = ctx.declare_internal("image", is_tree=True)
+    description = ctx.declare_file(f"{ctx.name}.json")
+    ctx.actions.declare("ImageImport", inputs={"src": srcs}, outputs={"image": tree, "description": description},
+                        params={"label": ctx.label, "index": ctx.attr.index},
+                        description=f"ImageImport {ctx.label}")
+    return [DefaultInfo(files=(description,)), ImageInfo(label=ctx.label, image=tree, description=description)]
+
+
+image_archive = rule(
+    "image_archive", _image_archive_impl,
+    doc="A base image read from a docker-archive (plain, gzip or zstd), an OCI archive or an OCI layout.",
+    attrs={
+        "src": attrs.source(doc="The archive: a path in the package, or a label whose output it is."),
+        "index": attrs.integer(doc="Which image of a multi-image archive to take (0: the first).", default=0),
+    })
