@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# THE test command: set up (scripts/setup.sh), then ruff and the whole pytest suite.
+# Extra arguments go to pytest:  bash scripts/test.sh -k labels -x
+# Fails when ruff or pytest fails, and when pytest collected no test (its exit code 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+venv="${DTBUILD_VENV:-.venv}"
+
+ruff_status=0
+"$venv/bin/ruff" check . || ruff_status=$?
+
+pytest_status=0
+"$venv/bin/pytest" -q "$@" || pytest_status=$?
+
+if [ "$pytest_status" -eq 5 ]; then
+  echo "test.sh: pytest collected no test: that is a failure" >&2
+fi
+if [ "$ruff_status" -ne 0 ]; then
+  echo "test.sh: ruff check failed (exit $ruff_status)" >&2
+fi
+if [ "$ruff_status" -ne 0 ] || [ "$pytest_status" -ne 0 ]; then
+  exit 1
+fi
