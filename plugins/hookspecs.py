@@ -149,8 +149,11 @@ def dtbuild_action_started(label: str, mnemonic: str, description: str) -> None:
 @hookspec
 def dtbuild_action_finished(label: str, mnemonic: str, description: str, status: str,
                             seconds: float) -> None:
-    """An action is done.
+    """An action is done (run, found in a cache, or failed).
 
+    :param label: the target that declared it.
+    :param mnemonic: the action kind.
+    :param description: the same text as in :func:`dtbuild_action_started`.
     :param status: ``"executed"``, ``"cached"``, ``"remote_cached"`` or ``"failed"``.
     :param seconds: wall time spent on it in this build.
     """
@@ -158,7 +161,12 @@ def dtbuild_action_finished(label: str, mnemonic: str, description: str, status:
 
 @hookspec
 def dtbuild_action_log(label: str, mnemonic: str, message: str) -> None:
-    """An action reported progress (:meth:`ActionContext.log`)."""
+    """An action reported progress with :meth:`ActionContext.log`, while it runs.
+
+    :param label: the target that declared the action.
+    :param mnemonic: the action kind.
+    :param message: one line of text for the user.
+    """
 
 
 @hookspec

@@ -1,0 +1,33 @@
+"""docs/rules.md, generated from the rules' attribute schemas (``python -m
+dtbuild.engine.docgen > docs/rules.md``); a test keeps the file up to date."""
+
+from __future__ import annotations
+
+import sys
+
+from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager
+from dtbuild.rules.attrs import MISSING
+
+
+def _default(value: object) -> str:
+    if value is MISSING:
+        return "(mandatory)"
+    return f"`{value!r}`".replace("'", '"') if value is not None else "`None`"
+
+
+def rules_markdown() -> str:
+    registry = collect_registry(make_plugin_manager(autoload=False), ["rules"])
+    lines = ["# Rules", "", "Generated from the built-in rules' attribute schemas by "
+             "`python -m dtbuild.engine.docgen`; do not edit by hand.", ""]
+    for name, rule in sorted(registry.get("rules").items()):
+        lines += [f"## {name}", "", rule.doc, "", "| attribute | type | default | meaning |", "|---|---|---|---|",
+                  "| `name` | a string | (mandatory) | The target's name, unique in its package. |"]
+        for attr_name, attr in rule.attrs.items():
+            lines.append(f"| `{attr_name}` | {attr.describe_type()} | {_default(attr.default)} | "
+                         f"{attr.doc.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(rules_markdown())
