@@ -132,20 +132,23 @@ class Session:
             finally:
                 runner.sources.save()
                 self._record_inputs(runner, actions)
-            if result.error is None:
-                tree = OutputTree(self.workspace, store)
-                for label in labels:
-                    target = analysis.targets[label]
-                    paths = []
-                    for art in target.default_outputs:
-                        tree.materialize(art.path, runner.values[art.path])
-                        paths.append(art.path)
-                    result.outputs[str(label)] = paths
-                    image = target.providers.get(ImageInfo)
-                    if isinstance(image, ImageInfo) and image.description is not None:
-                        description = runner.values[image.description.path]
-                        result.images[str(label)] = json.loads(store.read_blob(description.digest))
-                tree.save()
+            # Every requested target whose outputs exist gets them (all of them, or with
+            # --keep-going those that do not depend on a failure).
+            tree = OutputTree(self.workspace, store)
+            for label in labels:
+                target = analysis.targets[label]
+                if any(art.path not in runner.values for art in target.default_outputs):
+                    continue
+                paths = []
+                for art in target.default_outputs:
+                    tree.materialize(art.path, runner.values[art.path])
+                    paths.append(art.path)
+                result.outputs[str(label)] = paths
+                image = target.providers.get(ImageInfo)
+                if isinstance(image, ImageInfo) and image.description is not None:
+                    description = runner.values[image.description.path]
+                    result.images[str(label)] = json.loads(store.read_blob(description.digest))
+            tree.save()
             self.pm.hook.dtbuild_build_finished(summary=result.summary(), success=result.error is None)
         self.last_runner = runner
         return result

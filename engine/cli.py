@@ -193,7 +193,18 @@ def _query_graph(session: Any) -> Any:
     from dtbuild.rules.artifacts import Artifact
 
     def resolve(word: str) -> list[str]:
-        return [str(lb) for lb in session.expand([word])]
+        from dtbuild.engine.errors import UnknownTargetError
+
+        try:
+            return [str(lb) for lb in session.expand([word])]
+        except UnknownTargetError:
+            # A source file is a target too, as in Bazel: //pkg:file.txt names it.
+            label = parse_label(word) if word.startswith("//") and not word.endswith("...") else None
+            path = f"{label.package}/{label.name}" if label and label.package else (label.name if label else "")
+            if label and session.loader.build_file_of(label.package) is not None \
+                    and os.path.lexists(os.path.join(session.workspace.root, path)):
+                return [str(label)]
+            raise
 
     def node(text: str) -> QueryNode:
         label = parse_label(text)

@@ -193,6 +193,8 @@ class Loader:
         except sl.StarlarkError as e:
             pending, self._pending = self._pending, None
             if pending is not None:
+                if pending.location is None:  # e.g. a bad load(): point at the statement
+                    pending.location = _starlark_error(str(e), rel_path).location
                 raise pending from None
             raise _starlark_error(str(e), rel_path) from None
 
