@@ -183,15 +183,17 @@ class Session:
             record = {}
         changed = False
         for outcome in runner.outcomes:
-            if outcome.status not in ("executed", "cached", "remote_cached"):
+            if outcome.status == "failed":
                 continue
             action = outcome.action
+            aid = self._action_id(action)
+            if outcome.status != "executed" and record.get(aid, {}).get("key") == outcome.key:
+                continue
             kind = runner.kind_for(action)
             inputs = {slot: [[a.path, a.digest] for a in map(runner.input_artifact, arts)]
                       for slot, arts in action.inputs.items()}
             entry = {"key": outcome.key, "inputs": inputs, "params": dict(action.params),
                      "version": [kind.VERSION, action.rule_version]}
-            aid = self._action_id(action)
             if record.get(aid) != entry:
                 record[aid] = entry
                 changed = True

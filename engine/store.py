@@ -414,9 +414,14 @@ class Store:
             os.close(fd)
 
     def touch_action(self, key: str) -> None:
-        """Mark an action result as used now (gc keeps recently used results)."""
+        """Mark an action result as used now (gc keeps recently used results). Results
+        used within the last day are left alone: a no-op build writes nothing."""
+        import time
+
+        path = self._ac_path(key)
         with contextlib.suppress(OSError):
-            os.utime(self._ac_path(key))
+            if os.stat(path).st_mtime < time.time() - 86400:
+                os.utime(path)
 
     def gc(self, max_age_seconds: float) -> dict[str, int]:
         """Drop action results unused for ``max_age_seconds``, then every blob that no

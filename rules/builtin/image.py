@@ -265,9 +265,9 @@ image = rule(
 
 def _image_archive_impl(ctx: RuleContext) -> list[Provider]:
     srcs = ctx.files("src")
-    if len(srcs) != 1 or (srcs[0].is_tree and not srcs[0].path.endswith(".oci")):
-        ctx.fail(f"must name exactly one archive file (or OCI layout directory), but names {len(srcs)} "
-                 "files", attr="src")
+    if len(srcs) != 1:
+        ctx.fail(f"must name exactly one archive file (or an OCI layout directory, as a files() target), "
+                 f"but names {len(srcs)} files", attr="src")
     tree = ctx.declare_internal("image", is_tree=True)
     description = ctx.declare_file(f"{ctx.name}.json")
     ctx.actions.declare("ImageImport", inputs={"src": srcs}, outputs={"image": tree, "description": description},

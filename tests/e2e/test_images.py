@@ -229,3 +229,154 @@ def test_fetch_url_checks_the_digest(workspace, run_dtbuild, tmp_path) -> None:
     code, _, err = run_dtbuild(ws, "build", "//pkg:p")
     assert code == 0, err
     assert (ws / "dtbuild-out" / "pkg" / "p").read_bytes() == b"the payload\n"
+
+
+def test_runc_runs_sh_c_commands_in_a_busybox_image(images_ws, run_dtbuild, require_tool, tmp_path) -> None:
+    for tool in ("umoci", "runc"):
+        require_tool(tool)
+    run_dtbuild(images_ws, "build", "//base:busybox", check=True)
+    bundle = tmp_path / "bundle"
+    _unpack(images_ws / "dtbuild-out" / "base" / "busybox.oci", "1", bundle)
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["args"] = ["/bin/sh", "-c", "echo $GREETING; mkdir -p /tmp/x && cd /tmp/x && pwd; ls /bin | wc -l"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    done = _run_container(bundle, f"dtbuild-sh-{os.getpid()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["base", "/tmp/x", str(len(BUSYBOX_APPLETS) + 1)]
+
+
+def test_stream_writes_the_archive_that_build_writes(images_ws, run_dtbuild, tmp_path) -> None:
+    run_dtbuild(images_ws, "build", "//app:app_zstd", check=True)
+    built = (images_ws / "dtbuild-out" / "app" / "app_zstd.tar.zst").read_bytes()
+    streamed = tmp_path / "streamed.tar.zst"
+    with open(streamed, "wb") as out:
+        done = subprocess.run(run_dtbuild.argv("stream", "//app:app_zstd"), cwd=images_ws, stdout=out,
+                              stderr=subprocess.PIPE, env=run_dtbuild.env(), timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert streamed.read_bytes() == built
+
+
+def test_inspect_shows_layers_and_config(images_ws, run_dtbuild) -> None:
+    run_dtbuild(images_ws, "build", "//app:app_gz", check=True)
+    code, out, err = run_dtbuild(images_ws, "inspect", "//app:app_gz")
+    assert code == 0, err
+    desc = _description(images_ws, "app_gz")
+    assert f"manifest: {desc['manifest_digest']}" in out
+    assert "tags: app:v1" in out
+    assert '"WorkingDir": "/app"' in out
+    assert "layers (2):" in out
+    assert "//app:data" in out and "/bin (" in out
+
+
+@pytest.mark.parametrize("kind", ["docker-archive", "docker-archive-gz", "docker-archive-zstd", "oci-layout",
+                                  "oci-archive"])
+def test_image_archive_reads_what_tools_write(images_ws, run_dtbuild, require_tool, tmp_path, kind) -> None:
+    require_tool("skopeo")
+    run_dtbuild(images_ws, "build", "//base:busybox", check=True)
+    out = images_ws / "dtbuild-out" / "base"
+    vendor = images_ws / "vendor"
+    vendor.mkdir()
+    plain = vendor / "base.tar"
+    # skopeo writes the archive, so this checks what another tool produces, not our writer.
+    subprocess.run(["skopeo", "copy", f"oci:{out / 'busybox.oci'}:1", f"docker-archive:{plain}:vendor/base:2"],
+                   check=True, capture_output=True)
+    src = "base.tar"
+    if kind == "docker-archive-gz":
+        (vendor / "base.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+        src = "base.tar.gz"
+    elif kind == "docker-archive-zstd":
+        subprocess.run(["zstd", "-q", "-f", str(plain), "-o", str(vendor / "base.tar.zst")], check=True)
+        src = "base.tar.zst"
+    elif kind in ("oci-layout", "oci-archive"):
+        layout = vendor / "layout"
+        subprocess.run(["skopeo", "copy", f"docker-archive:{plain}", f"oci:{layout}:2"], check=True,
+                       capture_output=True)
+        src = "layout"
+        if kind == "oci-archive":
+            subprocess.run(["tar", "-C", str(layout), "-cf", str(vendor / "base-oci.tar"), "."], check=True)
+            shutil.rmtree(layout)
+            src = "base-oci.tar"
+    if kind != "oci-layout":
+        src_attr = f'"{src}"'
+    else:
+        # A directory is named through a files() target's tree.
+        src_attr = '":layout_tree"'
+    (vendor / "BUILD").write_text(
+        'files(name = "layout_tree", srcs = glob(["layout/**"]), strip_prefix = "layout")\n'
+        f'image_archive(name = "base", src = {src_attr})\n'
+        'files(name = "extra", srcs = ["note.txt"], prefix = "/etc")\n'
+        'image(name = "derived", tag = "x", from_image = ":base", copy_to_root = [":extra"], compressor = "none")\n')
+    (vendor / "note.txt").write_text("derived\n")
+    code, _, err = run_dtbuild(images_ws, "build", "//vendor:base", "//vendor:derived")
+    assert code == 0, err
+    base = json.loads((images_ws / "dtbuild-out" / "vendor" / "base.json").read_text())
+    derived = json.loads((images_ws / "dtbuild-out" / "vendor" / "derived.json").read_text())
+    ours = _skopeo_inspect(f"oci:{out / 'busybox.oci'}:1")
+    assert [layer["diff_id"] for layer in base["layers"]] == [
+        layer["diff_id"] for layer in json.loads((out / "busybox.json").read_text())["layers"]]
+    assert derived["layers"][:1] == base["layers"] and len(derived["layers"]) == 2
+    inspected = _skopeo_inspect(f"oci:{images_ws / 'dtbuild-out' / 'vendor' / 'derived.oci'}:x")
+    assert inspected["Env"] == ours["Env"]
+    assert inspected["Layers"] == [layer["digest"] for layer in derived["layers"]]
+
+
+def test_new_layers_keep_the_base_directories_modes_and_owners(write_workspace, run_dtbuild) -> None:
+    import tarfile
+
+    ws = write_workspace({
+        "pkg/BUILD": """
+files(name = "data", srcs = ["data.txt"], prefix = "/srv/data")
+image(name = "base", copy_to_root = [":data"], uid = 1000, gid = 1001,
+      extra_commands = "chmod 0750 srv", compressor = "none")
+files(name = "page", srcs = ["index.html"], prefix = "/srv/www")
+image(name = "site", from_image = ":base", copy_to_root = [":page"], compressor = "none")
+""", "pkg/data.txt": "data\n", "pkg/index.html": "<p>hi</p>\n"})
+    run_dtbuild(ws, "build", "//pkg:site", check=True)
+    desc = json.loads((ws / "dtbuild-out" / "pkg" / "site.json").read_text())
+    top = desc["layers"][-1]["digest"].split(":")[1]
+    with tarfile.open(ws / "dtbuild-out" / "pkg" / "site.oci" / "blobs" / "sha256" / top) as tar:
+        members = {m.name.rstrip("/"): m for m in tar.getmembers()}
+    assert sorted(members) == ["srv", "srv/www", "srv/www/index.html"]
+    srv = members["srv"]
+    assert (srv.mode, srv.uid, srv.gid) == (0o750, 1000, 1001), "the base's /srv must not be reset"
+    assert (members["srv/www"].mode, members["srv/www"].uid) == (0o755, 0)
+    assert all(m.mtime == 1 for m in members.values())
+
+
+def test_fetch_url_over_http_retries_and_caches(write_workspace, run_dtbuild, tmp_path) -> None:
+    import http.server
+    import threading
+
+    payload = b"served over http\n"
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            hits.append(self.path)
+            if len(hits) == 1:  # the first attempt meets a flaky server
+                self.send_response(503)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/file.txt"
+        ws = write_workspace({"pkg/BUILD": f'fetch_url(name = "f", urls = ["{url}"], '
+                                           f'sha256 = "{hashlib.sha256(payload).hexdigest()}", executable = True)\n'})
+        result = run_dtbuild.build(ws, "//pkg:f", check=True)
+        assert result.executed == 1 and len(hits) == 2
+        out = ws / "dtbuild-out" / "pkg" / "f"
+        assert out.read_bytes() == payload and os.stat(out).st_mode & 0o111
+        again = run_dtbuild.build(ws, "//pkg:f", check=True)
+        assert again.executed == 0 and len(hits) == 2, "a cached download needs no network"
+    finally:
+        server.shutdown()
