@@ -238,7 +238,8 @@ def test_runc_runs_sh_c_commands_in_a_busybox_image(images_ws, run_dtbuild, requ
     bundle = tmp_path / "bundle"
     _unpack(images_ws / "dtbuild-out" / "base" / "busybox.oci", "1", bundle)
     config = json.loads((bundle / "config.json").read_text())
-    config["process"]["args"] = ["/bin/sh", "-c", "echo $GREETING; mkdir -p /tmp/x && cd /tmp/x && pwd; ls /bin | wc -l"]
+    script = "echo $GREETING; mkdir -p /tmp/x && cd /tmp/x && pwd; ls /bin | wc -l"
+    config["process"]["args"] = ["/bin/sh", "-c", script]
     (bundle / "config.json").write_text(json.dumps(config))
     done = _run_container(bundle, f"dtbuild-sh-{os.getpid()}")
     assert done.returncode == 0, done.stderr
@@ -296,11 +297,8 @@ def test_image_archive_reads_what_tools_write(images_ws, run_dtbuild, require_to
             subprocess.run(["tar", "-C", str(layout), "-cf", str(vendor / "base-oci.tar"), "."], check=True)
             shutil.rmtree(layout)
             src = "base-oci.tar"
-    if kind != "oci-layout":
-        src_attr = f'"{src}"'
-    else:
-        # A directory is named through a files() target's tree.
-        src_attr = '":layout_tree"'
+    # A layout directory is named through a files() target's tree.
+    src_attr = '":layout_tree"' if kind == "oci-layout" else f'"{src}"'
     (vendor / "BUILD").write_text(
         'files(name = "layout_tree", srcs = glob(["layout/**"]), strip_prefix = "layout")\n'
         f'image_archive(name = "base", src = {src_attr})\n'
@@ -351,7 +349,7 @@ def test_fetch_url_over_http_retries_and_caches(write_workspace, run_dtbuild, tm
     hits: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             hits.append(self.path)
             if len(hits) == 1:  # the first attempt meets a flaky server
                 self.send_response(503)
