@@ -26,6 +26,9 @@ from dtbuild.rules.api import ActionDecl
 from dtbuild.rules.providers import ImageInfo
 
 LAST_INPUTS_FILE = "last-inputs.json"
+RESULTS_INDEX_FILE = "results.json"
+#: Action results remembered per workspace (about 300 bytes each).
+RESULTS_INDEX_LIMIT = 50_000
 
 
 @dataclass
@@ -104,6 +107,28 @@ class Session:
         return PluginItems(kinds, dict(self.registry.get("executors")), dict(self.registry.get("compressors")),
                            self.pm.hook)
 
+    def _results_index_path(self) -> str:
+        return os.path.join(self.workspace.state_dir, RESULTS_INDEX_FILE)
+
+    def _load_results_index(self) -> dict[str, Any]:
+        try:
+            with open(self._results_index_path(), "rb") as f:
+                index = json.loads(f.read())
+            return index if isinstance(index, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _save_results_index(self, runner: ActionRunner) -> None:
+        """Remember this build's results (and the previous ones, up to a bound)."""
+        if all(runner.known_results.get(k) == v for k, v in runner.used_results.items()):
+            return
+        merged = {k: v for k, v in runner.known_results.items() if k not in runner.used_results}
+        keep = list(merged.items())[-max(0, RESULTS_INDEX_LIMIT - len(runner.used_results)):]
+        from dtbuild.engine.store import atomic_write
+
+        atomic_write(self._results_index_path(),
+                     json.dumps({**dict(keep), **runner.used_results}, separators=(",", ":")).encode())
+
     def _runner(self, store: Store, options: BuildOptions, cancel: threading.Event) -> ActionRunner:
         decls = {str(t.decl.label): t.decl for t in self.analyzer.result.targets.values()}
         return ActionRunner(
@@ -111,7 +136,8 @@ class Session:
             sources=SourceDigests(self.workspace.root, self.workspace.state_dir),
             plugins=self.plugin_items(), jobs=options.jobs or os.cpu_count() or 1, keep_going=options.keep_going,
             cancel=cancel, locations={k: d.location for k, d in decls.items()},
-            kinds={k: d.kind for k, d in decls.items()}, debug=options.debug)
+            kinds={k: d.kind for k, d in decls.items()}, debug=options.debug,
+            known_results=self._load_results_index())
 
     def build(self, labels: Sequence[Label], options: BuildOptions, cancel: threading.Event) -> BuildResult:
         """Build ``labels``; outputs of requested targets are copied under dtbuild-out/."""
@@ -132,6 +158,7 @@ class Session:
             finally:
                 runner.sources.save()
                 self._record_inputs(runner, actions)
+                self._save_results_index(runner)
             # Every requested target whose outputs exist gets them (all of them, or with
             # --keep-going those that do not depend on a failure).
             tree = OutputTree(self.workspace, store)

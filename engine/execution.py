@@ -301,7 +301,7 @@ class ActionRunner:
     def __init__(self, *, root: str, store: Store, sources: SourceDigests, plugins: PluginItems,
                  jobs: int, keep_going: bool, cancel: threading.Event,
                  locations: Mapping[str, Location], kinds: Mapping[str, str] | None = None,
-                 debug: bool = False) -> None:
+                 debug: bool = False, known_results: Mapping[str, Any] | None = None) -> None:
         self.root = root
         self.store = store
         self.sources = sources
@@ -317,6 +317,10 @@ class ActionRunner:
         self.outcomes: list[ActionOutcome] = []
         self._report_lock = threading.Lock()
         self._kind_instances: dict[str, ActionKind] = {}
+        #: Results of this workspace's previous builds by key (one file read instead of one
+        #: per action); entries are checked against the store like any cache hit.
+        self.known_results = known_results or {}
+        self.used_results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ reporting
 
@@ -361,7 +365,10 @@ class ActionRunner:
         kind = self.kind_for(action)
         inputs = {slot: [self.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
         key = action_key(action, kind.VERSION, inputs)
-        result = self.store.get_action(key) if action.cacheable else None
+        result = None
+        if action.cacheable:
+            known = self.known_results.get(key)
+            result = ActionResult.from_json(known) if known is not None else self.store.get_action(key)
         status = "cached"
         if result is None or not self._outputs_present(result, action):
             status = "executed"
@@ -374,6 +381,8 @@ class ActionRunner:
             self.store.touch_action(key)
         for slot, art in action.outputs.items():
             self.values[art.path] = result.outputs[slot]
+        if action.cacheable:
+            self.used_results[key] = result.to_json()
         return ActionOutcome(action, status, key, seconds=time.monotonic() - started)
 
     def _execute(self, action: ActionDecl, kind: ActionKind, inputs: dict[str, list[InputArtifact]]) -> ActionResult:

@@ -17,7 +17,8 @@ the number of CPUs and however the input is split into ``write`` calls:
 * ``none`` passes bytes through.
 
 Readers accept concatenated gzip members and zstd frames (archives splice compressed
-layer blobs between compressed headers, see :mod:`dtbuild.plugins.builtin.imageformat`).
+layer blobs between compressed headers, see :mod:`dtbuild.plugins.builtin.imageformat`)
+and raise on a truncated stream (EOFError for gzip, zstandard.ZstdError for zstd).
 
 The compression libraries are imported when first used, so registering the compressors
 costs nothing.
@@ -131,6 +132,56 @@ class _BlockingGzipWriter(io.RawIOBase):
             super().close()
 
 
+class _ZstdFramesReader(io.RawIOBase):
+    """Decompresses concatenated zstd frames, and fails on a stream that ends inside a
+    frame (zstandard's ``stream_reader`` returns a short stream without error there)."""
+
+    _INPUT_CHUNK = 256 << 10
+
+    def __init__(self, source: IO[bytes]) -> None:
+        import zstandard
+
+        self._source = source
+        self._dctx = zstandard.ZstdDecompressor()
+        self._error = zstandard.ZstdError
+        self._frame: zstandard.ZstdDecompressionObj | None = None
+        self._pending = memoryview(b"")
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._pending:
+            if self._eof:
+                return 0
+            self._decompress_more()
+        view = memoryview(buffer).cast("B")
+        n = min(view.nbytes, self._pending.nbytes)
+        view[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress_more(self) -> None:
+        data = self._source.read(self._INPUT_CHUNK)
+        if not data:
+            if self._frame is not None:
+                raise self._error("zstd stream ended inside a frame: the data is truncated")
+            self._eof = True
+            return
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            if self._frame.eof:
+                data = self._frame.unused_data
+                self._frame = None
+            else:
+                data = b""
+        self._pending = memoryview(out[0] if len(out) == 1 else b"".join(out))
+
+
 class NoneCompressor(Compressor):
     """No compression: layer blobs are the tars themselves."""
 
@@ -194,10 +245,7 @@ class ZstdCompressor(Compressor):
         return cctx.stream_writer(sink, closefd=False)  # type: ignore[return-value]
 
     def decompress_from(self, source: IO[bytes]) -> IO[bytes]:
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True, closefd=False)
-        return io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[arg-type,return-value]
+        return io.BufferedReader(_ZstdFramesReader(source), buffer_size=1 << 20)  # type: ignore[return-value]
 
 
 BUILTIN_COMPRESSORS: list[type[Compressor]] = [NoneCompressor, GzipCompressor, ZstdCompressor]

@@ -18,6 +18,7 @@ Pure library: no engine, no store. Layer tars themselves come from
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -317,7 +318,11 @@ class _MemberWriter:
 
 def _reusable_blob(layer: ArchiveLayer, compressor: Compressor) -> tuple[IO[bytes], bytes] | None:
     """The layer's blob opened, with the bytes already read from it, when the blob can
-    be copied as complete members of an archive compressed with ``compressor``."""
+    be copied as complete members of an archive compressed with ``compressor``.
+
+    Blobs come from LayerCompress (well-formed by construction) or from base images
+    (written by registries' tools, which do not pad). gzip blobs are also checked (their
+    trailer); zstd frames cannot be checked without decoding, so their magic must do."""
     if not compressor.MAGIC or layer.open_blob is None or layer.blob_media_type is None:
         return None
     try:
@@ -368,30 +373,37 @@ def write_docker_archive(out: IO[bytes], images: Sequence[ArchiveImage], compres
     members = _docker_archive_members(images)
     writer = _MemberWriter(out, compressor)
     stream = TarStream(_CHUNK, [writer], hashing=False)  # type: ignore[list-item]
-    for member in members:
-        layer = member.layer
-        size = layer.tar_size if layer is not None else len(member.data)
-        stream.put(entry_header(LayerEntry(member.path, "dir" if member.kind == "dir" else "file",
-                                           0o755 if member.kind == "dir" else 0o644, size=size)))
-        if layer is None:
-            stream.put(member.data + bytes(-len(member.data) % BLOCK_SIZE))
-            continue
-        reusable = _reusable_blob(layer, compressor) if reuse_blobs else None
-        if reusable is None:
-            stream.put_contents(layer.open_tar, layer.tar_size, f"layer {layer.diff_id}")
-            continue
-        blob, head = reusable
-        with blob:
-            stream.flush()
-            writer.end_member()
-            out.write(head)
-            while chunk := blob.read(_CHUNK):
-                out.write(chunk)
-        stream.put(bytes(-layer.tar_size % BLOCK_SIZE))
-    stream.put(END_OF_ARCHIVE)
-    stream.flush()
-    writer.end_member()
+    try:
+        for member in members:
+            _write_archive_member(member, stream, writer, out, compressor if reuse_blobs else None)
+        stream.put(END_OF_ARCHIVE)
+        stream.flush()
+    finally:
+        writer.end_member()  # also on errors: stops the compressor's threads
     out.flush()
+
+
+def _write_archive_member(member: _Member, stream: TarStream, writer: _MemberWriter, out: IO[bytes],
+                          reuse_for: Compressor | None) -> None:
+    layer = member.layer
+    size = layer.tar_size if layer is not None else len(member.data)
+    stream.put(entry_header(LayerEntry(member.path, "dir" if member.kind == "dir" else "file",
+                                       0o755 if member.kind == "dir" else 0o644, size=size)))
+    if layer is None:
+        stream.put(member.data + bytes(-len(member.data) % BLOCK_SIZE))
+        return
+    reusable = _reusable_blob(layer, reuse_for) if reuse_for is not None else None
+    if reusable is None:
+        stream.put_contents(layer.open_tar, layer.tar_size, f"layer {layer.diff_id}")
+        return
+    blob, head = reusable
+    with blob:
+        stream.flush()
+        writer.end_member()
+        out.write(head)
+        while chunk := blob.read(_CHUNK):
+            out.write(chunk)
+    stream.put(bytes(-layer.tar_size % BLOCK_SIZE))
 
 
 # --------------------------------------------------------------------------- OCI layout
@@ -580,6 +592,12 @@ class _ScannedMember:
     sha256: str | None
 
 
+def _unreadable_archive_errors() -> tuple[type[Exception], ...]:
+    import zstandard
+
+    return (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile)
+
+
 class _ScannedTar(_Source):
     """A tar archive read in one pass (compressed or not): small members kept in memory,
     every member's first bytes and, when ``copy_dir`` is given, every regular member
@@ -592,17 +610,20 @@ class _ScannedTar(_Source):
             self.compression = detect_compressor(f.read(4))
         self.members: dict[str, _ScannedMember] = {}
         self.links: dict[str, str] = {}
-        with self._open_tar() as tar:
-            for number, info in enumerate(tar):
-                name = _member_name(info.name) if info.name.strip("./") else ""
-                if not name:
-                    continue
-                if info.issym():
-                    self.links[name] = _member_name(posixpath.join(posixpath.dirname(name), info.linkname))
-                elif info.islnk():
-                    self.links[name] = _member_name(info.linkname)
-                elif info.isreg():
-                    self.members[name] = self._scan(tar, info, copy_dir, number)
+        try:
+            with self._open_tar() as tar:
+                for number, info in enumerate(tar):
+                    name = _member_name(info.name) if info.name.strip("./") else ""
+                    if not name:
+                        continue
+                    if info.issym():
+                        self.links[name] = _member_name(posixpath.join(posixpath.dirname(name), info.linkname))
+                    elif info.islnk():
+                        self.links[name] = _member_name(info.linkname)
+                    elif info.isreg():
+                        self.members[name] = self._scan(tar, info, copy_dir, number)
+        except _unreadable_archive_errors() as e:
+            raise ValueError(f"{path} is not a readable {self.compression} tar archive: {e}") from None
 
     def _open_tar(self) -> tarfile.TarFile:
         raw = open(self.archive, "rb")  # noqa: SIM115 (closed with the tar below)
@@ -956,8 +977,11 @@ def _extract_layer(source: _Source, ref: _LayerRef, layers_dir: str, blobs_dir: 
         os.replace(staging, blob_path)
     if ref.digest is not None and ref.digest != blob_digest:
         raise ValueError(f"blob {ref.digest} of layer {ref.diff_id} has digest {blob_digest}")
-    with open(blob_path, "rb") as raw, compressor_named(compression).decompress_from(raw) as src:
-        digest, size = _copy_hashing(src, tar_path)
+    try:
+        with open(blob_path, "rb") as raw, compressor_named(compression).decompress_from(raw) as src:
+            digest, size = _copy_hashing(src, tar_path)
+    except _unreadable_archive_errors() as e:
+        raise ValueError(f"layer {ref.diff_id}: its {compression} blob does not decompress: {e}") from None
     _check_diff_id(ref.diff_id, digest)
     return ExtractedLayer(ref.diff_id, tar_path, size, blob_path, blob_digest, blob_size, media_type)
 

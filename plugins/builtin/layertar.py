@@ -13,8 +13,8 @@ This module owns the byte format of every layer dtbuild writes:
   100 bytes, a size of 8 GiB or more, a uid/gid over 2097151, a long user/group name.
   Its records are sorted by key and never hold times, so they are deterministic.
 * The archive ends with two zero blocks and is NOT padded to a 10240-byte record: Go's
-  archive/tar (docker, containerd, skopeo, umoci) writes no padding either, GNU tar,
-  bsdtar and Python's tarfile read it, and a layer stays 0-10 KiB smaller. For a small
+  archive/tar (docker, containerd, skopeo, umoci) writes no padding either, they and
+  GNU tar and Python's tarfile read it, and a layer stays 0-10 KiB smaller. For a small
   tree the bytes equal ``tar --format=ustar --sort=name --mtime=@1 --owner=0 --group=0
   --numeric-owner`` cut after its two zero blocks (the tests check this).
 
@@ -46,6 +46,7 @@ _MAX_OCTAL_11 = 0o77777777777  # 12-byte numeric fields: size (8 GiB - 1)
 _MTIME_FIELD = b"%011o\0" % LAYER_MTIME
 _ZERO_DEVICE = b"0000000\0"
 _PAX_NAME = b"././@PaxHeader"
+_HEADER_TAIL = bytes(12)
 _OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
 _DOCKER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
@@ -135,14 +136,21 @@ def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
     return name[:cut], name[cut + 1:]
 
 
+_MAGIC_VERSION = b"ustar\x0000"
+#: Checksum contribution of the fields that never change: mtime, magic and version,
+#: device numbers, and the checksum field itself counted as 8 spaces.
+_CONSTANT_CHECKSUM = sum(_MTIME_FIELD) + sum(_MAGIC_VERSION) + 2 * sum(_ZERO_DEVICE) + 8 * 0x20
+
+
 def _ustar_header(name: bytes, mode: int, uid: int, gid: int, size: int, typeflag: bytes, linkname: bytes,
                   uname: bytes, gname: bytes, prefix: bytes) -> bytes:
-    head = b"".join((name.ljust(100, b"\0"), b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid,
-                     b"%011o\0" % size, _MTIME_FIELD))
-    tail = b"".join((typeflag, linkname.ljust(100, b"\0"), b"ustar\x0000", uname.ljust(32, b"\0"),
-                     gname.ljust(32, b"\0"), _ZERO_DEVICE, _ZERO_DEVICE, prefix.ljust(155, b"\0"), bytes(12)))
-    checksum = sum(head) + sum(tail) + 8 * 0x20  # the checksum field counts as 8 spaces
-    return b"".join((head, b"%06o\0 " % checksum, tail))
+    mode_f, uid_f, gid_f, size_f = b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid, b"%011o\0" % size
+    # Padding is NUL, so the checksum sums the fields' contents only.
+    checksum = (_CONSTANT_CHECKSUM + sum(name) + sum(mode_f) + sum(uid_f) + sum(gid_f) + sum(size_f)
+                + typeflag[0] + sum(linkname) + sum(uname) + sum(gname) + sum(prefix))
+    return b"".join((name.ljust(100, b"\0"), mode_f, uid_f, gid_f, size_f, _MTIME_FIELD, b"%06o\0 " % checksum,
+                     typeflag, linkname.ljust(100, b"\0"), _MAGIC_VERSION, uname.ljust(32, b"\0"),
+                     gname.ljust(32, b"\0"), _ZERO_DEVICE, _ZERO_DEVICE, prefix.ljust(155, b"\0"), _HEADER_TAIL))
 
 
 def _pax_records(records: dict[str, bytes]) -> bytes:

@@ -76,6 +76,14 @@ def test_round_trip(cls, data):
     assert decompress(compressor, compressed) == data
 
 
+@pytest.mark.parametrize(("cls", "error"), [(GzipCompressor, EOFError), (ZstdCompressor, zstandard.ZstdError)])
+def test_a_truncated_stream_is_an_error(cls, error):
+    whole = compress(cls(), KNOWN_INPUT)
+    for cut in (len(whole) // 2, len(whole) - 1, 5):
+        with pytest.raises(error):
+            decompress(cls(), whole[:cut])
+
+
 def test_none_passes_bytes_through():
     assert compress(NoneCompressor(), b"abc" * 10, write_size=7) == b"abc" * 10
 

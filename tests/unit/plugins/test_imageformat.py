@@ -42,6 +42,7 @@ from dtbuild.plugins.builtin.layertar import LAYER_MTIME, LayerEntry, LayerSourc
 from dtbuild.plugins.interfaces import Compressor
 
 CREATED = "1970-01-01T00:00:01Z"
+LONG_NAME = "n" * 150
 
 
 # --------------------------------------------------------------------------- helpers
@@ -64,7 +65,8 @@ class BuiltLayer:
 def build_layer(number: int, compressor: Compressor) -> BuiltLayer:
     text = (b"layer %d says hello\n" % number) * 20000
     entries = [LayerEntry("etc", "dir", 0o755),
-               LayerEntry(f"etc/file{number}", "file", 0o644, size=len(text), open=lambda: io.BytesIO(text))]
+               LayerEntry(f"etc/file{number}", "file", 0o644, size=len(text), open=lambda: io.BytesIO(text)),
+               LayerEntry("etc/" + LONG_NAME, "symlink", 0o777, linkname=f"file{number}")]  # a PAX path
     tar, blob = io.BytesIO(), io.BytesIO()
     digests = write_layer(entries, tar_out=tar, compressor=compressor, blob_out=blob)
     return BuiltLayer(digests.diff_id, tar.getvalue(), blob.getvalue(), digests.blob_digest, digests.media_type)
@@ -328,6 +330,18 @@ def test_not_an_image_archive(tmp_path):
         read_image_archive(str(path))
 
 
+@pytest.mark.parametrize("cls", BUILTIN_COMPRESSORS)
+def test_garbage_and_truncated_archives_are_value_errors(tmp_path, cls):
+    images, _ = two_images(cls())
+    whole = archive_bytes(images, cls(), reuse_blobs=False)
+    truncated = whole[:len(whole) // 2]
+    for number, data in enumerate([cls.MAGIC + bytes(range(256)) * 8, truncated]):
+        path = tmp_path / f"bad{number}.tar"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"is not a readable {cls.NAME} tar archive"):
+            extract_image_archive(str(path), str(tmp_path))
+
+
 # --------------------------------------------------------------------------- OCI layout
 
 
@@ -451,6 +465,13 @@ def test_skopeo_reads_our_docker_archive(tmp_path, cls, require_tool):
         assert found["inspect"]["Layers"] == [layer.diff_id for layer in layers[:count]]
     found = skopeo_inspect(require_tool, f"docker-archive:{path}:base:latest")
     assert found["raw"]["config"]["digest"] == sha256(images[1].config)
+    # Copying reads every layer and checks it against its diff_id.
+    copied = tmp_path / "copied"
+    subprocess.run([require_tool("skopeo"), "copy", "--quiet", f"docker-archive:{path}:example.com/app:1",
+                    f"oci:{copied}:copied"], check=True, capture_output=True, timeout=60)
+    (image,) = read_image_archive(str(copied))
+    assert json.loads(image.config)["rootfs"] == json.loads(images[0].config)["rootfs"]  # re-serialized as OCI
+    assert [layer.open().read() for layer in image.layers] == [layer.tar for layer in layers]
 
 
 @pytest.mark.e2e
@@ -503,6 +524,7 @@ def test_umoci_reads_our_oci_layout(tmp_path, require_tool):
     subprocess.run([umoci, "raw", "unpack", "--rootless", "--image", f"{layout}:latest", str(bundle)],
                    capture_output=True, check=True, timeout=60)
     assert (bundle / "etc" / "file2").read_bytes().startswith(b"layer 2 says hello\n")
+    assert os.readlink(bundle / "etc" / LONG_NAME) == "file2"  # Go's archive/tar read our PAX header
     shutil.rmtree(bundle, ignore_errors=True)
 
 
