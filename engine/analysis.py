@@ -57,9 +57,12 @@ class AnalysisResult:
 
     def actions_for(self, labels: Iterable[Label]) -> list[ActionDecl]:
         """The actions needed to produce the default outputs of ``labels``, in order."""
+        return self.actions_for_artifacts(a.path for lb in labels for a in self.targets[lb].default_outputs)
+
+    def actions_for_artifacts(self, paths: Iterable[str]) -> list[ActionDecl]:
+        """The actions needed to produce the artifacts at ``paths``, in order."""
         needed: set[int] = set()
-        stack = [self.producers[a.path] for lb in labels for a in self.targets[lb].default_outputs
-                 if a.path in self.producers]
+        stack = [self.producers[p] for p in paths if p in self.producers]
         while stack:
             action = stack.pop()
             if id(action) in needed:

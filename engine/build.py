@@ -321,8 +321,7 @@ def image_inputs(session: Session, label: Label, options: BuildOptions, cancel: 
     if not isinstance(image, ImageInfo):
         raise UsageError(f"{label} ({target.decl.kind}) is not an image target",
                          hint="stream and inspect take image targets such as image or layered_image")
-    producer = analysis.producers[image.image.path]
-    needed = [a for a in analysis.actions_for([label]) if a is producer or _feeds(analysis, a, producer)]
+    needed = analysis.actions_for_artifacts([image.image.path])
     compressor = "none"
     for action in analysis.actions:
         if action.owner == str(label) and action.mnemonic == "DockerArchive":
@@ -340,22 +339,3 @@ def image_inputs(session: Session, label: Label, options: BuildOptions, cancel: 
     artifact = InputArtifact(image.image.path, value.digest, True, value.size)
     return StoreReader(store, {"images": [artifact]}), artifact, compressor
 
-
-def _feeds(analysis: AnalysisResult, action: ActionDecl, target: ActionDecl) -> bool:
-    """Whether ``action``'s outputs are (transitively) inputs of ``target``."""
-    outputs = {a.path for a in action.outputs.values()}
-    stack = [target]
-    seen: set[int] = set()
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        for arts in current.inputs.values():
-            for art in arts:
-                if art.path in outputs:
-                    return True
-                producer = analysis.producers.get(art.path)
-                if producer is not None:
-                    stack.append(producer)
-    return False

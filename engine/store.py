@@ -47,19 +47,23 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def hash_file(path: str) -> tuple[str, int]:
-    """sha256 hex digest and size of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
+def read_chunks(path: str) -> Iterator[memoryview]:
+    """A file's bytes in 1 MiB chunks, through one reused buffer (a chunk is valid until
+    the next one is read)."""
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
+        while n := f.readinto(buf):
+            yield view[:n]
+
+
+def hash_file(path: str) -> tuple[str, int]:
+    """sha256 hex digest and size of a file."""
+    h = hashlib.sha256()
+    size = 0
+    for chunk in read_chunks(path):
+        h.update(chunk)
+        size += len(chunk)
     return h.hexdigest(), size
 
 
@@ -237,15 +241,9 @@ class Store:
             if self.has_blob(digest, size):
                 return digest, size
         writer = BlobWriter(self)
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
         try:
-            with open(path, "rb", buffering=0) as f:
-                while True:
-                    n = f.readinto(buf)
-                    if not n:
-                        break
-                    writer.write(view[:n])
+            for chunk in read_chunks(path):
+                writer.write(chunk)
             actual = writer.commit()
         except BaseException:
             writer.abort()
