@@ -1,0 +1,821 @@
+"""Action kinds of layered images, merged and exported images and dockerTools' helper
+packages: BaseDirectories, LayerWriteMerged, CustomisationLayer, LayeredImageAssemble,
+MergeImages, ImageExport, MergeTrees and TreeWrite.
+
+Package layers are plain LayerWrite actions (one package each), so images that share a
+package share its layer's bytes. What depends on the base image's layer count, known
+only when the base is built or imported (how many packages get a layer of their own),
+is decided here, at execution, with the rule's pure :func:`plan_layers`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import sys
+import tarfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import IO, Any
+
+from dtbuild.plugins.builtin import imageformat
+from dtbuild.plugins.builtin.image_actions import (
+    ImageAssemble,
+    ImageTree,
+    LayerWrite,
+    archive_images,
+    canonical,
+    place_artifact,
+    read_base_dirs,
+)
+from dtbuild.plugins.builtin.layer_contents import ContentConflict, DirAttrs, MergedTree, Node, base_directories
+from dtbuild.plugins.builtin.layertar import LayerEntry, sorted_entries, write_layer
+from dtbuild.plugins.interfaces import (
+    ActionContext,
+    ActionFailed,
+    ActionKind,
+    CommandRequest,
+    InputArtifact,
+    TreeEntry,
+)
+from dtbuild.rules.builtin.layered import LayerBudgetError, LayerPlan, plan_layers
+
+#: The environment of extra_commands and fakeroot_commands (as LayerWrite's).
+COMMAND_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class _ContextView:
+    """An action context with some parameters and input slots replaced, so that one
+    action kind can run another's logic on a selection of its inputs."""
+
+    def __init__(self, ctx: ActionContext, *, params: Mapping[str, Any] | None = None,
+                 inputs: Mapping[str, Sequence[InputArtifact]] | None = None) -> None:
+        self._ctx = ctx
+        self.params = params if params is not None else ctx.params
+        self._inputs = dict(inputs or {})
+
+    def inputs(self, name: str) -> Sequence[InputArtifact]:
+        return self._inputs[name] if name in self._inputs else self._ctx.inputs(name)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+
+def _write_json(ctx: ActionContext, slot: str, value: Any) -> None:
+    with open(ctx.output_path(slot), "wb") as f:
+        f.write(canonical(value))
+
+
+# --------------------------------------------------------------------------- layered images
+
+
+class BaseDirectories(ActionKind):
+    """The base image's layer count and its directories (mode and owner): what every
+    layer of a layered image needs from the base, read from its layers once."""
+
+    NAME = "BaseDirectories"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        base = ImageTree(ctx, ctx.inputs("base")[0])
+        diff_ids = base.config["rootfs"]["diff_ids"]
+        dirs = base_directories(base.layer_opener(d)() for d in diff_ids)
+        _write_json(ctx, "out", {"layers": len(diff_ids),
+                                 "directories": {p: [a.mode, a.uid, a.gid] for p, a in sorted(dirs.items())}})
+
+
+def _base_layer_count(ctx: ActionContext) -> int:
+    if ctx.inputs("base_dirs"):
+        with ctx.open_input(ctx.inputs("base_dirs")[0]) as f:
+            return int(json.loads(f.read())["layers"])
+    if ctx.inputs("base"):
+        return len(ImageTree(ctx, ctx.inputs("base")[0]).config["rootfs"]["diff_ids"])
+    return 0
+
+
+def _plan(ctx: ActionContext, max_layers: int, packages: int) -> LayerPlan:
+    try:
+        return plan_layers(max_layers, _base_layer_count(ctx), packages)
+    except LayerBudgetError as e:
+        raise ActionFailed(f"{e} (raise max_layers, or use a base image with fewer layers)") from None
+
+
+class LayerWriteMerged(LayerWrite):
+    """The layer of the packages beyond the layer budget: LayerWrite of the packages of
+    ``order`` after the first ``plan_layers(...).singles`` (none when all have a layer
+    of their own)."""
+
+    NAME = "LayerWriteMerged"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        params = ctx.params
+        order = params["order"]
+        plan = _plan(ctx, params["max_layers"], len(order))
+        keep = set(order[plan.singles:]) if plan.merged else set()
+        placements = [p for p in params["placements"] if p[2] in keep]
+        super().run(_ContextView(ctx, params={**params, "placements": placements}))  # type: ignore[arg-type]
+
+
+class LayeredImageAssemble(ImageAssemble):
+    """ImageAssemble of a layered image: of the declared package layers, the ones the
+    layer budget allows once the base image's layer count is known."""
+
+    NAME = "LayeredImageAssemble"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        params = ctx.params
+        layering = params["layering"]
+        plan = _plan(ctx, layering["max_layers"], layering["packages"])
+        declared = layering["singles"]
+        keep = list(range(plan.singles))
+        if plan.merged:
+            if not layering["merged"]:
+                raise ActionFailed("internal error: the layer plan needs a merged layer that was not declared")
+            keep.append(declared)
+        keep.append(declared + (1 if layering["merged"] else 0))  # the customisation layer
+        inputs = {slot: [ctx.inputs(slot)[i] for i in keep] if ctx.inputs(slot) else []
+                  for slot in ("layer_tars", "layer_metas", "blobs", "blob_metas")}
+        labels = [params["layer_labels"][i] for i in keep]
+        super().run(_ContextView(ctx, params={**params, "layer_labels": labels}, inputs=inputs))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the customisation layer
+
+
+def union_of_packages(trees: Iterable[tuple[str, MergedTree]],
+                      base_dirs: Mapping[str, DirAttrs] | None = None) -> dict[str, Node]:
+    """The union of packages' trees (label, tree), in order. Directories merge; a path
+    that two packages provide differently (other contents, mode, symlink target or
+    kind) is an error naming both. Directories the base image has take its mode, as
+    in the packages' own layers.
+
+    :raises ContentConflict: naming both packages and the path.
+    """
+    base_dirs = base_dirs or {}
+    union: dict[str, Node] = {}
+    for label, tree in trees:
+        for path in tree.sorted_paths():
+            node = tree.nodes[path]
+            if node.kind == "dir" and path in base_dirs:
+                node = replace(node, mode=base_dirs[path].mode)
+            node = replace(node, origin=label)
+            have = union.get(path)
+            if have is None:
+                union[path] = node
+                continue
+            problem = None
+            if have.kind != node.kind:
+                problem = f"a {have.kind} in {have.origin} but a {node.kind} in {label}"
+            elif node.kind == "file" and have.digest != node.digest:
+                problem = f"with different contents (sha256 {have.digest[:12]}… in {have.origin}, " \
+                          f"{node.digest[:12]}… in {label})"
+            elif node.kind == "symlink" and have.target != node.target:
+                problem = f"as symlinks to different targets ({have.target!r} in {have.origin}, " \
+                          f"{node.target!r} in {label})"
+            elif have.mode != node.mode:
+                problem = f"with different modes ({have.mode:04o} in {have.origin}, {node.mode:04o} in {label})"
+            if problem:
+                raise ContentConflict(f"{have.origin} and {label} both provide /{path} {problem}; the image's "
+                                      "content would depend on the layer order")
+    return union
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """A file-system entry as a walk of the customisation root found it."""
+
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    size: int = 0
+    target: str = ""
+    inode: tuple[int, int] = (0, 0)
+    nlink: int = 1
+
+
+# Walks a tree and writes [path, kind, mode, uid, gid, size, target, dev, ino, nlink]
+# for each entry as JSON. Run as a separate process so that, under fakeroot, it sees
+# owners as fakeroot records them.
+_WALKER = r"""
+import json, os, stat, sys
+root, out = sys.argv[1], sys.argv[2]
+found = []
+def walk(directory, prefix):
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        st = os.lstat(full)
+        mode = st.st_mode
+        kind = ("dir" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode)
+                else "file" if stat.S_ISREG(mode) else "other")
+        found.append([prefix + name, kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_size,
+                      os.readlink(full) if kind == "symlink" else "", st.st_dev, st.st_ino, st.st_nlink])
+        if kind == "dir":
+            walk(full, prefix + name + "/")
+walk(root, "")
+with open(out, "w") as f:
+    json.dump(found, f)
+"""
+
+# Under fakeroot, before fakeroot_commands: gives every entry of the root (the working
+# directory) the owner it has in the packages' layers, keeping setuid/setgid bits that
+# chown clears, then runs the commands (after "--") in the same fakeroot session.
+_PROLOGUE = r"""
+import json, os, stat, sys
+with open(sys.argv[1]) as f:
+    spec = json.load(f)
+default, owners = spec["default"], spec["owners"]
+for dirpath, dirnames, filenames in os.walk("."):
+    for name in dirnames + filenames:
+        full = os.path.join(dirpath, name)
+        rel = os.path.normpath(full)
+        st = os.lstat(full)
+        uid, gid = owners.get(rel, default) if stat.S_ISDIR(st.st_mode) else default
+        os.lchown(full, uid, gid)
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o6000:
+            os.chmod(full, stat.S_IMODE(st.st_mode))
+argv = sys.argv[sys.argv.index("--") + 1:]
+os.execvp(argv[0], argv)
+"""
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CustomisationLayer(ActionKind):
+    """The customisation layer of a layered image.
+
+    The packages of the closure are laid out as one tree (the customisation root);
+    ``extra_commands`` run in it, then ``fakeroot_commands`` under fakeroot (with
+    ``enable_fakechroot``, through proot with the root as /). The layer holds what the
+    commands changed: new and changed entries with their parent directories, and a
+    whiteout for each removed path. Without commands it is empty. Owners are
+    ``uid``/``gid``, or what fakeroot reports after fakeroot_commands.
+    """
+
+    NAME = "CustomisationLayer"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        p = ctx.params
+        contents = ctx.inputs("contents")
+        trees: dict[str, MergedTree] = {}
+        try:
+            for index, dest, label in p["placements"]:
+                place_artifact(ctx, trees.setdefault(label, MergedTree()), contents[index], dest.strip("/"), label)
+            base_dirs = read_base_dirs(ctx)
+            union = union_of_packages(trees.items(), base_dirs)
+        except ContentConflict as e:
+            raise ActionFailed(str(e)) from None
+        entries: list[LayerEntry] = []
+        if p["extra_commands"] or p["fakeroot_commands"]:
+            entries = self._customise(ctx, union, base_dirs)
+        try:
+            ordered = sorted_entries(entries)
+        except ValueError as e:
+            raise ActionFailed(str(e)) from None
+        with ctx.output_writer("tar") as out:
+            digests = write_layer(ordered, tar_out=out)
+        _write_json(ctx, "meta", {"diff_id": digests.diff_id, "size": digests.tar_size, "packages": []})
+
+    # ------------------------------------------------------------------ running the commands
+
+    def _customise(self, ctx: ActionContext, union: Mapping[str, Node],
+                   base_dirs: Mapping[str, DirAttrs]) -> list[LayerEntry]:
+        p = ctx.params
+        uid, gid = p["uid"], p["gid"]
+        # What the packages' layers give each path: the baseline the commands change.
+        baseline: dict[str, _Seen] = {}
+        for path, node in union.items():
+            if node.kind == "dir" and path in base_dirs:
+                attrs = base_dirs[path]
+                baseline[path] = _Seen("dir", attrs.mode, attrs.uid, attrs.gid)
+            else:
+                baseline[path] = _Seen(node.kind, node.mode, uid, gid, node.size, node.target)
+        root = os.path.join(ctx.scratch_dir, "root")
+        self._materialize(ctx, union, root)
+        home = os.path.join(ctx.scratch_dir, "home")
+        os.mkdir(home)
+        env = {"PATH": COMMAND_PATH, "HOME": home, "TMPDIR": ctx.scratch_dir, "LANG": "C.UTF-8", "TZ": "UTC",
+               "SOURCE_DATE_EPOCH": "1", "out": root}
+        if p["extra_commands"]:
+            self._run(ctx, ["/bin/bash", "-c", "set -e -o pipefail\numask 022\n" + p["extra_commands"]], root, env,
+                      "extra_commands", p["extra_commands"])
+        state = None
+        if p["fakeroot_commands"]:
+            state = self._run_fakeroot(ctx, root, env, base_dirs)
+        walk_json = os.path.join(ctx.scratch_dir, "walk.json")
+        walker = [sys.executable, "-I", "-c", _WALKER, root, walk_json]
+        if state is not None and os.geteuid() != 0:
+            # Owners as fakeroot recorded them. (As root, fakeroot also changes the real
+            # owners, and only the real file system knows what proot's commands did:
+            # fakeroot shows inodes it has no record of as 0:0.)
+            walker = ["fakeroot", "-i", state, "--", *walker]
+        self._run(ctx, walker, ctx.scratch_dir, env, "the walk of the customisation root", None)
+        with open(walk_json) as f:
+            walked = json.load(f)
+        final: dict[str, _Seen] = {}
+        for path, kind, mode, e_uid, e_gid, size, target, dev, ino, nlink in walked:
+            if kind == "other":
+                raise ActionFailed(f"/{path}: the commands made something that is not a file, directory or "
+                                   "symlink; only those can go into a layer")
+            if state is None:  # owners cannot change without fakeroot
+                have = baseline.get(path)
+                e_uid, e_gid = (have.uid, have.gid) if have is not None else (uid, gid)
+            final[path] = _Seen(kind, mode, e_uid, e_gid, size, target, (dev, ino), nlink)
+        return self._changes(ctx, union, baseline, final, root, base_dirs)
+
+    @staticmethod
+    def _materialize(ctx: ActionContext, union: Mapping[str, Node], root: str) -> None:
+        os.mkdir(root)
+        paths = sorted(union, key=lambda q: q.split("/"))
+        for path in paths:
+            node = union[path]
+            full = os.path.join(root, path)
+            if node.kind == "dir":
+                os.makedirs(full, exist_ok=True)
+            elif node.kind == "symlink":
+                os.symlink(node.target, full)
+            else:
+                with ctx.open_blob(node.digest) as src, open(full, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.chmod(full, node.mode)
+        for path in reversed(paths):  # directories last, deepest first: a 0555 one must not stop the copies
+            if union[path].kind == "dir":
+                os.chmod(os.path.join(root, path), union[path].mode)
+
+    @staticmethod
+    def _run(ctx: ActionContext, argv: list[str], cwd: str, env: Mapping[str, str], what: str,
+             commands: str | None) -> None:
+        result = ctx.run_command(CommandRequest(argv=argv, cwd=cwd, env=dict(env)))
+        if result.exit_code != 0:
+            raise ActionFailed(f"{what} exited with status {result.exit_code}", output_tail=result.output,
+                               exit_code=result.exit_code, command=commands)
+
+    def _run_fakeroot(self, ctx: ActionContext, root: str, env: Mapping[str, str],
+                      base_dirs: Mapping[str, DirAttrs]) -> str:
+        p = ctx.params
+        if shutil.which("fakeroot") is None:
+            raise ActionFailed("fakeroot_commands need fakeroot, which is not installed (apt-get install fakeroot)")
+        commands = p["fakeroot_commands"]
+        if p["enable_fakechroot"]:
+            if shutil.which("proot") is None:
+                raise ActionFailed("enable_fakechroot needs proot, which is not installed (apt-get install proot)")
+            if not os.path.lexists(os.path.join(root, "bin", "sh")):
+                raise ActionFailed("enable_fakechroot runs fakeroot_commands with the image's own /bin/sh, but no "
+                                   "package of the contents provides /bin/sh (add a shell, such as bin_sh)")
+            command = ["proot", "-r", root, "-w", "/", "/bin/sh", "-c", "set -e\numask 022\n" + commands]
+        else:
+            command = ["/bin/bash", "-c", "set -e -o pipefail\numask 022\n" + commands]
+        owners = os.path.join(ctx.scratch_dir, "owners.json")
+        with open(owners, "w") as f:
+            json.dump({"default": [p["uid"], p["gid"]],
+                       "owners": {path: [a.uid, a.gid] for path, a in base_dirs.items()}}, f)
+        state = os.path.join(ctx.scratch_dir, "fakeroot.state")
+        self._run(ctx, ["fakeroot", "-s", state, "--", sys.executable, "-I", "-c", _PROLOGUE, owners, "--",
+                        *command], root, env, "fakeroot_commands", commands)
+        return state
+
+    # ------------------------------------------------------------------ the difference
+
+    @staticmethod
+    def _changes(ctx: ActionContext, union: Mapping[str, Node], baseline: Mapping[str, _Seen],
+                 final: Mapping[str, _Seen], root: str, base_dirs: Mapping[str, DirAttrs]) -> list[LayerEntry]:
+        p = ctx.params
+        uid, gid, uname, gname = p["uid"], p["gid"], p["uname"], p["gname"]
+
+        def changed(path: str, now: _Seen) -> bool:
+            before = baseline.get(path)
+            if before is None or (before.kind, before.uid, before.gid) != (now.kind, now.uid, now.gid):
+                return True
+            if now.kind == "symlink":  # a symlink's own mode means nothing
+                return before.target != now.target
+            if before.mode != now.mode:
+                return True
+            if now.kind == "file":
+                return before.size != now.size or union[path].digest != _sha256_file(os.path.join(root, path))
+            return False
+
+        emit = {path for path, now in final.items() if changed(path, now)}
+        whiteouts = []
+        for path in baseline:
+            parent = posixpath.dirname(path)
+            # Only the topmost removed path needs a whiteout; below a path that is no
+            # longer a directory, the replacement hides everything.
+            if path not in final and (not parent or (parent in final and final[parent].kind == "dir")):
+                whiteouts.append(path)
+        for path in [*emit, *whiteouts]:
+            parent = posixpath.dirname(path)
+            while parent and parent not in emit:
+                emit.add(parent)
+                parent = posixpath.dirname(parent)
+
+        entries: list[LayerEntry] = []
+        links: dict[tuple[int, int], str] = {}
+        for path in sorted(emit, key=lambda q: q.split("/")):
+            now = final[path]
+            if now.kind == "dir" and path not in baseline and path in base_dirs:
+                attrs = base_dirs[path]  # a directory the base has: never reset its mode or owner
+                now = replace(now, mode=attrs.mode, uid=attrs.uid, gid=attrs.gid)
+            names = {"uname": uname if now.uid == uid else "", "gname": gname if now.gid == gid else ""}
+            if now.kind == "dir":
+                entries.append(LayerEntry(path=path, kind="dir", mode=now.mode, uid=now.uid, gid=now.gid, **names))
+            elif now.kind == "symlink":
+                entries.append(LayerEntry(path=path, kind="symlink", mode=0o777, uid=now.uid, gid=now.gid,
+                                          linkname=now.target, **names))
+            elif now.nlink > 1 and now.inode in links:
+                entries.append(LayerEntry(path=path, kind="hardlink", mode=now.mode, uid=now.uid, gid=now.gid,
+                                          linkname=links[now.inode], **names))
+            else:
+                links.setdefault(now.inode, path)
+                full = os.path.join(root, path)
+                entries.append(LayerEntry(path=path, kind="file", mode=now.mode, uid=now.uid, gid=now.gid,
+                                          size=now.size, open=lambda f=full: open(f, "rb"), **names))  # noqa: SIM115
+        for path in whiteouts:
+            parent, name = posixpath.split(path)
+            entries.append(LayerEntry(path=posixpath.join(parent, ".wh." + name), kind="file", mode=0o644))
+        return entries
+
+
+# --------------------------------------------------------------------------- merge_images
+
+
+class MergeImages(ActionKind):
+    """One docker-archive of several image trees (mergeImages).
+
+    The inputs are image trees, whose layers are kept both uncompressed and as the blobs
+    their manifests list (gzip, zstd or plain, image by image). The archive holds every
+    layer uncompressed once (by diff_id, whatever each image compressed it with) and is
+    compressed as a whole; a layer whose blob is already in the archive's compression
+    (told by the media type and checked by the blob's magic bytes) is copied as
+    compressed members instead of being compressed again.
+    """
+
+    NAME = "MergeImages"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        owners: dict[str, str] = {}
+        for art in ctx.inputs("images"):
+            description = ImageTree(ctx, art).description
+            for repo_tag in description["repo_tags"]:
+                if repo_tag in owners:
+                    raise ActionFailed(f"the tag {repo_tag} names two of the images ({owners[repo_tag]} and "
+                                       f"{description['label']}), so `docker load` would keep only one; give "
+                                       "them different tags (tag) or names (image_name)")
+                owners[repo_tag] = description["label"]
+        compressor = ctx.compressor(ctx.params["compressor"])
+        with ctx.output_writer("archive") as out:
+            imageformat.write_docker_archive(out, archive_images(ctx), compressor)
+
+
+# --------------------------------------------------------------------------- export_image
+
+
+@dataclass(frozen=True, slots=True)
+class FlatEntry:
+    """An entry of a flattened root file system. A file's bytes are ``size`` bytes at
+    ``offset`` in layer ``layer``."""
+
+    kind: str  # file | dir | symlink | char
+    mode: int
+    uid: int
+    gid: int
+    size: int = 0
+    layer: int = -1
+    offset: int = 0
+    linkname: str = ""
+
+
+def _member_path(name: str) -> str:
+    path = posixpath.normpath("/" + name).lstrip("/")
+    return "" if path in (".", "") else path
+
+
+def apply_layer(tree: dict[str, FlatEntry], members: Sequence[tarfile.TarInfo], layer: int) -> None:
+    """Apply one layer to a flattened tree (path -> entry), as OCI image-spec
+    "Applying Changesets" says: the layer's whiteouts (``.wh.NAME``) and opaque
+    markers (``.wh..wh..opq``) first, removing what lower layers had, then its
+    entries. Hard links become copies of their targets.
+
+    :raises ValueError: for entries a root file system export cannot hold.
+    """
+
+    def remove_below(path: str) -> None:
+        prefix = path + "/" if path else ""
+        for key in [k for k in tree if k.startswith(prefix)]:
+            del tree[key]
+
+    entries = []
+    for member in members:
+        path = _member_path(member.name)
+        if not path:
+            continue
+        parent, base = posixpath.split(path)
+        if base == ".wh..wh..opq":
+            remove_below(parent)
+        elif base.startswith(".wh."):
+            gone = posixpath.join(parent, base[4:])
+            tree.pop(gone, None)
+            remove_below(gone)
+        else:
+            entries.append((path, member))
+    for path, member in entries:
+        if member.islnk():
+            target = tree.get(_member_path(member.linkname))
+            if target is None or target.kind != "file":
+                raise ValueError(f"/{path} is a hard link to /{_member_path(member.linkname)}, which is not a file")
+            entry = target
+        elif member.isdir():
+            entry = FlatEntry("dir", member.mode & 0o7777, member.uid, member.gid)
+        elif member.issym():
+            entry = FlatEntry("symlink", 0o777, member.uid, member.gid, linkname=member.linkname)
+        elif member.isreg():
+            entry = FlatEntry("file", member.mode & 0o7777, member.uid, member.gid, member.size, layer,
+                              member.offset_data)
+        elif member.ischr() and member.devmajor == 0 and member.devminor == 0:
+            entry = FlatEntry("char", member.mode & 0o7777, member.uid, member.gid)
+        else:
+            kind = ("character device" if member.ischr() else "block device" if member.isblk()
+                    else "fifo" if member.isfifo() else "special file")
+            raise ValueError(f"/{path} is a {kind}; an exported root file system holds only files, directories, "
+                             "symlinks and 0/0 character devices")
+        parent = posixpath.dirname(path)
+        while parent and (parent not in tree or tree[parent].kind != "dir"):
+            tree.pop(parent, None)  # a non-directory in the way is replaced, as extraction does
+            tree[parent] = FlatEntry("dir", 0o755, 0, 0)
+            parent = posixpath.dirname(parent)
+        existing = tree.get(path)
+        if existing is not None and existing.kind == "dir" and entry.kind != "dir":
+            remove_below(path)
+        tree[path] = entry
+
+
+class _Slice:
+    """Reads ``size`` bytes at ``offset`` of ``stream`` (closing closes it)."""
+
+    def __init__(self, stream: IO[bytes], offset: int, size: int) -> None:
+        self._stream = stream
+        self._remaining = size
+        stream.seek(offset)
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._remaining:
+            n = self._remaining
+        data = self._stream.read(n)
+        self._remaining -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> _Slice:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+class ImageExport(ActionKind):
+    """The flattened root file system of an image as one deterministic tar."""
+
+    NAME = "ImageExport"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        image = ImageTree(ctx, ctx.inputs("image")[0])
+        diff_ids = image.config["rootfs"]["diff_ids"]
+        blobs = [image.entry("layers/" + d.removeprefix("sha256:")).digest for d in diff_ids]
+        tree: dict[str, FlatEntry] = {}
+        for number, digest in enumerate(blobs):
+            with ctx.open_blob(digest) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                members = tar.getmembers()
+            try:
+                apply_layer(tree, members, number)
+            except ValueError as e:
+                raise ActionFailed(f"layer {number + 1} ({diff_ids[number]}): {e}") from None
+
+        def opener(layer: int, offset: int, size: int) -> Callable[[], IO[bytes]]:
+            return lambda: _Slice(ctx.open_blob(blobs[layer]), offset, size)  # type: ignore[return-value]
+
+        entries = []
+        for path, e in tree.items():
+            if e.kind == "file":
+                entries.append(LayerEntry(path=path, kind="file", mode=e.mode, uid=e.uid, gid=e.gid, size=e.size,
+                                          open=opener(e.layer, e.offset, e.size)))
+            else:
+                entries.append(LayerEntry(path=path, kind=e.kind, mode=e.mode, uid=e.uid, gid=e.gid,  # type: ignore[arg-type]
+                                          linkname=e.linkname))
+        with ctx.output_writer("tar") as out:
+            write_layer(sorted_entries(entries), tar_out=out)
+
+
+# --------------------------------------------------------------------------- merge_trees
+
+
+class _TreeMerge:
+    """Entries merged in order as ``cp -rf`` and ``tar -x`` merge them: a later file
+    or symlink replaces an earlier one, directories merge (the later mode wins), and a
+    directory never becomes a file or the other way round."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, TreeEntry] = {}
+        self.origins: dict[str, str] = {}
+
+    def add(self, entry: TreeEntry, origin: str) -> None:
+        parent = posixpath.dirname(entry.path)
+        while parent:
+            have = self.entries.get(parent)
+            if have is not None and have.kind != "dir":
+                raise ActionFailed(f"{origin} puts /{entry.path} below /{parent}, which is a {have.kind} "
+                                   f"in {self.origins[parent]}")
+            parent = posixpath.dirname(parent)
+        have = self.entries.get(entry.path)
+        if have is not None and (have.kind == "dir") != (entry.kind == "dir"):
+            raise ActionFailed(f"/{entry.path} is a {have.kind} in {self.origins[entry.path]} but a {entry.kind} "
+                               f"in {origin}: a directory and a non-directory cannot be merged")
+        self.entries[entry.path] = entry
+        self.origins[entry.path] = origin
+
+
+class MergeTrees(ActionKind):
+    """merge_trees: packages copied (by reference) and tarballs extracted into one tree,
+    in order; or, with ``only_deps``, a file listing the inputs."""
+
+    NAME = "MergeTrees"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        sources = ctx.params["sources"]
+        if ctx.params["only_deps"]:
+            with open(ctx.output_path("out"), "w") as f:
+                f.write("".join(origin + "\n" for origin in sources))
+            return
+        srcs = ctx.inputs("srcs")
+        merged = _TreeMerge()
+        for kind, origin, index, dest in sources:
+            if kind == "tree":
+                self._add_artifact(ctx, merged, srcs[index], dest.strip("/"), origin)
+            else:
+                self._extract(ctx, merged, srcs[index], dest.strip("/"), origin)
+        ctx.output_tree("out", list(merged.entries.values()))
+
+    @staticmethod
+    def _add_artifact(ctx: ActionContext, merged: _TreeMerge, art: InputArtifact, dest: str, origin: str) -> None:
+        if art.is_tree:
+            for e in ctx.walk_tree(art):
+                merged.add(replace(e, path=f"{dest}/{e.path}" if dest else e.path), origin)
+        elif art.symlink is not None:
+            merged.add(TreeEntry(dest, "symlink", 0o777, target=art.symlink), origin)
+        else:
+            ctx.store_file(art)
+            merged.add(TreeEntry(dest, "file", 0o755 if art.executable else 0o644, art.digest, art.size), origin)
+
+    @staticmethod
+    def _extract(ctx: ActionContext, merged: _TreeMerge, art: InputArtifact, dest: str, origin: str) -> None:
+        from dtbuild.plugins.builtin.compressors import compressor_named, detect_compressor
+
+        with ctx.open_input(art) as raw:
+            head = raw.read(4)
+            raw.seek(0)
+            compression = detect_compressor(head)
+            stream = compressor_named(compression).decompress_from(raw) if compression != "none" else raw
+            scratch = os.path.join(ctx.scratch_dir, "extract")
+            os.makedirs(scratch, exist_ok=True)
+            files: dict[str, TreeEntry] = {}
+            try:
+                with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                    for number, member in enumerate(tar):
+                        path = _member_path(member.name)
+                        if not path:
+                            continue
+                        path = f"{dest}/{path}" if dest else path
+                        if ".." in member.name.split("/"):
+                            raise ActionFailed(f"{art.path}: the member {member.name!r} points outside the tree")
+                        mode = member.mode & 0o7777
+                        if member.isdir():
+                            entry = TreeEntry(path, "dir", mode)
+                        elif member.issym():
+                            entry = TreeEntry(path, "symlink", 0o777, target=member.linkname)
+                        elif member.islnk():
+                            linked = _member_path(member.linkname)
+                            target = files.get(f"{dest}/{linked}" if dest else linked)
+                            if target is None:
+                                raise ActionFailed(f"{art.path}: /{path} is a hard link to "
+                                                   f"{member.linkname!r}, which the archive does not hold before it")
+                            entry = replace(target, path=path)
+                        elif member.isreg():
+                            src = tar.extractfile(member)
+                            assert src is not None
+                            dest = os.path.join(scratch, str(number))
+                            with src, open(dest, "wb") as out:
+                                shutil.copyfileobj(src, out, 1 << 20)
+                            digest, size = ctx.put_file(dest)
+                            os.unlink(dest)
+                            entry = TreeEntry(path, "file", mode, digest, size)
+                            files[path] = entry
+                        else:
+                            raise ActionFailed(f"{art.path}: /{path} is a device or fifo; a package holds only "
+                                               "files, directories and symlinks")
+                        merged.add(entry, origin)
+            except tarfile.TarError as e:
+                raise ActionFailed(f"{art.path} is neither a package nor a tar archive ({e})") from None
+            finally:
+                if stream is not raw:
+                    stream.close()
+
+
+# --------------------------------------------------------------------------- helper packages
+
+
+def _package_listing(ctx: ActionContext) -> dict[str, TreeEntry]:
+    """The files a package input places (slot ``package``, params ``package``)."""
+    listing: dict[str, TreeEntry] = {}
+    arts = ctx.inputs("package")
+    for index, dest in ctx.params["package"]:
+        art = arts[index]
+        dest = dest.strip("/")
+        if art.is_tree:
+            for e in ctx.walk_tree(art):
+                listing[f"{dest}/{e.path}" if dest else e.path] = e
+        elif art.symlink is not None:
+            listing[dest] = TreeEntry(dest, "symlink", 0o777, target=art.symlink)
+        else:
+            listing[dest] = TreeEntry(dest, "file", 0o755 if art.executable else 0o644, art.digest, art.size)
+    return listing
+
+
+def resolve_binary(listing: Mapping[str, TreeEntry], *, link: str, names: Sequence[str], explicit: str | None,
+                   what: str) -> str:
+    """The absolute path, in a package's listing, of the binary a helper links to:
+    ``explicit`` when given (it must be there), else the first of ``names`` found in a
+    bin/ or sbin/ directory, else the package's only executable file there.
+
+    :raises ActionFailed: naming the candidates when there is no single answer.
+    """
+    if explicit is not None:
+        path = explicit.strip("/")
+        if path not in listing or listing[path].kind == "dir":
+            raise ActionFailed(f"{what} has no file {explicit}")
+        return "/" + path
+    in_bin = {path: e for path, e in listing.items()
+              if posixpath.basename(posixpath.dirname(path)) in ("bin", "sbin") and path != link
+              and e.kind != "dir"}
+    for name in names:
+        for path in sorted(in_bin):
+            if posixpath.basename(path) == name:
+                return "/" + path
+    executables = sorted(p for p, e in in_bin.items() if e.kind == "file" and e.mode & 0o111)
+    if len(executables) == 1:
+        return "/" + executables[0]
+    found = ", ".join("/" + p for p in executables) or "none"
+    raise ActionFailed(f"cannot tell which binary of {what} /{link} should point to (executables in bin/ "
+                       f"directories: {found}); set the 'binary' attribute to its path in the image")
+
+
+class TreeWrite(ActionKind):
+    """A small tree described by parameters: text files, directories, symlinks, copies
+    of input files and symlinks to a binary of a package (the helper packages)."""
+
+    NAME = "TreeWrite"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        p = ctx.params
+        entries: list[TreeEntry] = []
+        for path, mode in p.get("dirs", []):
+            entries.append(TreeEntry(path, "dir", mode))
+        for path, mode, text in p.get("files", []):
+            data = text.encode()
+            entries.append(TreeEntry(path, "file", mode, ctx.put_blob(data), len(data)))
+        copies = ctx.inputs("copies")
+        for path, mode, index in p.get("copies", []):
+            art = copies[index]
+            if art.is_tree:
+                raise ActionFailed(f"{art.path} is a directory, but one file is needed for /{path}")
+            ctx.store_file(art)
+            entries.append(TreeEntry(path, "file", mode, art.digest, art.size))
+        for path, target in p.get("symlinks", []):
+            entries.append(TreeEntry(path, "symlink", 0o777, target=target))
+        link = p.get("binary_link")
+        if link is not None:
+            target = resolve_binary(_package_listing(ctx), link=link["path"], names=link["names"],
+                                    explicit=link["binary"], what=link["package"])
+            entries.append(TreeEntry(link["path"], "symlink", 0o777, target=target))
+        ctx.output_tree("out", entries)
+
+
+LAYERED_ACTION_KINDS: list[type[ActionKind]] = [
+    BaseDirectories, LayerWriteMerged, CustomisationLayer, LayeredImageAssemble, MergeImages, ImageExport,
+    MergeTrees, TreeWrite,
+]
