@@ -1,0 +1,848 @@
+"""Root layers (dockerTools' mkRootLayer / runWithOverlay): the action kinds
+``RootfsUnpack`` and ``RootLayerWrite``, the job they hand to an executor, and the
+conversion of an overlay's upper directory into a layer.
+
+How a root layer is built (docs/root-layers.md tells the whole story):
+
+1. ``RootfsUnpack`` flattens the base image's layers (whiteouts applied) into a tree of
+   the store, plus an *owners sidecar*: trees hold files, directories and symlinks with
+   their modes, but not owners or device nodes, so those go into a JSON file next to
+   the tree (:data:`OWNERS_FORMAT`). It is cached like any action: a new script does not
+   unpack the base again.
+2. ``RootLayerWrite`` materializes the tree as the overlay's lower directory, places
+   ``copy_to_root`` in a *seed* directory (the upper directory's first contents) and
+   hands a :class:`RootLayerJob` to an executor through
+   :class:`RootLayerRequest` (``ctx.run_command``). The executor (``namespace`` or
+   ``vm``) applies the owners, mounts the overlay, runs the script as root chrooted in
+   it, runs ``extra_commands`` in the upper directory and packs the upper directory
+   with :func:`pack_upper_directory` (read on disk) or :func:`pack_upper_tar` (a tar of
+   it, from the VM) into the layer tar.
+3. Packing (:func:`upper_layer_entries`) converts overlayfs' markers into the image
+   format's: a 0/0 character device (overlayfs' whiteout, often many hard links to one
+   inode) becomes an empty file ``.wh.NAME``; a directory with an opaque xattr
+   (``trusted.overlay.opaque``, ``user.overlay.opaque``) gets an empty
+   ``.wh..wh..opq`` file. Neither the device nor the xattr is ever copied, and markers
+   that hide nothing in the lower directory are dropped, so every executor and overlay
+   implementation gives the same bytes.
+
+This module also runs as a program (``python -m dtbuild.plugins.builtin.root_layer
+prepare|pack-vm-result|remove ...``) so that executors can run these steps inside a user
+namespace, where the owners the script set are visible as they are in the image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import stat
+import sys
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import IO, Any, Protocol
+
+from dtbuild.plugins.builtin.layer_contents import ContentConflict, MergedTree, Node
+from dtbuild.plugins.builtin.layertar import LayerDigests, LayerEntry, sorted_entries, write_layer
+from dtbuild.plugins.interfaces import (
+    ActionContext,
+    ActionFailed,
+    ActionKind,
+    CommandRequest,
+    InputArtifact,
+    LayerKind,
+    TreeEntry,
+)
+
+#: The ``format`` field of the owners sidecar written by RootfsUnpack::
+#:
+#:     {"format": "dtbuild-rootfs-owners/1",
+#:      "owners": [[path, uid, gid], ...],          # every entry not owned by 0:0
+#:      "specials": [[path, kind, mode, uid, gid, major, minor], ...]}  # char, block, fifo
+#:
+#: Paths are relative to the root, sorted; the tree itself holds every file, directory
+#: and symlink with its mode (setuid/setgid/sticky bits included).
+OWNERS_FORMAT = "dtbuild-rootfs-owners/1"
+
+#: The xattrs overlayfs (and fuse-overlayfs) mark an opaque directory with.
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+
+#: The environment of the run_as_root script (inside the chroot).
+SCRIPT_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+    "SOURCE_DATE_EPOCH": "1",
+    "TZ": "UTC",
+}
+
+#: What an executor that knows nothing of root layers (``local``) would run.
+_NO_ROOT_LAYERS_ARGV = ("/bin/sh", "-c",
+                        "echo 'this executor cannot build root layers: use executor = \"namespace\" or \"vm\"' >&2;"
+                        " exit 70")
+
+_SMALL_FILE = 1 << 20
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True, slots=True)
+class RootLayerJob:
+    """Everything an executor needs to build one root layer. Paths are absolute; the
+    directories exist when the executor gets the job."""
+
+    #: A private directory for the executor's own files (job.json, status.json, logs).
+    job_dir: str
+    #: The base's root file system as the lower directory: files owned by the invoking
+    #: user until the executor applies ``owners``.
+    lower: str
+    #: The owners sidecar (:data:`OWNERS_FORMAT`) of ``lower``.
+    owners: str
+    #: copy_to_root, placed: the upper directory's first contents.
+    seed: str
+    seed_uid: int
+    seed_gid: int
+    script: str
+    extra_commands: str
+    network: bool
+    disk_size: int
+    memory_size: int
+    #: Where the packed layer tar goes, and its {"diff_id", "size"}.
+    layer_tar: str
+    layer_meta: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> RootLayerJob:
+        return RootLayerJob(**{k: data[k] for k in RootLayerJob.__dataclass_fields__})
+
+    def save(self, path: str, **extra: Any) -> None:
+        with open(path, "w") as f:
+            json.dump({**self.to_json(), **extra}, f, indent=1, sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RootLayerRequest(CommandRequest):
+    """A :class:`CommandRequest` that asks for a root layer. Executors that build root
+    layers (``namespace``, ``vm``) recognise it; any other runs ``argv``, which fails
+    with a message saying which executors can."""
+
+    job: RootLayerJob
+    #: Progress lines for the user (the action's ``ctx.log``).
+    log: Callable[[str], None] = field(default=lambda message: None, compare=False)
+
+
+def write_status(job_dir: str, stage: str, exit_code: int, message: str = "") -> None:
+    """Record how the job ended: ``stage`` is prepare, mount, run_as_root,
+    extra_commands, pack or done."""
+    path = os.path.join(job_dir, "status.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"stage": stage, "exit_code": exit_code, "message": message}, f)
+    os.replace(path + ".tmp", path)
+
+
+def read_status(job_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(job_dir, "status.json")) as f:
+            status: dict[str, Any] = json.load(f)
+            return status
+    except (OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def workspace_config(start: str | None = None) -> tuple[str | None, dict[str, Any]]:
+    """(workspace root, dtbuild.toml settings) found from the working directory, as the
+    engine finds them; (None, {}) outside a workspace."""
+    here = os.path.abspath(start or os.getcwd())
+    while True:
+        candidate = os.path.join(here, "dtbuild.toml")
+        if os.path.isfile(candidate):
+            import tomllib
+
+            try:
+                with open(candidate, "rb") as f:
+                    return here, tomllib.load(f)
+            except (OSError, tomllib.TOMLDecodeError):
+                return here, {}
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None, {}
+        here = parent
+
+
+def cache_root(root: str | None, config: Mapping[str, Any]) -> str:
+    """The cache directory, chosen as the engine chooses it."""
+    env = os.environ.get("DTBUILD_CACHE_DIR")
+    if env:
+        return os.path.abspath(env)
+    configured = (config.get("cache") or {}).get("dir")
+    if configured and root:
+        return os.path.normpath(os.path.join(root, os.path.expanduser(str(configured))))
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "dtbuild")
+
+
+# --------------------------------------------------------------------------- flattening a base
+
+
+@dataclass(slots=True)
+class RootfsNode:
+    kind: str  # file | dir | symlink | char | block | fifo
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    digest: str = ""
+    size: int = 0
+    target: str = ""
+    major: int = 0
+    minor: int = 0
+    layer: int = 0  # which layer last set it (whiteouts only hide lower layers)
+
+
+def _member_path(name: str) -> str | None:
+    path = posixpath.normpath("/" + name).lstrip("/")
+    return path or None
+
+
+class RootfsState:
+    """A root file system being built from layer tars, applied in order with the
+    whiteout rules of the OCI image spec (and overlayfs' rule that a directory hides a
+    non-directory below it)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, RootfsNode] = {}
+
+    def _remove(self, path: str, *, below_layer: int | None = None, children_only: bool = False) -> None:
+        prefix = path + "/"
+        for p in [p for p in self.nodes if p.startswith(prefix) or (p == path and not children_only)]:
+            if below_layer is None or self.nodes[p].layer < below_layer:
+                del self.nodes[p]
+
+    def _parents(self, path: str, layer: int) -> None:
+        parent = posixpath.dirname(path)
+        missing = []
+        while parent:
+            node = self.nodes.get(parent)
+            if node is not None and node.kind == "dir":
+                break
+            if node is not None:
+                self._remove(parent)
+            missing.append(parent)
+            parent = posixpath.dirname(parent)
+        for p in missing:
+            self.nodes[p] = RootfsNode("dir", 0o755, layer=layer)
+
+    def apply(self, member: tarfile.TarInfo, layer: int, content: Callable[[], tuple[str, int]]) -> None:
+        """Apply one member of layer number ``layer``; ``content`` stores a regular
+        file's bytes and returns (digest, size)."""
+        path = _member_path(member.name)
+        if path is None:
+            return
+        parent, base = posixpath.split(path)
+        if base == OPAQUE_MARKER:
+            if parent:
+                self._remove(parent, below_layer=layer, children_only=True)
+            else:
+                self.nodes = {p: n for p, n in self.nodes.items() if n.layer >= layer}
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            self._remove(posixpath.join(parent, base[len(WHITEOUT_PREFIX):]), below_layer=layer)
+            return
+        self._parents(path, layer)
+        existing = self.nodes.get(path)
+        mode = member.mode & 0o7777
+        if member.isdir():
+            if existing is not None and existing.kind != "dir":
+                del self.nodes[path]
+            self.nodes[path] = RootfsNode("dir", mode, member.uid, member.gid, layer=layer)
+            return
+        if existing is not None and existing.kind == "dir":
+            self._remove(path)
+        if member.islnk():
+            target = _member_path(member.linkname)
+            source = self.nodes.get(target) if target else None
+            if source is None or source.kind == "dir":
+                raise ActionFailed(f"base image layer {layer}: /{path} is a hard link to /{member.linkname}, "
+                                   "which is not a file of the image")
+            self.nodes[path] = replace(source, layer=layer)
+        elif member.issym():
+            self.nodes[path] = RootfsNode("symlink", 0o777, member.uid, member.gid, target=member.linkname,
+                                          layer=layer)
+        elif member.isreg():
+            digest, size = content()
+            self.nodes[path] = RootfsNode("file", mode, member.uid, member.gid, digest, size, layer=layer)
+        elif member.ischr() or member.isblk() or member.isfifo():
+            kind = "char" if member.ischr() else "block" if member.isblk() else "fifo"
+            self.nodes[path] = RootfsNode(kind, mode, member.uid, member.gid, major=member.devmajor,
+                                          minor=member.devminor, layer=layer)
+
+    def tree_entries(self) -> list[TreeEntry]:
+        out = []
+        for path in sorted(self.nodes, key=lambda p: p.split("/")):
+            n = self.nodes[path]
+            if n.kind == "file":
+                out.append(TreeEntry(path, "file", n.mode, n.digest, n.size))
+            elif n.kind == "dir":
+                out.append(TreeEntry(path, "dir", n.mode))
+            elif n.kind == "symlink":
+                out.append(TreeEntry(path, "symlink", 0o777, target=n.target))
+        return out
+
+    def owners(self) -> dict[str, Any]:
+        owners, specials = [], []
+        for path in sorted(self.nodes, key=lambda p: p.split("/")):
+            n = self.nodes[path]
+            if n.kind in ("char", "block", "fifo"):
+                specials.append([path, n.kind, n.mode, n.uid, n.gid, n.major, n.minor])
+            elif (n.uid, n.gid) != (0, 0):
+                owners.append([path, n.uid, n.gid])
+        return {"format": OWNERS_FORMAT, "owners": owners, "specials": specials}
+
+
+class RootfsUnpack(ActionKind):
+    """The flattened root file system of a base image (and of extra layers on top of it)
+    as a tree, with the owners sidecar."""
+
+    NAME = "RootfsUnpack"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        from dtbuild.plugins.builtin.image_actions import ImageTree
+
+        openers: list[Callable[[], IO[bytes]]] = []
+        for art in ctx.inputs("base"):
+            base = ImageTree(ctx, art)
+            openers.extend(base.layer_opener(d) for d in base.config["rootfs"]["diff_ids"])
+        for art in ctx.inputs("layers"):
+            openers.append(lambda a=art: ctx.open_input(a))
+        state = RootfsState()
+        spill = os.path.join(ctx.scratch_dir, "file")
+        for number, opener in enumerate(openers):
+            with opener() as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    def content(m: tarfile.TarInfo = member, t: tarfile.TarFile = tar) -> tuple[str, int]:
+                        source = t.extractfile(m)
+                        assert source is not None
+                        if m.size <= _SMALL_FILE:
+                            data = source.read()
+                            return ctx.put_blob(data), len(data)
+                        with open(spill, "wb") as f:
+                            shutil.copyfileobj(source, f, 1 << 20)
+                        try:
+                            return ctx.put_file(spill)
+                        finally:
+                            os.unlink(spill)
+                    state.apply(member, number, content)
+        ctx.output_tree("rootfs", state.tree_entries())
+        with open(ctx.output_path("owners"), "w") as f:
+            json.dump(state.owners(), f, sort_keys=True, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- RootLayerWrite
+
+
+class RootLayerWrite(ActionKind):
+    """A layer made by a script run as root in an overlay over a base (mkRootLayer)."""
+
+    NAME = "RootLayerWrite"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        p = ctx.params
+        job_dir = os.path.join(ctx.scratch_dir, "job")
+        lower = os.path.join(ctx.scratch_dir, "lower")
+        seed = os.path.join(ctx.scratch_dir, "seed")
+        os.mkdir(job_dir)
+        rootfs = ctx.inputs("rootfs")
+        if rootfs:
+            ctx.materialize(rootfs[0], lower)
+        else:
+            os.mkdir(lower)
+        owners_path = os.path.join(job_dir, "owners.json")
+        if ctx.inputs("owners"):
+            ctx.materialize(ctx.inputs("owners")[0], owners_path)
+        else:
+            with open(owners_path, "w") as f:
+                json.dump({"format": OWNERS_FORMAT, "owners": [], "specials": []}, f)
+        packages = self._write_seed(ctx, seed)
+        job = RootLayerJob(
+            job_dir=job_dir, lower=lower, owners=owners_path, seed=seed, seed_uid=p["uid"], seed_gid=p["gid"],
+            script=p["script"], extra_commands=p["extra_commands"], network=p["network"],
+            disk_size=p["disk_size"], memory_size=p["memory_size"],
+            layer_tar=ctx.output_path("tar"), layer_meta=os.path.join(job_dir, "layer.json"))
+        if p["network"]:
+            ctx.log("run_as_root may use the network: this layer is not reproducible")
+        result = ctx.run_command(RootLayerRequest(
+            argv=_NO_ROOT_LAYERS_ARGV, cwd=job_dir, env=dict(SCRIPT_ENV), network=p["network"], job=job,
+            log=ctx.log))
+        status = read_status(job_dir) or {}
+        if result.exit_code != 0 or status.get("stage") != "done":
+            raise _failure(p, status, result.exit_code, result.output)
+        with open(job.layer_meta) as f:
+            digests = json.load(f)
+        with open(ctx.output_path("meta"), "w") as f:
+            json.dump({"diff_id": digests["diff_id"], "size": digests["size"], "packages": packages}, f,
+                      sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def _write_seed(ctx: ActionContext, seed: str) -> list[str]:
+        """Place copy_to_root in ``seed`` (as LayerWrite merges packages); return the
+        packages' labels."""
+        tree = MergedTree(keep_dirlinks=ctx.params["keep_contents_dirlinks"])
+        contents = ctx.inputs("contents")
+        packages: list[str] = []
+        try:
+            for index, dest, label in ctx.params["placements"]:
+                if label not in packages:
+                    packages.append(label)
+                _place(ctx, tree, contents[index], dest.strip("/"), label)
+        except ContentConflict as e:
+            raise ActionFailed(str(e)) from None
+        os.mkdir(seed)
+        paths = tree.sorted_paths()
+        for path in paths:
+            node = tree.nodes[path]
+            full = os.path.join(seed, path)
+            if node.kind == "dir":
+                os.makedirs(full, exist_ok=True)
+            elif node.kind == "symlink":
+                os.symlink(node.target, full)
+            else:
+                with ctx.open_blob(node.digest) as src, open(full, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.chmod(full, node.mode)
+        for path in reversed(paths):
+            if tree.nodes[path].kind == "dir":
+                os.chmod(os.path.join(seed, path), tree.nodes[path].mode)
+        return packages
+
+
+def _place(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
+    if art.is_tree:
+        for e in ctx.walk_tree(art):
+            tree.add(f"{dest}/{e.path}" if dest else e.path, Node(e.kind, e.mode, e.digest, e.size, e.target, label))
+        return
+    if not dest:
+        raise ContentConflict(f"{label} places the file {art.path} at / (the image root)")
+    if art.symlink is not None:
+        tree.add(dest, Node("symlink", 0o777, target=art.symlink, origin=label))
+    else:
+        ctx.store_file(art)
+        tree.add(dest, Node("file", 0o755 if art.executable else 0o644, art.digest, art.size, origin=label))
+
+
+def _failure(params: Mapping[str, Any], status: Mapping[str, Any], exit_code: int, output: str) -> ActionFailed:
+    stage = status.get("stage")
+    code = int(status.get("exit_code", exit_code) or exit_code)
+    if stage == "run_as_root":
+        return ActionFailed(f"run_as_root exited with status {code}", output_tail=output, exit_code=code,
+                            command=params["script"].strip())
+    if stage == "extra_commands":
+        return ActionFailed(f"extra_commands exited with status {code}", output_tail=output, exit_code=code,
+                            command=params["extra_commands"].strip())
+    message = status.get("message") or f"the executor exited with status {exit_code} before the layer was packed"
+    where = f" ({stage})" if stage and stage != "done" else ""
+    return ActionFailed(f"building the root layer failed{where}: {message}", output_tail=output,
+                        exit_code=exit_code)
+
+
+class RootLayer(LayerKind):
+    NAME = "root_layer"
+    ACTION_KIND = "RootLayerWrite"
+    DOC = "A layer made by a script run as root in an overlay over a base image (mkRootLayer)."
+
+
+ROOT_LAYER_ACTION_KINDS: list[type[ActionKind]] = [RootfsUnpack, RootLayerWrite]
+
+
+# --------------------------------------------------------------------------- preparing lower and seed
+
+
+def apply_owners(root: str, owners_path: str, *, log: Callable[[str], None] = lambda m: None) -> None:
+    """Give the materialized base tree at ``root`` the owners (and device nodes) of the
+    sidecar. Needs root (or root in a user namespace that maps the ids)."""
+    with open(owners_path) as f:
+        sidecar = json.load(f)
+    if sidecar.get("format") != OWNERS_FORMAT:
+        raise ValueError(f"{owners_path}: not a {OWNERS_FORMAT} file")
+    for path, uid, gid in sidecar["owners"]:
+        full = os.path.join(root, path)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            continue
+        os.lchown(full, uid, gid)
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(full, stat.S_IMODE(st.st_mode))  # chown clears setuid/setgid bits
+    skipped = []
+    for path, kind, mode, uid, gid, major, minor in sidecar["specials"]:
+        full = os.path.join(root, path)
+        if not os.path.isdir(os.path.dirname(full)):
+            continue
+        file_type = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[kind]
+        try:
+            os.mknod(full, file_type | mode, os.makedev(major, minor))
+            os.lchown(full, uid, gid)
+        except OSError:
+            skipped.append("/" + path)
+    if skipped:
+        log(f"the base image's device nodes {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''} "
+            "cannot be created here and are left out of the overlay's lower directory")
+
+
+def match_seed_directories(seed: str, lower: str, uid: int, gid: int) -> None:
+    """Owners of the seed (copy_to_root): ``uid``/``gid``, except that a directory the
+    base already has keeps the base's mode and owner (as in pure layers), so that the
+    upper directory does not change it."""
+    for dirpath, dirnames, filenames in os.walk(seed):
+        rel = os.path.relpath(dirpath, seed)
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            os.lchown(full, uid, gid)
+            st = os.lstat(full)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(full, stat.S_IMODE(st.st_mode))
+        if rel == ".":
+            continue
+        try:
+            base = os.lstat(os.path.join(lower, rel))
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(base.st_mode):
+            os.lchown(dirpath, base.st_uid, base.st_gid)
+            os.chmod(dirpath, stat.S_IMODE(base.st_mode))
+
+
+def prepare(job: RootLayerJob, log: Callable[[str], None] = lambda m: None) -> None:
+    """The steps that need (namespace) root before the overlay is mounted."""
+    apply_owners(job.lower, job.owners, log=log)
+    match_seed_directories(job.seed, job.lower, job.seed_uid, job.seed_gid)
+
+
+def remove_tree_as_owner(path: str) -> None:
+    """Remove a tree whatever its modes (run as root or namespace root)."""
+    def onerror(func: Any, p: str, exc: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    if os.path.lexists(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, onerror=onerror)
+        else:
+            os.unlink(path)
+
+
+# --------------------------------------------------------------------------- upper directory -> layer
+
+
+class UpperDirError(ValueError):
+    """The upper directory holds something a layer cannot (a device node, a FIFO)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpperEntry:
+    """One entry of an overlay's upper directory, as read from disk or from a tar of it.
+
+    ``kind`` is file, dir, symlink, hardlink (a tar's link to an earlier entry, named by
+    ``linkname``), char, block, fifo or socket. ``inode`` groups hard links read from
+    disk. ``opaque`` marks a directory overlayfs made opaque.
+    """
+
+    path: str
+    kind: str
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    linkname: str = ""
+    major: int = 0
+    minor: int = 0
+    inode: Any = None
+    opaque: bool = False
+    open: Callable[[], IO[bytes]] | None = None
+
+
+def _sort_key(path: str) -> tuple[bytes, ...]:
+    return tuple(part.encode("utf-8", "surrogateescape") for part in path.split("/"))
+
+
+class LowerView(Protocol):
+    """What the conversion asks of the overlay's lower directory."""
+
+    def exists(self, path: str) -> bool: ...
+
+    def is_dir(self, path: str) -> bool: ...
+
+
+class LowerDirectory:
+    """A lower directory on disk. Paths are looked up component by component without
+    following symlinks, as overlayfs merges directories only where both are real."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._cache: dict[str, int | None] = {}
+
+    def _mode(self, path: str) -> int | None:
+        if path in self._cache:
+            return self._cache[path]
+        parent = posixpath.dirname(path)
+        mode: int | None = None
+        if not parent or (self._mode(parent) is not None and stat.S_ISDIR(self._mode(parent) or 0)):
+            try:
+                mode = os.lstat(os.path.join(self.root, path)).st_mode
+            except OSError:
+                mode = None
+        self._cache[path] = mode
+        return mode
+
+    def exists(self, path: str) -> bool:
+        return self._mode(path) is not None
+
+    def is_dir(self, path: str) -> bool:
+        mode = self._mode(path)
+        return mode is not None and stat.S_ISDIR(mode)
+
+
+def upper_layer_entries(entries: Iterable[UpperEntry], lower: LowerView | None = None) -> list[LayerEntry]:
+    """The layer entries (in tar order) for an overlay's upper directory.
+
+    * A 0/0 character device is overlayfs' whiteout (kernel overlayfs often makes them
+      hard links to one inode: they never become hardlink entries); an empty file
+      ``.wh.NAME`` is one too (fuse-overlayfs writes those where it cannot make
+      devices). Each becomes the image format's ``.wh.NAME``.
+    * A directory with an opaque xattr, or holding a ``.wh..wh..opq`` file, gets the
+      image format's ``.wh..wh..opq``.
+    * Markers are empty files, mode 0, owner 0:0 (as containerd writes whiteouts),
+      whatever the overlay made them with. With ``lower``, markers that hide nothing are
+      dropped: a whiteout of a path the lower directory lacks, an opaque mark on a
+      directory the lower directory does not have as a directory, and marks below an
+      opaque directory. So kernel overlayfs, fuse-overlayfs (which marks every new
+      directory opaque) and the VM's probe give the same bytes.
+    * Hard links of regular files: the first path in tar order holds the data, the others
+      link to it.
+    * Other devices and FIFOs are an error; sockets are left out (tar cannot hold them).
+    """
+    by_path: dict[str, UpperEntry] = {}
+    for e in entries:
+        by_path[e.path] = e
+
+    def resolve(e: UpperEntry) -> UpperEntry:
+        seen = set()
+        while e.kind == "hardlink":
+            if e.linkname in seen or e.linkname not in by_path:
+                raise UpperDirError(f"/{e.path} is a hard link to /{e.linkname}, which the upper directory lacks")
+            seen.add(e.linkname)
+            e = by_path[e.linkname]
+        return e
+
+    opaque: set[str] = set()
+    whiteouts: set[str] = set()
+    devices: set[str] = set()  # whiteouts that are overlayfs' devices (at the path they hide)
+    groups: dict[Any, list[str]] = {}
+    out: list[LayerEntry] = []
+    for path, entry in by_path.items():
+        target = resolve(entry) if entry.kind == "hardlink" else entry
+        kind = target.kind
+        parent, name = posixpath.split(path)
+        if kind == "char" and target.major == 0 and target.minor == 0:
+            whiteouts.add(path)
+            devices.add(path)
+        elif kind == "file" and name == OPAQUE_MARKER:
+            if parent:
+                opaque.add(parent)
+        elif kind == "file" and name.startswith(WHITEOUT_PREFIX) and target.size == 0:
+            whiteouts.add(posixpath.join(parent, name[len(WHITEOUT_PREFIX):]))
+        elif kind == "dir":
+            out.append(LayerEntry(path, "dir", entry.mode & 0o7777, entry.uid, entry.gid))
+            if entry.opaque:
+                opaque.add(path)
+        elif kind == "symlink":
+            out.append(LayerEntry(path, "symlink", 0o777, target.uid, target.gid, linkname=target.linkname))
+        elif kind == "file":
+            key = ("inode", target.inode) if target.inode is not None else ("path", target.path)
+            groups.setdefault(key, []).append(path)
+        elif kind == "socket":
+            continue
+        else:
+            raise UpperDirError(f"/{path}: run_as_root left a {kind} device node; a layer holds no device nodes "
+                                "or FIFOs (use a directory the image mounts at run time, such as /dev)"
+                                if kind in ("char", "block") else
+                                f"/{path}: run_as_root left a FIFO; a layer holds no FIFOs")
+    if lower is not None:
+        opaque = {d for d in opaque if lower.is_dir(d)}
+        whiteouts = {w for w in whiteouts if lower.exists(w)}
+    opaque = {d for d in opaque if not any(a in opaque for a in _ancestors(d))}
+    for d in opaque:
+        out.append(LayerEntry(posixpath.join(d, OPAQUE_MARKER), "file", 0))
+    for w in whiteouts:
+        replaced = w in by_path and w not in devices  # the upper directory has something else there
+        if replaced or any(a in opaque for a in _ancestors(w)):
+            continue
+        parent, name = posixpath.split(w)
+        out.append(LayerEntry(posixpath.join(parent, WHITEOUT_PREFIX + name), "file", 0))
+    for paths in groups.values():
+        paths.sort(key=_sort_key)
+        first = paths[0]
+        data = resolve(by_path[first])
+        out.append(LayerEntry(first, "file", data.mode & 0o7777, data.uid, data.gid, size=data.size, open=data.open))
+        for other in paths[1:]:
+            out.append(LayerEntry(other, "hardlink", data.mode & 0o7777, data.uid, data.gid, linkname=first))
+    try:
+        return sorted_entries(out)
+    except ValueError as e:
+        raise UpperDirError(str(e)) from None
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    parent = posixpath.dirname(path)
+    while parent:
+        yield parent
+        parent = posixpath.dirname(parent)
+
+
+def _is_opaque(path: str) -> bool:
+    for name in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) in (b"y", b"y\0"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def upper_entries_from_directory(root: str) -> Iterator[UpperEntry]:
+    """Read an upper directory from disk (owners as this process sees them, opaque
+    xattrs, whiteout devices, hard links by inode)."""
+    def walk(directory: str, prefix: str) -> Iterator[UpperEntry]:
+        with os.scandir(directory) as it:
+            names = sorted((e.name for e in it), key=os.fsencode)
+        for name in names:
+            full = os.path.join(directory, name)
+            rel = prefix + name
+            st = os.lstat(full)
+            mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+            if stat.S_ISDIR(st.st_mode):
+                yield UpperEntry(rel, "dir", mode, uid, gid, opaque=_is_opaque(full))
+                yield from walk(full, rel + "/")
+            elif stat.S_ISLNK(st.st_mode):
+                yield UpperEntry(rel, "symlink", mode, uid, gid, linkname=os.readlink(full))
+            elif stat.S_ISREG(st.st_mode):
+                inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
+                yield UpperEntry(rel, "file", mode, uid, gid, size=st.st_size, inode=inode,
+                                 open=lambda p=full: open(p, "rb"))  # noqa: SIM115 - the tar writer closes it
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                yield UpperEntry(rel, "char" if stat.S_ISCHR(st.st_mode) else "block", mode, uid, gid,
+                                 major=os.major(st.st_rdev), minor=os.minor(st.st_rdev))
+            elif stat.S_ISFIFO(st.st_mode):
+                yield UpperEntry(rel, "fifo", mode, uid, gid)
+            else:
+                yield UpperEntry(rel, "socket", mode, uid, gid)
+
+    yield from walk(root, "")
+
+
+def upper_entries_from_tar(tar: tarfile.TarFile, opaque_dirs: Iterable[str]) -> Iterator[UpperEntry]:
+    """Read a tar of an upper directory (as busybox tar writes it in the VM) with the
+    list of its opaque directories. ``tar`` must be opened on a seekable file."""
+    opaque = {_member_path(d) for d in opaque_dirs} - {None}
+    for member in tar.getmembers():
+        path = _member_path(member.name)
+        if path is None:
+            continue
+        mode, uid, gid = member.mode & 0o7777, member.uid, member.gid
+        if member.isdir():
+            yield UpperEntry(path, "dir", mode, uid, gid, opaque=path in opaque)
+        elif member.issym():
+            yield UpperEntry(path, "symlink", mode, uid, gid, linkname=member.linkname)
+        elif member.islnk():
+            yield UpperEntry(path, "hardlink", mode, uid, gid, linkname=_member_path(member.linkname) or "")
+        elif member.isreg():
+            yield UpperEntry(path, "file", mode, uid, gid, size=member.size,
+                             open=lambda m=member: tar.extractfile(m))  # type: ignore[misc,return-value]
+        elif member.ischr() or member.isblk():
+            yield UpperEntry(path, "char" if member.ischr() else "block", mode, uid, gid, major=member.devmajor,
+                             minor=member.devminor)
+        elif member.isfifo():
+            yield UpperEntry(path, "fifo", mode, uid, gid)
+
+
+def _write(entries: list[LayerEntry], layer_tar: str, layer_meta: str) -> LayerDigests:
+    with open(layer_tar, "wb") as out:
+        digests = write_layer(entries, tar_out=out)
+    with open(layer_meta, "w") as f:
+        json.dump({"diff_id": digests.diff_id, "size": digests.tar_size}, f)
+    return digests
+
+
+def pack_upper_directory(upper: str, lower: str, layer_tar: str, layer_meta: str) -> LayerDigests:
+    """Pack an upper directory on disk into a layer tar (run where owners are seen as in
+    the image: as root, or as root of the user namespace that built it)."""
+    entries = upper_layer_entries(upper_entries_from_directory(upper), LowerDirectory(lower))
+    return _write(entries, layer_tar, layer_meta)
+
+
+def pack_upper_tar(upper_tar: str, opaque_list: str, lower: str, layer_tar: str, layer_meta: str) -> LayerDigests:
+    """Pack a tar of an upper directory plus its NUL-separated list of opaque
+    directories (what the VM's guest writes) into a layer tar."""
+    with open(opaque_list, "rb") as f:
+        opaque = [os.fsdecode(p) for p in f.read().split(b"\0") if p]
+    with tarfile.open(upper_tar, "r:") as tar:
+        entries = upper_layer_entries(upper_entries_from_tar(tar, opaque), LowerDirectory(lower))
+        return _write(entries, layer_tar, layer_meta)
+
+
+def pack_vm_result(job: RootLayerJob) -> LayerDigests:
+    """The layer from what the VM left in its job share (``<job_dir>/vm``)."""
+    share = os.path.join(job.job_dir, "vm")
+    return pack_upper_tar(os.path.join(share, "upper.tar"), os.path.join(share, "opaque"), job.lower,
+                          job.layer_tar, job.layer_meta)
+
+
+# --------------------------------------------------------------------------- as a program
+
+
+def main(argv: list[str]) -> int:
+    """``prepare JOB.json``, ``pack-vm-result JOB.json``, ``remove PATH...``: steps an
+    executor runs inside a user namespace."""
+    if len(argv) >= 2 and argv[0] == "prepare":
+        with open(argv[1]) as f:
+            job = RootLayerJob.from_json(json.load(f))
+        try:
+            prepare(job, log=lambda m: print(f"dtbuild: {m}", file=sys.stderr))
+        except (OSError, ValueError) as e:
+            write_status(job.job_dir, "prepare", 1, f"preparing the base's owners failed: {e}")
+            print(f"dtbuild: preparing the base's owners failed: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if len(argv) >= 2 and argv[0] == "pack-vm-result":
+        with open(argv[1]) as f:
+            job = RootLayerJob.from_json(json.load(f))
+        try:
+            pack_vm_result(job)
+        except (UpperDirError, OSError, ValueError) as e:
+            write_status(job.job_dir, "pack", 1, f"packing the layer failed: {e}")
+            print(f"dtbuild: packing the layer failed: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if argv and argv[0] == "remove":
+        for path in argv[1:]:
+            remove_tree_as_owner(path)
+        return 0
+    print("usage: python -m dtbuild.plugins.builtin.root_layer prepare|pack-vm-result JOB.json | remove PATH...",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
