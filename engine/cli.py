@@ -15,7 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-COMMANDS = ("build", "query", "graph", "explain", "stream", "inspect", "clean", "cache", "plugins")
+COMMANDS = ("build", "query", "graph", "explain", "stream", "inspect", "push", "load", "clean", "cache", "plugins")
 
 
 def _version() -> str:
@@ -68,6 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", parents=[common], help="an image's layers, sizes, config and contents")
     inspect.add_argument("target")
     inspect.add_argument("--jobs", "-j", type=int, default=0)
+
+    push = sub.add_parser("push", parents=[common], help="push an image to registries (skips blobs they have)")
+    push.add_argument("target")
+    push.add_argument("refs", nargs="+", metavar="REF",
+                      help="REGISTRY/REPOSITORY[:TAG] (default tag: the image's own); several REFs push several tags")
+    push.add_argument("--insecure", action="store_true",
+                      help="do not verify TLS certificates, and fall back to plain HTTP")
+    push.add_argument("--format", choices=("oci", "docker"), default="oci",
+                      help="manifest media types (default oci: the digest in NAME.json; docker: not for zstd layers)")
+    push.add_argument("--transfers", type=int, default=8, help="blobs checked and sent at once (default 8)")
+    push.add_argument("--jobs", "-j", type=int, default=0)
+
+    load = sub.add_parser("load", parents=[common], help="load an image into docker or podman")
+    load.add_argument("target")
+    load.add_argument("--tool", choices=("auto", "docker", "podman"), default="auto",
+                      help="auto: docker when its daemon answers, else podman")
+    load.add_argument("--jobs", "-j", type=int, default=0)
 
     clean = sub.add_parser("clean", parents=[common], help="remove dtbuild-out/ (and the cache with --expunge)")
     clean.add_argument("--expunge", action="store_true", help="also remove the whole local cache")
@@ -133,7 +150,7 @@ def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
 def _run(args: argparse.Namespace) -> int:
     return {
         "build": _cmd_build, "query": _cmd_query, "graph": _cmd_graph, "explain": _cmd_explain,
-        "stream": _cmd_stream, "inspect": _cmd_inspect,
+        "stream": _cmd_stream, "inspect": _cmd_inspect, "push": _cmd_push, "load": _cmd_load,
         "clean": _cmd_clean, "cache": _cmd_cache, "plugins": _cmd_plugins,
     }[args.command](args)
 
@@ -296,9 +313,13 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
+    import re
     import tarfile
 
     from dtbuild.plugins.builtin.image_actions import ImageTree
+
+    def size(n: int) -> str:
+        return f"{n} B" if n < 1000 else f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
 
     _, reader, artifact, _ = _single_image(args)
     tree = ImageTree(reader, artifact)  # type: ignore[arg-type]
@@ -326,12 +347,111 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                     head = "/" + member.name.lstrip("./").split("/", 1)[0]
                     top[head] = top.get(head, 0) + 1
         created_by = history[i].get("created_by", "") if i < len(history) else ""
-        print(f"  {i + 1}. {layer['digest']}  {layer['size'] / 1e6:.2f} MB  {layer['media_type']}")
-        print(f"     diff_id {layer['diff_id']}; {files} files, {dirs} directories")
-        if created_by:
+        tar_size = tree.entry("layers/" + layer["diff_id"].removeprefix("sha256:")).size
+        print(f"  {i + 1}. {layer['digest']}  {size(layer['size'])}  {layer['media_type']}")
+        print(f"     diff_id {layer['diff_id']}; {size(tar_size)} uncompressed; {files} files, {dirs} directories")
+        # Layers dtbuild wrote say which packages they hold: "dtbuild LABEL (p1, p2)".
+        made = re.fullmatch(r"dtbuild (\S+)(?: customisation)? \((.*)\)", created_by)
+        if made is not None and " customisation " in created_by:
+            print("     customisation layer: what extra_commands and fakeroot_commands changed")
+        elif made is not None:
+            print(f"     packages: {'(none)' if made.group(2) == 'no packages' else made.group(2)}")
+        elif created_by:
             print(f"     {created_by}")
         if top:
             print("     holds: " + ", ".join(f"{k} ({v})" for k, v in sorted(top.items())))
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from dtbuild.engine import push
+    from dtbuild.engine.errors import UsageError
+
+    if args.transfers < 1:
+        raise UsageError(f"--transfers must be at least 1, but was {args.transfers}")
+    refs = push.parse_targets(args.refs)
+    session, reader, artifact, _ = _single_image(args)
+    cancel = threading.Event()
+    _install_signal_handlers(cancel)
+    outcomes = push.push_image(reader, artifact, refs, state_dir=session.workspace.state_dir, insecure=args.insecure,
+                               manifest_format=args.format, transfers=args.transfers, cancel=cancel,
+                               report=lambda message: print(message, file=sys.stderr))
+    for outcome in outcomes:
+        total = outcome.uploaded + outcome.mounted + outcome.skipped
+        mounted = f" from {', '.join(outcome.mounted_from)}" if outcome.mounted_from else ""
+        print(f"pushed {outcome.target.name} ({', '.join(outcome.target.tags)}): {outcome.digest}; {total} blob(s): "
+              f"{outcome.uploaded} uploaded ({_megabytes(outcome.uploaded_bytes)}), {outcome.mounted} mounted"
+              f"{mounted}, {outcome.skipped} skipped (already there)", file=sys.stderr)
+        for reference in outcome.references:
+            print(f"{reference}@{outcome.digest}")
+    return 0
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def _load_command(choice: str) -> list[str]:
+    """``[docker|podman, "load"]``: docker when its daemon answers (or when asked), else podman."""
+    import shutil
+    import subprocess
+
+    from dtbuild.engine.errors import BuildFailure
+
+    docker, podman = shutil.which("docker"), shutil.which("podman")
+    if choice == "podman" or (choice == "auto" and podman and not docker):
+        if podman is None:
+            raise BuildFailure("podman is not installed (or not on PATH)", hint="install podman, or use --tool docker")
+        return [podman, "load"]
+    if docker is None:
+        if choice == "docker":
+            raise BuildFailure("docker is not installed (or not on PATH)", hint="install docker, or use --tool podman")
+        raise BuildFailure("dtbuild load needs docker or podman, and neither is installed (or on PATH)",
+                           hint="install one of them, or write the archive with `dtbuild stream TARGET > image.tar`")
+    try:
+        answers = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"], capture_output=True,
+                                 timeout=20, stdin=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        answers = False
+    if answers:
+        return [docker, "load"]
+    if choice == "auto" and podman is not None:
+        return [podman, "load"]
+    raise BuildFailure("the docker daemon does not answer (`docker version` cannot reach it)"
+                       + ("" if choice == "docker" else ", and podman is not installed"),
+                       hint="start the docker daemon" + ("" if choice == "docker" else ", or install podman"))
+
+
+def _cmd_load(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from dtbuild.engine.errors import BuildFailure
+    from dtbuild.plugins.builtin import imageformat
+    from dtbuild.plugins.builtin.compressors import NoneCompressor
+    from dtbuild.plugins.builtin.image_actions import ImageTree, archive_images
+
+    argv = _load_command(args.tool)  # before building: a missing tool fails fast
+    _, reader, artifact, _ = _single_image(args)
+    tool = os.path.basename(argv[0])
+    tags = ImageTree(reader, artifact).description.get("repo_tags") or []  # type: ignore[arg-type]
+    # Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
+    # and a local pipe gains nothing from compression.
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sys.stderr)
+    assert proc.stdin is not None
+    try:
+        imageformat.write_docker_archive(proc.stdin, archive_images(reader), NoneCompressor())
+    except BrokenPipeError:
+        pass  # the tool stopped reading: its exit status and message say why
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        code = proc.wait()
+    if code != 0:
+        raise BuildFailure(f"`{tool} load` exited with status {code} (its message is above)",
+                           hint=f"dtbuild stream {args.target} | {tool} load  reproduces it")
+    print(f"loaded {args.target} into {tool}: {', '.join(tags)}")
     return 0
 
 

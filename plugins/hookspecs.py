@@ -114,7 +114,8 @@ def dtbuild_select_executor(mnemonic: str, requested: str, available: Sequence[s
     """Choose the executor for an action that runs commands.
 
     Called for each such action, just before it runs. The first non-``None`` answer wins;
-    the built-in implementation honours ``requested`` and maps ``"auto"`` to ``"local"``.
+    the built-in implementation honours ``requested`` and maps ``"auto"`` to ``"local"`` for
+    commands such as genrule's and to ``"namespace"`` (else ``"vm"``) for root layers.
 
     :param mnemonic: the action's kind, such as ``Genrule``.
     :param requested: the executor the target asked for (``"auto"`` when it did not).

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from dtbuild.plugins.builtin import imageformat
-from dtbuild.plugins.builtin.layer_contents import ContentConflict, MergedTree, Node, base_directories
+from dtbuild.plugins.builtin.layer_contents import ContentConflict, DirAttrs, MergedTree, Node, base_directories
 from dtbuild.plugins.builtin.layertar import LayerEntry, sorted_entries, write_layer
 from dtbuild.plugins.interfaces import (
     ActionContext,
@@ -117,9 +117,41 @@ def image_tree_entries(ctx: ActionContext, *, description: dict[str, Any], confi
 # --------------------------------------------------------------------------- LayerWrite
 
 
+def place_artifact(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
+    """Add a package's artifact to ``tree`` at ``dest`` (relative; '' is the root): a
+    tree's entries below it, a file or symlink at it. Nothing is copied."""
+    if art.is_tree:
+        for e in ctx.walk_tree(art):
+            path = f"{dest}/{e.path}" if dest else e.path
+            tree.add(path, Node(e.kind, e.mode, e.digest, e.size, e.target, label))
+        return
+    if not dest:
+        raise ContentConflict(f"{label} places the file {art.path} at / (the image root)")
+    if art.symlink is not None:
+        tree.add(dest, Node("symlink", 0o777, target=art.symlink, origin=label))
+    else:
+        ctx.store_file(art)
+        tree.add(dest, Node("file", 0o755 if art.executable else 0o644, art.digest, art.size, origin=label))
+
+
+def read_base_dirs(ctx: ActionContext) -> dict[str, DirAttrs]:
+    """The base image's directories: from a ``base_dirs`` input (BaseDirectories'
+    JSON) when there is one, else from the ``base`` image tree's layers, else none."""
+    if ctx.inputs("base_dirs"):
+        with ctx.open_input(ctx.inputs("base_dirs")[0]) as f:
+            doc = json.loads(f.read())
+        return {path: DirAttrs(*attrs) for path, attrs in doc["directories"].items()}
+    if ctx.inputs("base"):
+        base = ImageTree(ctx, ctx.inputs("base")[0])
+        return base_directories(
+            opener() for opener in (base.layer_opener(d) for d in base.config["rootfs"]["diff_ids"]))
+    return {}
+
+
 class LayerWrite(ActionKind):
     """A deterministic layer tar from packages (and extra_commands), streamed into the
-    store while its diff_id is computed."""
+    store while its diff_id is computed. Optional parameters ``uname``/``gname`` name
+    the owners in the tar headers (numeric owners only by default)."""
 
     NAME = "LayerWrite"
     VERSION = "1"
@@ -137,16 +169,17 @@ class LayerWrite(ActionKind):
                 self._place(ctx, tree, contents[index], dest.strip("/"), label)
         except ContentConflict as e:
             raise ActionFailed(str(e)) from None
-        base_dirs = {}
-        if ctx.inputs("base"):
-            base = ImageTree(ctx, ctx.inputs("base")[0])
-            base_dirs = base_directories(
-                opener() for opener in (base.layer_opener(d) for d in base.config["rootfs"]["diff_ids"]))
+        base_dirs = read_base_dirs(ctx)
         if params["extra_commands"]:
             entries = self._run_extra_commands(ctx, tree, params["extra_commands"], uid, gid)
         else:
             entries = self._entries(ctx, tree, uid, gid)
         entries = [self._with_base_dir(e, base_dirs) for e in entries]
+        uname, gname = params.get("uname", ""), params.get("gname", "")
+        if uname or gname:
+            from dataclasses import replace
+
+            entries = [replace(e, uname=uname, gname=gname) for e in entries]
         try:
             ordered = sorted_entries(entries)
         except ValueError as e:
@@ -166,20 +199,7 @@ class LayerWrite(ActionKind):
 
         return replace(entry, mode=attrs.mode, uid=attrs.uid, gid=attrs.gid)
 
-    @staticmethod
-    def _place(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
-        if art.is_tree:
-            for e in ctx.walk_tree(art):
-                path = f"{dest}/{e.path}" if dest else e.path
-                tree.add(path, Node(e.kind, e.mode, e.digest, e.size, e.target, label))
-            return
-        if not dest:
-            raise ContentConflict(f"{label} places the file {art.path} at / (the image root)")
-        if art.symlink is not None:
-            tree.add(dest, Node("symlink", 0o777, target=art.symlink, origin=label))
-        else:
-            ctx.store_file(art)
-            tree.add(dest, Node("file", 0o755 if art.executable else 0o644, art.digest, art.size, origin=label))
+    _place = staticmethod(place_artifact)
 
     @staticmethod
     def _entries(ctx: ActionContext, tree: MergedTree, uid: int, gid: int) -> list[LayerEntry]:

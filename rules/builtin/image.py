@@ -9,6 +9,7 @@ each is cached on its own and `dtbuild stream` can write the archive from the tr
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dtbuild.rules import attrs
@@ -33,14 +34,16 @@ CONFIG_FIELDS: dict[str, type] = {
 # --------------------------------------------------------------------------- shared pieces
 
 
-def layer_placements(packages: list[PackageInfo]) -> tuple[list[Artifact], list[list[Any]]]:
-    """The artifacts of ``packages`` and their runtime closure, and where each goes:
-    ``[input index, destination, package label]``, packages in closure order."""
+def layer_placements(packages: Sequence[PackageInfo], *, closure: bool = True,
+                     ) -> tuple[list[Artifact], list[list[Any]]]:
+    """The artifacts of ``packages`` and their runtime closure (only ``packages``
+    themselves with ``closure=False``), and where each goes: ``[input index,
+    destination, package label]``, packages in closure order."""
     arts: list[Artifact] = []
     placements: list[list[Any]] = []
     seen: set[str] = set()
     for top in packages:
-        for pkg in top.closure():
+        for pkg in (top.closure() if closure else (top,)):
             if pkg.label in seen:
                 continue
             seen.add(pkg.label)
@@ -50,20 +53,34 @@ def layer_placements(packages: list[PackageInfo]) -> tuple[list[Artifact], list[
     return arts, placements
 
 
-def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: list[PackageInfo],
-                  base: ImageInfo | None = None, description: str | None = None) -> LayerInfo:
+def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: Sequence[PackageInfo],
+                  base: ImageInfo | None = None, description: str | None = None,
+                  settings: Mapping[str, Any] | None = None, closure: bool = True,
+                  base_dirs: Artifact | None = None, mnemonic: str = "LayerWrite") -> LayerInfo:
     """Declare a LayerWrite action for ``packages`` with this target's uid, gid,
-    keep_contents_dirlinks and extra_commands attributes."""
-    arts, placements = layer_placements(packages)
+    keep_contents_dirlinks and extra_commands attributes.
+
+    For rules with other attributes, ``settings`` gives those parameters instead (and
+    may add ``uname``/``gname``, or parameters of another ``mnemonic`` built on
+    LayerWrite). ``closure=False`` places only ``packages``, not their runtime
+    dependencies. ``base_dirs`` (a BaseDirectories output) stands for ``base`` when
+    only the base's directories matter, so the base's layers are read once per image
+    rather than once per layer.
+    """
+    arts, placements = layer_placements(packages, closure=closure)
     inputs: dict[str, list[Artifact]] = {"contents": arts}
-    if base is not None:
+    if base_dirs is not None:
+        inputs["base_dirs"] = [base_dirs]
+    elif base is not None:
         inputs["base"] = [base.image]
+    if settings is None:
+        settings = {"uid": ctx.attr.uid, "gid": ctx.attr.gid,
+                    "keep_contents_dirlinks": ctx.attr.keep_contents_dirlinks,
+                    "extra_commands": ctx.attr.extra_commands}
     ctx.actions.declare(
-        "LayerWrite", inputs=inputs, outputs={"tar": tar, "meta": meta},
-        params={"placements": placements, "uid": ctx.attr.uid, "gid": ctx.attr.gid,
-                "keep_contents_dirlinks": ctx.attr.keep_contents_dirlinks,
-                "extra_commands": ctx.attr.extra_commands},
-        description=description or f"LayerWrite {ctx.label}")
+        mnemonic, inputs=inputs, outputs={"tar": tar, "meta": meta},
+        params={"placements": placements, **settings},
+        description=description or f"{mnemonic} {ctx.label}")
     return LayerInfo(label=ctx.label, tar=tar, meta=meta)
 
 
@@ -106,6 +123,24 @@ def check_config(ctx: RuleContext) -> dict[str, Any]:
     return config
 
 
+def check_tag(ctx: RuleContext) -> str | None:
+    """The ``tag`` attribute, checked (None: derived from the content)."""
+    tag = ctx.attr.tag
+    if tag is not None and not _TAG_RE.match(tag):
+        ctx.fail(f"must be a valid image tag (letters, digits, '_', '.', '-'; at most 128), but was {tag!r}",
+                 attr="tag")
+    return tag
+
+
+def check_architecture(ctx: RuleContext) -> None:
+    if ctx.attr.architecture not in ARCHITECTURES:
+        from difflib import get_close_matches
+
+        close = get_close_matches(ctx.attr.architecture, ARCHITECTURES, n=1)
+        ctx.fail(f"must be one of {', '.join(ARCHITECTURES)}, but was {ctx.attr.architecture!r}",
+                 attr="architecture", hint=f"did you mean '{close[0]}'?" if close else None)
+
+
 def repository_name(ctx: RuleContext) -> str:
     name = ctx.attr.image_name or ctx.name
     if not _REPO_RE.match(name):
@@ -128,16 +163,20 @@ def declare_image_outputs(ctx: RuleContext, *, image_tree: Artifact, description
     return [archive, oci, description]
 
 
-def compress_layers(ctx: RuleContext, layers: list[LayerInfo], compressor: str) -> dict[str, list[Artifact]]:
-    """LayerCompress actions for new layers; the inputs ImageAssemble takes for them."""
+def compress_layers(ctx: RuleContext, layers: Sequence[LayerInfo], compressor: str, *,
+                    names: Sequence[str] | None = None) -> dict[str, list[Artifact]]:
+    """LayerCompress actions for new layers; the inputs ImageAssemble takes for them.
+    ``names`` name the compressed outputs (default ``layer<i>``): names that do not
+    shift when layers are added keep the actions' keys, and so their cache entries."""
     inputs: dict[str, list[Artifact]] = {"layer_tars": [], "layer_metas": [], "blobs": [], "blob_metas": []}
     for i, layer in enumerate(layers):
         inputs["layer_tars"].append(layer.tar)
         inputs["layer_metas"].append(layer.meta)
         if compressor == "none":
             continue
-        blob = ctx.declare_internal(f"layer{i}.{compressor}")
-        blob_meta = ctx.declare_internal(f"layer{i}.{compressor}.json")
+        stem = names[i] if names is not None else f"layer{i}"
+        blob = ctx.declare_internal(f"{stem}.{compressor}")
+        blob_meta = ctx.declare_internal(f"{stem}.{compressor}.json")
         ctx.actions.declare("LayerCompress", inputs={"tar": [layer.tar], "meta": [layer.meta]},
                             outputs={"blob": blob, "meta": blob_meta}, params={"compressor": compressor},
                             description=f"LayerCompress {ctx.label} layer {i} ({compressor})")
@@ -180,49 +219,60 @@ pure_layer = rule(
 # --------------------------------------------------------------------------- image
 
 
+def declare_image(ctx: RuleContext, *, layers: Sequence[LayerInfo], base: ImageInfo | None, config: dict[str, Any],
+                  repository: str, tag: str | None, compressor: str, mnemonic: str = "ImageAssemble",
+                  extra_params: Mapping[str, Any] | None = None, layer_names: Sequence[str] | None = None,
+                  extra_inputs: Mapping[str, Sequence[Artifact]] | None = None) -> list[Provider]:
+    """Compress ``layers`` and declare the image tree (ImageAssemble, or ``mnemonic``
+    built on it), the docker-archive, OCI layout and NAME.json; return the providers."""
+    inputs = compress_layers(ctx, layers, compressor, names=layer_names)
+    if base is not None:
+        inputs["base"] = [base.image]
+    for slot, arts in (extra_inputs or {}).items():
+        inputs[slot] = list(arts)
+    tree = ctx.declare_internal("image", is_tree=True)
+    description = ctx.declare_file(f"{ctx.name}.json")
+    ext = {"none": "", "gz": ".gz", "zstd": ".zst"}.get(compressor, "." + compressor)
+    ctx.actions.declare(
+        mnemonic, inputs=inputs, outputs={"image": tree, "description": description},
+        params={"label": ctx.label, "repository": repository, "tag": tag, "config": config,
+                "architecture": ctx.attr.architecture, "os": "linux", "created": ctx.attr.created,
+                "compressor": compressor, "layer_labels": [layer.label for layer in layers],
+                "archive": f"{description.root}/{ctx.name}.tar{ext}",
+                "oci_layout": f"{description.root}/{ctx.name}.oci", **(extra_params or {})},
+        description=f"{mnemonic} {ctx.label}", cacheable=ctx.attr.created != "now")
+    files = declare_image_outputs(ctx, image_tree=tree, description=description, compressor=compressor)
+    return [DefaultInfo(files=tuple(files)), ImageInfo(label=ctx.label, image=tree, description=description)]
+
+
 def _image_impl(ctx: RuleContext) -> list[Provider]:
     check_ids(ctx)
     check_created(ctx)
     config = check_config(ctx)
     repo = repository_name(ctx)
-    tag = ctx.attr.tag
-    if tag is not None and not _TAG_RE.match(tag):
-        ctx.fail(f"must be a valid image tag (letters, digits, '_', '.', '-'; at most 128), but was {tag!r}",
-                 attr="tag")
-    if ctx.attr.architecture not in ARCHITECTURES:
-        from difflib import get_close_matches
-
-        close = get_close_matches(ctx.attr.architecture, ARCHITECTURES, n=1)
-        ctx.fail(f"must be one of {', '.join(ARCHITECTURES)}, but was {ctx.attr.architecture!r}",
-                 attr="architecture", hint=f"did you mean '{close[0]}'?" if close else None)
-    if ctx.attr.run_as_root is not None:
-        ctx.fail("is not supported yet: root layers (running a script as root in an overlay) are not "
-                 "implemented in this version", attr="run_as_root",
-                 hint="remove run_as_root, or use extra_commands for steps that need no root")
+    tag = check_tag(ctx)
+    check_architecture(ctx)
     base_dep = ctx.attr.from_image
     base = base_dep[ImageInfo] if isinstance(base_dep, Dependency) else None
     layers = [dep[LayerInfo] for dep in ctx.attr.layers]
     packages = [dep[PackageInfo] for dep in ctx.attr.copy_to_root]
-    if packages or ctx.attr.extra_commands or not (layers or base):
+    if ctx.attr.run_as_root is not None:
+        # buildImage with runAsRoot: the new layer is a root layer (mkRootLayer) over the
+        # base and `layers`, holding copy_to_root and what the script and extra_commands change.
+        from dtbuild.rules.builtin.root_layer import check_vm_sizes, declare_root_layer
+
+        check_vm_sizes(ctx)
+        layers.append(declare_root_layer(
+            ctx, tar=ctx.declare_internal("layer.tar"), meta=ctx.declare_internal("layer.json"), base=base,
+            lower_layers=list(layers), packages=packages, script=ctx.attr.run_as_root,
+            extra_commands=ctx.attr.extra_commands, disk_size=ctx.attr.disk_size,
+            memory_size=ctx.attr.build_vm_memory_size, uid=ctx.attr.uid, gid=ctx.attr.gid,
+            keep_contents_dirlinks=ctx.attr.keep_contents_dirlinks))
+    elif packages or ctx.attr.extra_commands or not (layers or base):
         layers.append(declare_layer(ctx, tar=ctx.declare_internal("layer.tar"),
                                     meta=ctx.declare_internal("layer.json"), packages=packages, base=base))
-    compressor = ctx.attr.compressor
-    inputs = compress_layers(ctx, layers, compressor)
-    if base is not None:
-        inputs["base"] = [base.image]
-    tree = ctx.declare_internal("image", is_tree=True)
-    description = ctx.declare_file(f"{ctx.name}.json")
-    ext = {"none": "", "gz": ".gz", "zstd": ".zst"}.get(compressor, "." + compressor)
-    ctx.actions.declare(
-        "ImageAssemble", inputs=inputs, outputs={"image": tree, "description": description},
-        params={"label": ctx.label, "repository": repo, "tag": tag, "config": config,
-                "architecture": ctx.attr.architecture, "os": "linux", "created": ctx.attr.created,
-                "compressor": compressor, "layer_labels": [layer.label for layer in layers],
-                "archive": f"{description.root}/{ctx.name}.tar{ext}",
-                "oci_layout": f"{description.root}/{ctx.name}.oci"},
-        description=f"ImageAssemble {ctx.label}", cacheable=ctx.attr.created != "now")
-    files = declare_image_outputs(ctx, image_tree=tree, description=description, compressor=compressor)
-    return [DefaultInfo(files=tuple(files)), ImageInfo(label=ctx.label, image=tree, description=description)]
+    return declare_image(ctx, layers=layers, base=base, config=config, repository=repo, tag=tag,
+                         compressor=ctx.attr.compressor)
 
 
 _IMAGE_COMMON = {
@@ -241,6 +291,8 @@ _IMAGE_COMMON = {
     "compressor": attrs.string(doc="Compressor of the docker-archive and of OCI layer blobs.", default="gz",
                                values_from="compressors"),
 }
+#: The attributes every built image shares (layered_image takes them too).
+IMAGE_COMMON_ATTRS = _IMAGE_COMMON
 
 image = rule(
     "image", _image_impl,
@@ -252,10 +304,15 @@ image = rule(
         **_LAYER_ATTRS,
         "layers": attrs.label_list(doc="Extra layers (pure_layer targets) added after the base image's.",
                                    default=[], providers=[LayerInfo]),
-        "run_as_root": attrs.string(doc="A script run as root in an overlay over the base image "
-                                        "(not supported yet).", default=None, allow_none=True),
-        "disk_size": attrs.integer(doc="Disk size in MiB for the VM executor of run_as_root.", default=1024),
-        "build_vm_memory_size": attrs.integer(doc="Memory in MiB for the VM executor of run_as_root.",
+        "run_as_root": attrs.string(doc="A shell script run (with `set -e`, by the image's /bin/sh) as root, "
+                                        "chrooted in an overlay over the base image and `layers`, with /dev, "
+                                        "/proc and /sys mounted and no network; the new layer is then the "
+                                        "overlay's upper directory (copy_to_root, what the script changed, "
+                                        "deletions as whiteouts, then extra_commands run in it). See root_layer "
+                                        "for the executor and the network.", default=None, allow_none=True),
+        "disk_size": attrs.integer(doc="Size in MiB of the VM's disk that holds the new layer while the vm "
+                                       "executor builds it (run_as_root).", default=1024),
+        "build_vm_memory_size": attrs.integer(doc="Memory in MiB of the VM of the vm executor (run_as_root).",
                                               default=512),
     })
 
