@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 
 from dtbuild.plugins.interfaces import CancelToken, CommandRequest, CommandResult, Executor
 
@@ -42,31 +43,42 @@ class LocalExecutor(Executor):
         argv = list(request.argv)
         if not request.network:
             argv = [*network_isolation_prefix(), *argv]
-        with tempfile.TemporaryFile() as log:
-            proc = subprocess.Popen(argv, cwd=request.cwd, env=dict(request.env), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                while True:
-                    try:
-                        code = proc.wait(timeout=0.05)
+        return run_supervised(argv, cwd=request.cwd, env=request.env, cancel=cancel, timeout=request.timeout)
+
+
+def run_supervised(argv: Sequence[str], *, cwd: str, env: Mapping[str, str], cancel: CancelToken,
+                   timeout: float | None = None) -> CommandResult:
+    """Run ``argv`` in its own session, its output (stdout and stderr) kept in a file;
+    kill its process group when ``cancel`` is set or ``timeout`` passes. Returns the exit
+    code (negative for a signal) and the output's last lines."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=0.05)
+                    break
+                except subprocess.TimeoutExpired:
+                    if cancel.is_set() or (deadline is not None and time.monotonic() > deadline):
+                        kill_group(proc)
+                        code = proc.wait()
                         break
-                    except subprocess.TimeoutExpired:
-                        if cancel.is_set():
-                            _kill_group(proc)
-                            code = proc.wait()
-                            break
-            except BaseException:
-                _kill_group(proc)
-                proc.wait()
-                raise
-            size = log.seek(0, os.SEEK_END)
-            log.seek(max(0, size - _TAIL_BYTES))
-            tail = log.read()
-        return CommandResult(code, output_tail(tail))
+        except BaseException:
+            kill_group(proc)
+            proc.wait()
+            raise
+        size = log.seek(0, os.SEEK_END)
+        log.seek(max(0, size - _TAIL_BYTES))
+        tail = log.read()
+    return CommandResult(code, output_tail(tail))
 
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+

@@ -35,10 +35,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dtbuild.plugins.builtin.executors import LocalExecutor, output_tail
+from dtbuild.plugins.builtin.executors import LocalExecutor, run_supervised
 from dtbuild.plugins.builtin.root_layer import (
     SCRIPT_ENV,
     RootLayerJob,
@@ -61,7 +61,6 @@ KERNEL_OVERLAY_OPTIONS = "redirect_dir=nofollow,metacopy=off,index=off,xino=off"
 VOLATILE = ",volatile"
 #: ``DTBUILD_NAMESPACE_OVERLAY=kernel|fuse`` forces one overlay implementation.
 OVERLAY_ENV = "DTBUILD_NAMESPACE_OVERLAY"
-_TAIL_BYTES = 64 * 1024
 _STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
@@ -83,44 +82,6 @@ class NamespaceSetup:
 
 
 # --------------------------------------------------------------------------- running a process
-
-
-def run_supervised(argv: Sequence[str], *, cwd: str, env: Mapping[str, str], cancel: CancelToken,
-                   timeout: float | None = None) -> CommandResult:
-    """Run ``argv`` in its own session, its output (stdout and stderr) kept in a file;
-    kill its process group when ``cancel`` is set or ``timeout`` passes. Returns the exit
-    code (negative for a signal) and the output's last lines."""
-    import time
-
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while True:
-                try:
-                    code = proc.wait(timeout=0.05)
-                    break
-                except subprocess.TimeoutExpired:
-                    if cancel.is_set() or (deadline is not None and time.monotonic() > deadline):
-                        kill_group(proc)
-                        code = proc.wait()
-                        break
-        except BaseException:
-            kill_group(proc)
-            proc.wait()
-            raise
-        size = log.seek(0, os.SEEK_END)
-        log.seek(max(0, size - _TAIL_BYTES))
-        tail = log.read()
-    return CommandResult(code, output_tail(tail))
-
-
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def helper_env() -> dict[str, str]:

@@ -48,7 +48,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from dtbuild.plugins.builtin.namespace_executor import helper_env, remove_as_owner, run_supervised
+from dtbuild.plugins.builtin.executors import run_supervised
+from dtbuild.plugins.builtin.namespace_executor import helper_env, remove_as_owner
 from dtbuild.plugins.builtin.root_layer import (
     SCRIPT_ENV,
     RootLayerJob,
