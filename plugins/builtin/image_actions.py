@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 from dtbuild.plugins.builtin import imageformat
@@ -115,6 +116,27 @@ def image_tree_entries(ctx: ActionContext, *, description: dict[str, Any], confi
 
 
 # --------------------------------------------------------------------------- LayerWrite
+
+
+def materialize_nodes(ctx: ActionContext, nodes: Mapping[str, Node], root: str) -> None:
+    """Write merged-tree ``nodes`` as a new directory ``root`` (files copied out of the
+    store), for commands that must see them on disk."""
+    os.mkdir(root)
+    paths = sorted(nodes, key=lambda q: q.split("/"))
+    for path in paths:
+        node = nodes[path]
+        full = os.path.join(root, path)
+        if node.kind == "dir":
+            os.makedirs(full, exist_ok=True)
+        elif node.kind == "symlink":
+            os.symlink(node.target, full)
+        else:
+            with ctx.open_blob(node.digest) as src, open(full, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.chmod(full, node.mode)
+    for path in reversed(paths):  # directories last, deepest first: a 0555 one must not stop the copies
+        if nodes[path].kind == "dir":
+            os.chmod(os.path.join(root, path), nodes[path].mode)
 
 
 def place_artifact(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
@@ -220,22 +242,7 @@ class LayerWrite(ActionKind):
     def _run_extra_commands(ctx: ActionContext, tree: MergedTree, commands: str, uid: int,
                             gid: int) -> list[LayerEntry]:
         root = os.path.join(ctx.scratch_dir, "root")
-        os.mkdir(root)
-        for path in tree.sorted_paths():
-            node = tree.nodes[path]
-            full = os.path.join(root, path)
-            if node.kind == "dir":
-                os.makedirs(full, exist_ok=True)
-            elif node.kind == "symlink":
-                os.symlink(node.target, full)
-            else:
-                with ctx.open_blob(node.digest) as src, open(full, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-                os.chmod(full, node.mode)
-        for path in tree.sorted_paths():
-            if tree.nodes[path].kind == "dir":
-                os.chmod(os.path.join(root, path), tree.nodes[path].mode)
+        materialize_nodes(ctx, tree.nodes, root)
         home = os.path.join(ctx.scratch_dir, "home")
         os.mkdir(home)
         result = ctx.run_command(CommandRequest(

@@ -28,6 +28,7 @@ from dtbuild.plugins.builtin.image_actions import (
     LayerWrite,
     archive_images,
     canonical,
+    materialize_nodes,
     place_artifact,
     read_base_dirs,
 )
@@ -303,7 +304,7 @@ class CustomisationLayer(ActionKind):
             else:
                 baseline[path] = _Seen(node.kind, node.mode, uid, gid, node.size, node.target)
         root = os.path.join(ctx.scratch_dir, "root")
-        self._materialize(ctx, union, root)
+        materialize_nodes(ctx, union, root)
         home = os.path.join(ctx.scratch_dir, "home")
         os.mkdir(home)
         env = {"PATH": COMMAND_PATH, "HOME": home, "TMPDIR": ctx.scratch_dir, "LANG": "C.UTF-8", "TZ": "UTC",
@@ -335,24 +336,6 @@ class CustomisationLayer(ActionKind):
             final[path] = _Seen(kind, mode, e_uid, e_gid, size, target, (dev, ino), nlink)
         return self._changes(ctx, union, baseline, final, root, base_dirs)
 
-    @staticmethod
-    def _materialize(ctx: ActionContext, union: Mapping[str, Node], root: str) -> None:
-        os.mkdir(root)
-        paths = sorted(union, key=lambda q: q.split("/"))
-        for path in paths:
-            node = union[path]
-            full = os.path.join(root, path)
-            if node.kind == "dir":
-                os.makedirs(full, exist_ok=True)
-            elif node.kind == "symlink":
-                os.symlink(node.target, full)
-            else:
-                with ctx.open_blob(node.digest) as src, open(full, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                os.chmod(full, node.mode)
-        for path in reversed(paths):  # directories last, deepest first: a 0555 one must not stop the copies
-            if union[path].kind == "dir":
-                os.chmod(os.path.join(root, path), union[path].mode)
 
     @staticmethod
     def _run(ctx: ActionContext, argv: list[str], cwd: str, env: Mapping[str, str], what: str,

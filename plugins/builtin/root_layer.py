@@ -43,14 +43,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any, Protocol
 
-from dtbuild.plugins.builtin.layer_contents import ContentConflict, MergedTree, Node
+from dtbuild.plugins.builtin.image_actions import materialize_nodes, place_artifact
+from dtbuild.plugins.builtin.layer_contents import ContentConflict, MergedTree
 from dtbuild.plugins.builtin.layertar import LayerDigests, LayerEntry, sorted_entries, write_layer
 from dtbuild.plugins.interfaces import (
     ActionContext,
     ActionFailed,
     ActionKind,
     CommandRequest,
-    InputArtifact,
     LayerKind,
     TreeEntry,
 )
@@ -403,40 +403,11 @@ class RootLayerWrite(ActionKind):
             for index, dest, label in ctx.params["placements"]:
                 if label not in packages:
                     packages.append(label)
-                _place(ctx, tree, contents[index], dest.strip("/"), label)
+                place_artifact(ctx, tree, contents[index], dest.strip("/"), label)
         except ContentConflict as e:
             raise ActionFailed(str(e)) from None
-        os.mkdir(seed)
-        paths = tree.sorted_paths()
-        for path in paths:
-            node = tree.nodes[path]
-            full = os.path.join(seed, path)
-            if node.kind == "dir":
-                os.makedirs(full, exist_ok=True)
-            elif node.kind == "symlink":
-                os.symlink(node.target, full)
-            else:
-                with ctx.open_blob(node.digest) as src, open(full, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                os.chmod(full, node.mode)
-        for path in reversed(paths):
-            if tree.nodes[path].kind == "dir":
-                os.chmod(os.path.join(seed, path), tree.nodes[path].mode)
+        materialize_nodes(ctx, tree.nodes, seed)
         return packages
-
-
-def _place(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
-    if art.is_tree:
-        for e in ctx.walk_tree(art):
-            tree.add(f"{dest}/{e.path}" if dest else e.path, Node(e.kind, e.mode, e.digest, e.size, e.target, label))
-        return
-    if not dest:
-        raise ContentConflict(f"{label} places the file {art.path} at / (the image root)")
-    if art.symlink is not None:
-        tree.add(dest, Node("symlink", 0o777, target=art.symlink, origin=label))
-    else:
-        ctx.store_file(art)
-        tree.add(dest, Node("file", 0o755 if art.executable else 0o644, art.digest, art.size, origin=label))
 
 
 def _failure(params: Mapping[str, Any], status: Mapping[str, Any], exit_code: int, output: str) -> ActionFailed:
