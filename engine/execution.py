@@ -376,6 +376,7 @@ class ActionRunner:
                         description=action.description)
             result = self._execute(action, kind, inputs)
             if action.cacheable:
+                self.store.make_durable()
                 self.store.put_action(key, result)
         else:
             self.store.touch_action(key)

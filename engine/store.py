@@ -7,9 +7,13 @@ Layout under the cache directory::
     ac/ab/<key>         action results (JSON with its own checksum)
     tmp/                temporary files, renamed into place when complete
 
-Every write goes to a unique temporary name in ``tmp/`` (same file system), is fsynced,
-then renamed into place, so a crash never leaves a partial entry under its final name
-and two processes writing the same entry both end with correct bytes. Reads verify:
+Every write goes to a unique temporary name in ``tmp/`` (same file system) and is
+renamed into place, so a crash never leaves a partial entry under its final name and two
+processes writing the same entry both end with correct bytes. Durability is one step per
+action rather than one fsync per blob (a tree of 20,000 files would pay 20,000 fsyncs):
+before an action's result enters the action cache, :meth:`Store.make_durable` flushes the
+cache's file system (``syncfs``), so a result never names blobs a power loss could take.
+A blob lost anyway fails verification (its size or bytes) and is rebuilt. Reads verify:
 blobs are written with a fixed sentinel mtime, so a blob whose size or mtime differs
 (someone wrote to it) is re-hashed, and one whose bytes no longer match its name is
 deleted and reported missing: the action that produced it runs again. Action results
@@ -47,14 +51,27 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+_buffers = threading.local()
+
+
 def read_chunks(path: str) -> Iterator[memoryview]:
-    """A file's bytes in 1 MiB chunks, through one reused buffer (a chunk is valid until
-    the next one is read)."""
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            yield view[:n]
+    """A file's bytes in 1 MiB chunks, through one buffer per thread (a chunk is valid
+    until the next one is read; callers consume each chunk before asking for another)."""
+    owner = not getattr(_buffers, "busy", False)
+    if owner:
+        view = getattr(_buffers, "view", None)
+        if view is None:
+            view = _buffers.view = memoryview(bytearray(_CHUNK))
+        _buffers.busy = True
+    else:
+        view = memoryview(bytearray(_CHUNK))  # nested use: a private buffer
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                yield view[:n]
+    finally:
+        if owner:
+            _buffers.busy = False
 
 
 def hash_file(path: str) -> tuple[str, int]:
@@ -122,8 +139,6 @@ class BlobWriter:
 
     def commit(self) -> str:
         digest = self._hash.hexdigest()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         self._store._install_blob(self._path, digest)
         return digest
@@ -188,6 +203,23 @@ class Store:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(temp, final)
         self._trusted.add(digest)
+
+    def make_durable(self) -> None:
+        """Flush everything written to the cache's file system to disk (syncfs; sync
+        where syncfs is not to be had)."""
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                if libc.syncfs(fd) == 0:
+                    return
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            pass
+        os.sync()
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
         """Whether an intact copy of the blob is present. A blob that was written to
