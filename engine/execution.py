@@ -551,8 +551,5 @@ class ActionRunner:
                            hint=None if self.debug else "run with --debug for the traceback")
 
 
-def failed_summary(outcomes: Iterable[ActionOutcome]) -> list[str]:
-    return [o.action.description for o in outcomes if o.status == "failed"]
-
 
 __all__ = ["ActionContextImpl", "ActionRunner", "ExecutionStats", "PluginItems", "action_key", "build_tree"]

@@ -34,8 +34,8 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 
-def canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+#: Canonical JSON (sorted keys, no spaces, UTF-8): the same value gives the same bytes.
+canonical = imageformat.canonical_json
 
 
 class _Hashing:
