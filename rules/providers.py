@@ -68,6 +68,12 @@ class LayerInfo(Provider):
     label: str
     tar: Artifact
     meta: Artifact
+    #: The layer already compressed by ``blob_compressor`` (written in the same pass as
+    #: the tar), with its JSON ``{"digest", "size", "media_type", "diff_id"}``; images
+    #: using that compressor take it instead of compressing the tar again.
+    blob: Artifact | None = None
+    blob_meta: Artifact | None = None
+    blob_compressor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,11 +206,23 @@ class LayerWrite(ActionKind):
             ordered = sorted_entries(entries)
         except ValueError as e:
             raise ActionFailed(str(e)) from None
+        compressor_name = params.get("compressor")
         with ctx.output_writer("tar") as out:
-            digests = write_layer(ordered, tar_out=out, compressor=None, blob_out=None)
+            if compressor_name:
+                # The blob in the same pass: nothing reads the tar again to compress it.
+                with ctx.output_writer("blob") as blob_out:
+                    digests = write_layer(ordered, tar_out=out, compressor=ctx.compressor(compressor_name),
+                                          blob_out=blob_out)
+            else:
+                digests = write_layer(ordered, tar_out=out, compressor=None, blob_out=None)
         meta = {"diff_id": digests.diff_id, "size": digests.tar_size, "packages": packages}
         with open(ctx.output_path("meta"), "wb") as f:
             f.write(canonical(meta))
+        if compressor_name:
+            blob_meta = {"digest": digests.blob_digest, "size": digests.blob_size, "media_type": digests.media_type,
+                         "diff_id": digests.diff_id}
+            with open(ctx.output_path("blob_meta"), "wb") as f:
+                f.write(canonical(blob_meta))
 
     @staticmethod
     def _with_base_dir(entry: LayerEntry, base_dirs: dict[str, Any]) -> LayerEntry:

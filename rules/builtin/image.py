@@ -56,7 +56,8 @@ def layer_placements(packages: Sequence[PackageInfo], *, closure: bool = True,
 def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: Sequence[PackageInfo],
                   base: ImageInfo | None = None, description: str | None = None,
                   settings: Mapping[str, Any] | None = None, closure: bool = True,
-                  base_dirs: Artifact | None = None, mnemonic: str = "LayerWrite") -> LayerInfo:
+                  base_dirs: Artifact | None = None, mnemonic: str = "LayerWrite",
+                  compressor: str | None = None) -> LayerInfo:
     """Declare a LayerWrite action for ``packages`` with this target's uid, gid,
     keep_contents_dirlinks and extra_commands attributes.
 
@@ -65,7 +66,8 @@ def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: 
     LayerWrite). ``closure=False`` places only ``packages``, not their runtime
     dependencies. ``base_dirs`` (a BaseDirectories output) stands for ``base`` when
     only the base's directories matter, so the base's layers are read once per image
-    rather than once per layer.
+    rather than once per layer. ``compressor`` (other than none) also writes the
+    compressed blob in the same pass.
     """
     arts, placements = layer_placements(packages, closure=closure)
     inputs: dict[str, list[Artifact]] = {"contents": arts}
@@ -77,11 +79,18 @@ def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: 
         settings = {"uid": ctx.attr.uid, "gid": ctx.attr.gid,
                     "keep_contents_dirlinks": ctx.attr.keep_contents_dirlinks,
                     "extra_commands": ctx.attr.extra_commands}
-    ctx.actions.declare(
-        mnemonic, inputs=inputs, outputs={"tar": tar, "meta": meta},
-        params={"placements": placements, **settings},
-        description=description or f"{mnemonic} {ctx.label}")
-    return LayerInfo(label=ctx.label, tar=tar, meta=meta)
+    outputs = {"tar": tar, "meta": meta}
+    params = {"placements": placements, **settings}
+    blob = blob_meta = None
+    if compressor is not None and compressor != "none":
+        stem = tar.basename.removesuffix(".tar")
+        blob = outputs["blob"] = ctx.declare_internal(f"{stem}.{compressor}")
+        blob_meta = outputs["blob_meta"] = ctx.declare_internal(f"{stem}.{compressor}.json")
+        params["compressor"] = compressor
+    ctx.actions.declare(mnemonic, inputs=inputs, outputs=outputs, params=params,
+                        description=description or f"{mnemonic} {ctx.label}")
+    return LayerInfo(label=ctx.label, tar=tar, meta=meta, blob=blob, blob_meta=blob_meta,
+                     blob_compressor=compressor if blob is not None else None)
 
 
 def check_ids(ctx: RuleContext) -> None:
@@ -173,6 +182,10 @@ def compress_layers(ctx: RuleContext, layers: Sequence[LayerInfo], compressor: s
         inputs["layer_tars"].append(layer.tar)
         inputs["layer_metas"].append(layer.meta)
         if compressor == "none":
+            continue
+        if layer.blob is not None and layer.blob_meta is not None and layer.blob_compressor == compressor:
+            inputs["blobs"].append(layer.blob)
+            inputs["blob_metas"].append(layer.blob_meta)
             continue
         stem = names[i] if names is not None else f"layer{i}"
         blob = ctx.declare_internal(f"{stem}.{compressor}")
@@ -270,7 +283,8 @@ def _image_impl(ctx: RuleContext) -> list[Provider]:
             keep_contents_dirlinks=ctx.attr.keep_contents_dirlinks))
     elif packages or ctx.attr.extra_commands or not (layers or base):
         layers.append(declare_layer(ctx, tar=ctx.declare_internal("layer.tar"),
-                                    meta=ctx.declare_internal("layer.json"), packages=packages, base=base))
+                                    meta=ctx.declare_internal("layer.json"), packages=packages, base=base,
+                                    compressor=ctx.attr.compressor))
     return declare_image(ctx, layers=layers, base=base, config=config, repository=repo, tag=tag,
                          compressor=ctx.attr.compressor)
 
