@@ -18,7 +18,7 @@ from dtbuild.engine.errors import DtbuildError
 from dtbuild.engine.execution import ActionRunner, ExecutionStats, PluginItems, action_key
 from dtbuild.engine.labels import Label, parse_pattern
 from dtbuild.engine.load import Loader
-from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager
+from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager, plugin_distributions
 from dtbuild.engine.sources import SourceDigests
 from dtbuild.engine.store import Store
 from dtbuild.engine.workspace import Workspace
@@ -105,7 +105,7 @@ class Session:
             cls = kinds[name]
             kinds[name] = type(cls.__name__, (cls,), {"VERSION": f"{cls.VERSION}+{digest}"})
         return PluginItems(kinds, dict(self.registry.get("executors")), dict(self.registry.get("compressors")),
-                           self.pm.hook)
+                           self.pm.hook, fingerprints=self.registry.fingerprints(plugin_distributions(self.pm)))
 
     def _results_index_path(self) -> str:
         return os.path.join(self.workspace.state_dir, RESULTS_INDEX_FILE)
@@ -221,6 +221,8 @@ class Session:
                       for slot, arts in action.inputs.items()}
             entry = {"key": outcome.key, "inputs": inputs, "params": dict(action.params),
                      "version": [kind.VERSION, action.rule_version]}
+            if action.uses:
+                entry["uses"] = runner.plugins.uses_of(action)
             if record.get(aid) != entry:
                 record[aid] = entry
                 changed = True
@@ -242,6 +244,7 @@ class Session:
             record = {}
         will_run: set[str] = set()
         lines = []
+        plugins = runner.plugins
         for action in actions:
             upstream = sorted({analysis.producers[a.path].owner for arts in action.inputs.values() for a in arts
                                if not a.is_source and a.path in will_run})
@@ -252,23 +255,34 @@ class Session:
                 continue
             kind = runner.kind_for(action)
             inputs = {slot: [runner.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
-            key = action_key(action, kind.VERSION, inputs)
+            key = action_key(action, kind.VERSION, inputs, plugins.uses_of(action))
             cached = store.get_action(key)
-            if cached is not None and runner._outputs_present(cached, action):
+            stale = runner.stale_uses(cached) if cached is not None else []
+            if cached is not None and not stale and runner.reusable(cached, action):
                 for slot, art in action.outputs.items():
                     runner.values[art.path] = cached.outputs[slot]
                 lines.append(f"{action.description}: cached")
                 continue
             will_run.update(a.path for a in action.outputs.values())
-            lines.append(f"{action.description}: would run, because {self._why(action, kind.VERSION, inputs, record)}")
+            why = (f"a plugin it uses changed: {', '.join(stale)}" if stale
+                   else self._why(action, kind.VERSION, inputs, plugins.uses_of(action), record))
+            lines.append(f"{action.description}: would run, because {why}")
         runner.sources.save()
         return lines
 
-    def _why(self, action: ActionDecl, kind_version: str, inputs: dict[str, list[Any]], record: dict[str, Any]) -> str:
+    def _why(self, action: ActionDecl, kind_version: str, inputs: dict[str, list[Any]],
+             uses: dict[str, dict[str, str]], record: dict[str, Any]) -> str:
         last = record.get(self._action_id(action))
         if last is None:
             return "it has never been built in this workspace"
         reasons = []
+        last_uses = last.get("uses") if isinstance(last.get("uses"), dict) else {}
+        for registry, names in sorted(uses.items()):
+            for name, version in sorted(names.items()):
+                before = (last_uses.get(registry) or {}).get(name)
+                if before is not None and before != version:
+                    reasons.append(f"{registry.removesuffix('s').replace('_', ' ')} '{name}' changed "
+                                   f"(version {before} -> {version})")
         if last["version"] != [kind_version, action.rule_version]:
             now = [kind_version, action.rule_version]
             reasons.append(f"the implementation changed (version {last['version']} -> {now})")

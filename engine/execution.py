@@ -69,7 +69,24 @@ class PluginItems:
     executors: Mapping[str, type[Executor]]
     compressors: Mapping[str, type[Compressor]]
     hook: Any  # pluggy's HookRelay
+    #: Version text of every registered object by registry and name (its ``VERSION``,
+    #: plus the source digest of a workspace module or the version of its distribution).
+    fingerprints: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     _instances: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self, registry: str, name: str) -> str:
+        """The version text of a registered object; "unregistered" for a name no plugin
+        registers (the action that needs it fails when it runs)."""
+        found = self.fingerprints.get(registry, {}).get(name)
+        if found is not None:
+            return found
+        cls = {"compressors": self.compressors, "executors": self.executors}.get(registry, {}).get(name)
+        return str(getattr(cls, "VERSION", "1")) if cls is not None else "unregistered"
+
+    def uses_of(self, action: ActionDecl) -> dict[str, dict[str, str]]:
+        """The versions of the registered objects ``action`` declares it uses."""
+        return {registry: {name: self.fingerprint(registry, name) for name in names}
+                for registry, names in sorted(action.uses.items())}
 
     def compressor(self, name: str) -> Compressor:
         inst = self._instances.get("c:" + name)
@@ -99,8 +116,12 @@ class PluginItems:
         return inst
 
 
-def action_key(action: ActionDecl, kind_version: str, inputs: Mapping[str, Sequence[InputArtifact]]) -> str:
-    doc = {
+def action_key(action: ActionDecl, kind_version: str, inputs: Mapping[str, Sequence[InputArtifact]],
+               uses: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """The action's cache key. ``uses`` holds the versions of the registered objects
+    the action declares (:meth:`PluginItems.uses_of`); keys of actions that declare
+    none are unchanged by it."""
+    doc: dict[str, Any] = {
         "engine": ENGINE_KEY_VERSION,
         "mnemonic": action.mnemonic,
         "kind_version": kind_version,
@@ -112,6 +133,8 @@ def action_key(action: ActionDecl, kind_version: str, inputs: Mapping[str, Seque
                    for slot, arts in sorted(inputs.items())},
         "outputs": {slot: [art.path, art.is_tree] for slot, art in sorted(action.outputs.items())},
     }
+    if uses:
+        doc["uses"] = {registry: dict(sorted(names.items())) for registry, names in sorted(uses.items())}
     return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
@@ -171,6 +194,10 @@ class ActionContextImpl:
         self._slots = {name: i for i, name in enumerate(sorted(action.outputs))}
         self.direct_outputs: dict[str, OutputValue] = {}
         self._open_streams: list[_OutputStream] = []
+        #: Versions of the registered objects the action asked for while it ran; kept in
+        #: its result, so a new version of one makes the result stale even where the
+        #: action did not declare it.
+        self.used: dict[str, dict[str, str]] = {}
 
     def inputs(self, name: str) -> Sequence[InputArtifact]:
         return self._inputs.get(name, [])
@@ -242,7 +269,9 @@ class ActionContextImpl:
         return executor.run(request, self._runner.cancel)
 
     def compressor(self, name: str) -> Compressor:
-        return self._runner.plugins.compressor(name)
+        found = self._runner.plugins.compressor(name)
+        self.used.setdefault("compressors", {})[name] = self._runner.plugins.fingerprint("compressors", name)
+        return found
 
     def log(self, message: str) -> None:
         self._runner.report("dtbuild_action_log", label=self.action.owner, mnemonic=self.action.mnemonic,
@@ -347,6 +376,28 @@ class ActionRunner:
             inst = self._kind_instances[action.mnemonic] = cls()
         return inst
 
+    def reusable(self, result: ActionResult, action: ActionDecl) -> bool:
+        """Whether a cached result can stand for running ``action``: every output is in
+        the store and every registered object it used still has the version it had."""
+        return self._outputs_present(result, action) and not self.stale_uses(result)
+
+    def stale_uses(self, result: ActionResult) -> list[str]:
+        """The registered objects a result was made with whose version has changed since,
+        as "compressor 'gz' (version 1 -> 2)"."""
+        used = result.meta.get("uses")
+        if not isinstance(used, dict):
+            return []
+        changed = []
+        for registry, names in sorted(used.items()):
+            if not isinstance(names, dict):
+                return [f"{registry} (unreadable record)"]
+            for name, version in sorted(names.items()):
+                now = self.plugins.fingerprint(registry, name)
+                if now != version:
+                    changed.append(f"{registry.removesuffix('s').replace('_', ' ')} '{name}' "
+                                   f"(version {version} -> {now})")
+        return changed
+
     def _outputs_present(self, result: ActionResult, action: ActionDecl) -> bool:
         if set(result.outputs) != set(action.outputs):
             return False
@@ -364,13 +415,13 @@ class ActionRunner:
         started = time.monotonic()
         kind = self.kind_for(action)
         inputs = {slot: [self.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
-        key = action_key(action, kind.VERSION, inputs)
+        key = action_key(action, kind.VERSION, inputs, self.plugins.uses_of(action))
         result = None
         if action.cacheable:
             known = self.known_results.get(key)
             result = ActionResult.from_json(known) if known is not None else self.store.get_action(key)
         status = "cached"
-        if result is None or not self._outputs_present(result, action):
+        if result is None or not self.reusable(result, action):
             status = "executed"
             self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
                         description=action.description)
@@ -424,7 +475,13 @@ class ActionRunner:
                     executable = bool(os.stat(path).st_mode & 0o100)
                     digest, size = self.store.put_file(path)
                     outputs[slot] = OutputValue(digest, size, False, executable)
-            return ActionResult(outputs, {"mnemonic": action.mnemonic})
+            meta: dict[str, Any] = {"mnemonic": action.mnemonic}
+            used = {registry: dict(names) for registry, names in ctx.used.items()}
+            for registry, names in self.plugins.uses_of(action).items():
+                used.setdefault(registry, {}).update(names)
+            if used:
+                meta["uses"] = used
+            return ActionResult(outputs, meta)
         finally:
             ctx.abort_streams()
             remove_tree(work_dir)

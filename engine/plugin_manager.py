@@ -74,6 +74,11 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         pm._dtbuild_dists[ep.name] = dist_name  # type: ignore[attr-defined]
 
 
+def plugin_distributions(pm: pluggy.PluginManager) -> dict[str, str]:
+    """"NAME VERSION" of the distribution of each plugin loaded from an entry point."""
+    return dict(getattr(pm, "_dtbuild_dists", {}))
+
+
 def _load_workspace_module(pm: pluggy.PluginManager, spec: str, root: str) -> None:
     if spec.endswith(".py"):
         path = os.path.normpath(os.path.join(root, spec))
@@ -116,6 +121,22 @@ class Registry:
     #: editing a workspace plugin invalidates exactly the actions of its kinds and rules.
     versions: dict[str, dict[str, str]] = field(default_factory=dict)
     build_globals: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprints(self, dists: Mapping[str, str] | None = None) -> dict[str, dict[str, str]]:
+        """The version text of every registered object: its ``VERSION`` (or "1"), then
+        ``+`` the source digest of the workspace module that registered it, or the name
+        and version of the distribution whose entry point did (``dists``, by plugin)."""
+        dists = dists or {}
+        found: dict[str, dict[str, str]] = {}
+        for registry, items in self.items.items():
+            versions = self.versions.get(registry, {})
+            owners = self.owners.get(registry, {})
+            out = found[registry] = {}
+            for name, item in items.items():
+                text = str(getattr(item, "VERSION", None) or getattr(item, "version", None) or "1")
+                extra = versions.get(name) or dists.get(owners.get(name, ""))
+                out[name] = f"{text}+{extra}" if extra else text
+        return found
 
     def names(self) -> dict[str, list[str]]:
         return {reg: sorted(items) for reg, items in self.items.items()}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -130,6 +130,9 @@ class ActionDecl:
     #: (``created = "now"``): they run every time and never enter the cache.
     cacheable: bool = True
     rule_version: str = "1"
+    #: Registered objects besides the action kind whose code decides the output bytes,
+    #: by registry: ``{"compressors": ("gz",)}``. Their versions go into the cache key.
+    uses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class Actions:
@@ -143,11 +146,14 @@ class Actions:
     def declare(self, mnemonic: str, *, outputs: Mapping[str, Artifact],
                 inputs: Mapping[str, Sequence[Artifact]] | None = None,
                 params: Mapping[str, Any] | None = None, description: str | None = None,
-                executor: str = "auto", network: bool = False, cacheable: bool = True) -> ActionDecl:
+                executor: str = "auto", network: bool = False, cacheable: bool = True,
+                uses: Mapping[str, Sequence[str]] | None = None) -> ActionDecl:
         """Declare that the action kind ``mnemonic`` turns ``inputs`` into ``outputs``.
 
         ``params`` must be JSON values: they go, with the inputs' digests, into the
-        action's cache key.
+        action's cache key. ``uses`` names the other registered objects the action's
+        bytes depend on (``{"compressors": ["zstd"]}``): their versions join the key, so
+        a new version of one re-runs exactly the actions that use it.
         """
         if not _MNEMONIC_RE.match(mnemonic):
             raise ValueError(f"action mnemonic {mnemonic!r} must be CamelCase")
@@ -163,7 +169,8 @@ class Actions:
             outputs=dict(outputs),
             params=dict(params or {}),
             description=description or f"{mnemonic} {self._owner}",
-            executor=executor, network=network, cacheable=cacheable, rule_version=self._rule_version)
+            executor=executor, network=network, cacheable=cacheable, rule_version=self._rule_version,
+            uses={registry: tuple(sorted(set(names))) for registry, names in sorted((uses or {}).items()) if names})
         self.declared.append(decl)
         return decl
 

@@ -88,7 +88,8 @@ def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: 
         blob_meta = outputs["blob_meta"] = ctx.declare_internal(f"{stem}.{compressor}.json")
         params["compressor"] = compressor
     ctx.actions.declare(mnemonic, inputs=inputs, outputs=outputs, params=params,
-                        description=description or f"{mnemonic} {ctx.label}")
+                        description=description or f"{mnemonic} {ctx.label}",
+                        uses={"compressors": [compressor]} if blob is not None else None)
     return LayerInfo(label=ctx.label, tar=tar, meta=meta, blob=blob, blob_meta=blob_meta,
                      blob_compressor=compressor if blob is not None else None)
 
@@ -166,7 +167,8 @@ def declare_image_outputs(ctx: RuleContext, *, image_tree: Artifact, description
     archive = ctx.declare_file(f"{ctx.name}.tar{ext}")
     oci = ctx.declare_directory(f"{ctx.name}.oci")
     ctx.actions.declare("DockerArchive", inputs={"images": [image_tree]}, outputs={"archive": archive},
-                        params={"compressor": compressor}, description=f"DockerArchive {ctx.label}")
+                        params={"compressor": compressor}, description=f"DockerArchive {ctx.label}",
+                        uses={"compressors": [compressor]})
     ctx.actions.declare("OciLayout", inputs={"images": [image_tree]}, outputs={"layout": oci},
                         params={}, description=f"OciLayout {ctx.label}")
     return [archive, oci, description]
@@ -192,7 +194,8 @@ def compress_layers(ctx: RuleContext, layers: Sequence[LayerInfo], compressor: s
         blob_meta = ctx.declare_internal(f"{stem}.{compressor}.json")
         ctx.actions.declare("LayerCompress", inputs={"tar": [layer.tar], "meta": [layer.meta]},
                             outputs={"blob": blob, "meta": blob_meta}, params={"compressor": compressor},
-                            description=f"LayerCompress {ctx.label} layer {i} ({compressor})")
+                            description=f"LayerCompress {ctx.label} layer {i} ({compressor})",
+                            uses={"compressors": [compressor]})
         inputs["blobs"].append(blob)
         inputs["blob_metas"].append(blob_meta)
     return inputs
@@ -253,7 +256,8 @@ def declare_image(ctx: RuleContext, *, layers: Sequence[LayerInfo], base: ImageI
                 "compressor": compressor, "layer_labels": [layer.label for layer in layers],
                 "archive": f"{description.root}/{ctx.name}.tar{ext}",
                 "oci_layout": f"{description.root}/{ctx.name}.oci", **(extra_params or {})},
-        description=f"{mnemonic} {ctx.label}", cacheable=ctx.attr.created != "now")
+        description=f"{mnemonic} {ctx.label}", cacheable=ctx.attr.created != "now",
+        uses={"compressors": [compressor]})
     files = declare_image_outputs(ctx, image_tree=tree, description=description, compressor=compressor)
     return [DefaultInfo(files=tuple(files)), ImageInfo(label=ctx.label, image=tree, description=description)]
 

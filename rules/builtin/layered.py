@@ -294,7 +294,8 @@ def _merge_images_impl(ctx: RuleContext) -> list[Provider]:
     archive = ctx.declare_file(f"{ctx.name}.tar{_archive_extension(compressor)}")
     ctx.actions.declare("MergeImages", inputs={"images": [dep[ImageInfo].image for dep in ctx.attr.images]},
                         outputs={"archive": archive}, params={"compressor": compressor},
-                        description=f"MergeImages {ctx.label} ({len(ctx.attr.images)} images)")
+                        description=f"MergeImages {ctx.label} ({len(ctx.attr.images)} images)",
+                        uses={"compressors": [compressor]})
     return [DefaultInfo(files=(archive,))]
 
 
