@@ -111,12 +111,8 @@ class Session:
         return os.path.join(self.workspace.state_dir, RESULTS_INDEX_FILE)
 
     def _load_results_index(self) -> dict[str, Any]:
-        try:
-            with open(self._results_index_path(), "rb") as f:
-                index = json.loads(f.read())
-            return index if isinstance(index, dict) else {}
-        except (FileNotFoundError, ValueError):
-            return {}
+        index = read_state_file(self._results_index_path())
+        return {k: v for k, v in index.items() if isinstance(v, dict)}
 
     def _save_results_index(self, runner: ActionRunner) -> None:
         """Remember this build's results (and the previous ones, up to a bound)."""
@@ -180,21 +176,8 @@ class Session:
         self.last_runner = runner
         return result
 
-    @contextlib.contextmanager
-    def workspace_lock(self) -> Iterator[None]:
-        """One build at a time per workspace (like Bazel's output base lock); others wait."""
-        os.makedirs(self.workspace.state_dir, exist_ok=True)
-        fd = os.open(os.path.join(self.workspace.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print("dtbuild: another dtbuild command is running in this workspace; waiting for it",
-                      file=sys.stderr)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def workspace_lock(self) -> contextlib.AbstractContextManager[None]:
+        return workspace_lock(self.workspace)
 
     # ------------------------------------------------------------------ explain
 
@@ -203,18 +186,15 @@ class Session:
 
     def _record_inputs(self, runner: ActionRunner, actions: Sequence[ActionDecl]) -> None:
         path = os.path.join(self.workspace.state_dir, LAST_INPUTS_FILE)
-        try:
-            with open(path, "rb") as f:
-                record = json.loads(f.read())
-        except (FileNotFoundError, ValueError):
-            record = {}
+        record = read_state_file(path)
         changed = False
         for outcome in runner.outcomes:
             if outcome.status == "failed":
                 continue
             action = outcome.action
             aid = self._action_id(action)
-            if outcome.status != "executed" and record.get(aid, {}).get("key") == outcome.key:
+            last = record.get(aid)
+            if outcome.status != "executed" and isinstance(last, dict) and last.get("key") == outcome.key:
                 continue
             kind = runner.kind_for(action)
             inputs = {slot: [[a.path, a.digest] for a in map(runner.input_artifact, arts)]
@@ -237,11 +217,7 @@ class Session:
         actions = analysis.actions_for(labels)
         store = self.store()
         runner = self._runner(store, BuildOptions(), threading.Event())
-        try:
-            with open(os.path.join(self.workspace.state_dir, LAST_INPUTS_FILE), "rb") as f:
-                record = json.loads(f.read())
-        except (FileNotFoundError, ValueError):
-            record = {}
+        record = read_state_file(os.path.join(self.workspace.state_dir, LAST_INPUTS_FILE))
         will_run: set[str] = set()
         lines = []
         plugins = runner.plugins
@@ -275,6 +251,14 @@ class Session:
         last = record.get(self._action_id(action))
         if last is None:
             return "it has never been built in this workspace"
+        try:
+            return self._changes(action, kind_version, inputs, uses, last)
+        except (AttributeError, KeyError, TypeError, ValueError):  # a record of another shape
+            return "its previous result is no longer in the cache (the record of its last build is unreadable)"
+
+    @staticmethod
+    def _changes(action: ActionDecl, kind_version: str, inputs: dict[str, list[Any]],
+                 uses: dict[str, dict[str, str]], last: dict[str, Any]) -> str:
         reasons = []
         last_uses = last.get("uses") if isinstance(last.get("uses"), dict) else {}
         for registry, names in sorted(uses.items()):
@@ -302,6 +286,35 @@ class Session:
                     reasons.append(f"input {p} changed (sha256 {before[p][:12]} -> {now[p][:12]})")
         return "; ".join(reasons) or "its previous result is no longer in the cache"
 
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Workspace) -> Iterator[None]:
+    """One command that writes dtbuild-out/ or the state at a time per workspace (like
+    Bazel's output base lock); others wait."""
+    os.makedirs(workspace.state_dir, exist_ok=True)
+    fd = os.open(os.path.join(workspace.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("dtbuild: another dtbuild command is running in this workspace; waiting for it",
+                  file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_state_file(path: str) -> dict[str, Any]:
+    """A JSON object from the workspace state directory, or {} when the file is missing,
+    unreadable or of another shape: state files are an optimisation only."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class StoreReader:
@@ -344,11 +357,14 @@ def image_inputs(session: Session, label: Label, options: BuildOptions, cancel: 
     with session.workspace_lock(), store.lock():
         runner = session._runner(store, options, cancel)
         session.pm.hook.dtbuild_build_started(targets=[str(label)], total_actions=len(needed))
+        finished = False
         try:
             runner.run(needed, analysis.producers)
+            finished = True
         finally:
             runner.sources.save()
-            session.pm.hook.dtbuild_build_finished(summary={}, success=True)
+            session.pm.hook.dtbuild_build_finished(summary=BuildResult([label], runner.stats).summary(),
+                                                   success=finished)
     value = runner.values[image.image.path]
     artifact = InputArtifact(image.image.path, value.digest, True, value.size)
     return StoreReader(store, {"images": [artifact]}), artifact, compressor

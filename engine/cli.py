@@ -456,16 +456,19 @@ def _cmd_load(args: argparse.Namespace) -> int:
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from dtbuild.engine.store import remove_tree
+    from dtbuild.engine.build import workspace_lock
+    from dtbuild.engine.store import Store, remove_tree
     from dtbuild.engine.workspace import find_workspace
 
     workspace = find_workspace()
-    remove_tree(workspace.out_dir)
-    print(f"removed {workspace.out_dir}", file=sys.stderr)
-    if args.expunge:
-        cache = workspace.cache_dir()
-        remove_tree(cache)
-        print(f"removed the cache at {cache}", file=sys.stderr)
+    with workspace_lock(workspace):  # a running build finishes first
+        remove_tree(workspace.out_dir)
+        print(f"removed {workspace.out_dir}", file=sys.stderr)
+        if args.expunge:
+            cache = workspace.cache_dir()
+            if os.path.isdir(cache):
+                Store(cache).expunge()  # waits for builds of other workspaces that share it
+            print(f"removed the cache at {cache}", file=sys.stderr)
     return 0
 
 

@@ -376,6 +376,15 @@ class ActionRunner:
             inst = self._kind_instances[action.mnemonic] = cls()
         return inst
 
+    def _known_result(self, key: str) -> ActionResult | None:
+        known = self.known_results.get(key)
+        if known is None:
+            return None
+        try:
+            return ActionResult.from_json(known)
+        except (AttributeError, KeyError, TypeError, ValueError):  # the index is an optimisation only
+            return None
+
     def reusable(self, result: ActionResult, action: ActionDecl) -> bool:
         """Whether a cached result can stand for running ``action``: every output is in
         the store and every registered object it used still has the version it had."""
@@ -418,8 +427,7 @@ class ActionRunner:
         key = action_key(action, kind.VERSION, inputs, self.plugins.uses_of(action))
         result = None
         if action.cacheable:
-            known = self.known_results.get(key)
-            result = ActionResult.from_json(known) if known is not None else self.store.get_action(key)
+            result = self._known_result(key) or self.store.get_action(key)
         status = "cached"
         if result is None or not self.reusable(result, action):
             status = "executed"

@@ -42,9 +42,12 @@ class OutputTree:
         self._index_path = os.path.join(workspace.state_dir, INDEX_FILE)
         try:
             with open(self._index_path, "rb") as f:
-                self._index: dict[str, list[object]] = json.loads(f.read())
-        except (FileNotFoundError, ValueError):
-            self._index = {}
+                loaded = json.loads(f.read())
+        except (OSError, ValueError):
+            loaded = {}
+        # Records of another shape are dropped: the index is an optimisation only.
+        self._index: dict[str, list[object]] = {
+            k: v for k, v in loaded.items() if isinstance(v, list) and len(v) == 3} if isinstance(loaded, dict) else {}
         self._dirty = False
         self.written = 0
 

@@ -439,9 +439,22 @@ class Store:
         fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            for d in (self.cas_dir, self.ac_dir, self.tmp_dir):  # an expunge may have run meanwhile
+                if not os.path.isdir(d):
+                    os.makedirs(d, exist_ok=True)
             yield
         finally:
             os.close(fd)
+
+    def expunge(self) -> None:
+        """Remove every entry of the cache, once no build uses it (the lock file stays, so
+        that builds waiting for it find the emptied cache rather than a lost one)."""
+        with self.lock(exclusive=True):
+            self._trusted.clear()
+            self._dir_cache.clear()
+            for name in os.listdir(self.root):
+                if name != "lock":
+                    remove_tree(os.path.join(self.root, name))
 
     def touch_action(self, key: str) -> None:
         """Mark an action result as used now (gc keeps recently used results). Results
