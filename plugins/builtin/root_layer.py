@@ -85,6 +85,9 @@ _NO_ROOT_LAYERS_ARGV = ("/bin/sh", "-c",
 
 _SMALL_FILE = 1 << 20
 
+#: The mode of every directory a root layer works in (scratch, job, home, tmp).
+PRIVATE_MODE = 0o700
+
 
 # --------------------------------------------------------------------------- the job
 
@@ -357,13 +360,17 @@ class RootLayerWrite(ActionKind):
 
     def run(self, ctx: ActionContext) -> None:
         p = ctx.params
+        # The base's setuid binaries sit in ``lower`` while the script runs: no other user
+        # may reach them, whatever the modes of the directories above.
+        os.chmod(ctx.scratch_dir, PRIVATE_MODE)
         job_dir = os.path.join(ctx.scratch_dir, "job")
         lower = os.path.join(ctx.scratch_dir, "lower")
         seed = os.path.join(ctx.scratch_dir, "seed")
-        os.mkdir(job_dir)
+        os.mkdir(job_dir, PRIVATE_MODE)
         rootfs = ctx.inputs("rootfs")
         if rootfs:
             ctx.materialize(rootfs[0], lower)
+            restore_special_bits(lower, ctx.walk_tree(rootfs[0]))
         else:
             os.mkdir(lower)
         owners_path = os.path.join(job_dir, "owners.json")
@@ -446,6 +453,8 @@ def apply_owners(root: str, owners_path: str, *, log: Callable[[str], None] = la
         raise ValueError(f"{owners_path}: not a {OWNERS_FORMAT} file")
     for path, uid, gid in sidecar["owners"]:
         full = os.path.join(root, path)
+        if not _parent_is_inside(root, path):
+            continue
         try:
             st = os.lstat(full)
         except FileNotFoundError:
@@ -454,19 +463,47 @@ def apply_owners(root: str, owners_path: str, *, log: Callable[[str], None] = la
         if not stat.S_ISLNK(st.st_mode):
             os.chmod(full, stat.S_IMODE(st.st_mode))  # chown clears setuid/setgid bits
     skipped = []
-    for path, kind, mode, uid, gid, major, minor in sidecar["specials"]:
+    for path, kind, mode, uid, gid, _major, _minor in sidecar["specials"]:
         full = os.path.join(root, path)
-        if not os.path.isdir(os.path.dirname(full)):
+        if kind != "fifo":
+            # A device node made here would be a device on the host (in the cache), so
+            # the base's devices stay in the sidecar only: see docs/root-layers.md.
+            if not path.startswith("dev/"):
+                skipped.append("/" + path)
             continue
-        file_type = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[kind]
+        if not _parent_is_inside(root, path):
+            continue
         try:
-            os.mknod(full, file_type | mode, os.makedev(major, minor))
+            os.mkfifo(full, mode & 0o777)
             os.lchown(full, uid, gid)
         except OSError:
-            skipped.append("/" + path)
+            continue
     if skipped:
         log(f"the base image's device nodes {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''} "
-            "cannot be created here and are left out of the overlay's lower directory")
+            "are not in the overlay: run_as_root does not see them (they stay in the base's layers)")
+
+
+def _parent_is_inside(root: str, path: str) -> bool:
+    """Whether the directory of ``path`` is a real directory of the tree at ``root``
+    (no symlink on the way that could lead a chown, chmod or mkfifo to the host)."""
+    parent = os.path.dirname(os.path.join(root, path))
+    expected = os.path.join(os.path.realpath(root), os.path.dirname(path))
+    return os.path.isdir(parent) and os.path.realpath(parent) == os.path.normpath(expected)
+
+
+def restore_special_bits(root: str, entries: Iterable[TreeEntry]) -> None:
+    """Give the files and directories of a materialized base tree their setuid, setgid
+    and sticky bits, which the store does not put on host files. The tree is under a
+    0700 directory: only root (or the invoking user) can reach them."""
+    for e in entries:
+        if e.kind == "symlink" or not e.mode & 0o7000:
+            continue
+        full = os.path.join(root, e.path)
+        if not _parent_is_inside(root, e.path):
+            continue
+        st = os.lstat(full)
+        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != e.mode & 0o7777:
+            os.chmod(full, e.mode & 0o7777)
 
 
 def match_seed_directories(seed: str, lower: str, uid: int, gid: int) -> None:
