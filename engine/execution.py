@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import shutil
 import threading
 import time
 import traceback
@@ -238,8 +237,9 @@ class ActionContextImpl:
             self._store.materialize_tree(artifact.digest, dest)
         else:
             self.store_file(artifact)
-            shutil.copyfile(self._store.blob_path(artifact.digest), dest)
-            os.chmod(dest, 0o755 if artifact.executable else 0o644)
+            # A new file (never written through an existing one or a symlink), mode
+            # 0755/0644: host copies never carry setuid, setgid or sticky bits.
+            self._store.copy_blob_to(artifact.digest, dest, 0o755 if artifact.executable else 0o644)
         return dest
 
     def output_path(self, name: str) -> str:
@@ -447,7 +447,7 @@ class ActionRunner:
 
     def _execute(self, action: ActionDecl, kind: ActionKind, inputs: dict[str, list[InputArtifact]]) -> ActionResult:
         work_dir = self.store.temp_path("action")
-        os.makedirs(work_dir)
+        os.makedirs(work_dir, mode=0o700)  # an action's files are no other user's business
         ctx = ActionContextImpl(self, action, inputs, work_dir)
         try:
             try:

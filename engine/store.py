@@ -16,8 +16,12 @@ cache's file system (``syncfs``), so a result never names blobs a power loss cou
 A blob lost anyway fails verification (its size or bytes) and is rebuilt. Reads verify:
 blobs are written with a fixed sentinel mtime, so a blob whose size or mtime differs
 (someone wrote to it) is re-hashed, and one whose bytes no longer match its name is
-deleted and reported missing: the action that produced it runs again. Action results
-carry the sha256 of their body and are dropped when it does not match.
+deleted and reported missing: the action that produced it runs again. Directory nodes
+are hashed whenever they are read and their names checked (one path component each),
+since a shared or remote cache may hand over anything. Action results carry the sha256
+of their body and are dropped when it does not match. What the store writes on the host
+(materialized trees and files) never has setuid, setgid or sticky bits and is never
+written through a symlink; ``tmp/`` is private (0700).
 
 Trees are stored as Directory nodes shaped like REAPI's ``Directory`` message (files,
 directories and symlinks, each sorted by name), in canonical JSON, so that a remote
@@ -161,8 +165,9 @@ class Store:
         self._trusted: set[str] = set()  # blobs checked during this process
         self._dir_cache: dict[str, dict[str, Any]] = {}
         try:
-            for d in (self.cas_dir, self.ac_dir, self.tmp_dir):
+            for d in (self.cas_dir, self.ac_dir):
                 os.makedirs(d, exist_ok=True)
+            make_private_dir(self.tmp_dir)
         except OSError as e:
             raise StoreError(f"cannot create the cache at {self.root}: {e.strerror}",
                              hint="point DTBUILD_CACHE_DIR or [cache] dir in dtbuild.toml at a writable directory",
@@ -312,12 +317,37 @@ class Store:
         return self.put_bytes(canonical_json(node))
 
     def read_directory(self, digest: str) -> dict[str, Any]:
+        """A tree's Directory node, hashed as it is read and checked (see
+        :func:`check_directory_node`): a node whose bytes do not match its digest, or
+        that is not a valid node, is deleted and reported missing (StoreError), so the
+        action that produced the tree runs again. Whoever can write to a cache (a
+        shared or remote one) must not be able to make dtbuild write outside an
+        output directory by naming an entry ``../x``."""
         node = self._dir_cache.get(digest)
         if node is None:
-            if not self.has_blob(digest):
-                raise StoreError(f"tree node {digest} is missing from the cache at {self.root}",
+            missing = StoreError(f"tree node {digest} is missing from the cache at {self.root}",
                                  hint="run the build again; missing entries are rebuilt")
-            node = json.loads(self.read_blob(digest))
+            try:
+                data = self.read_blob(digest)
+            except StoreError:
+                raise missing from None
+            problem = None
+            if hashlib.sha256(data).hexdigest() != digest:
+                problem = "its bytes do not match its digest"
+            else:
+                try:
+                    node = json.loads(data)
+                    check_directory_node(node)
+                except ValueError as e:
+                    problem = str(e)
+            if problem is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.blob_path(digest))
+                self._trusted.discard(digest)
+                raise StoreError(f"tree node {digest} in the cache at {self.root} is invalid ({problem}); "
+                                 "it was deleted", hint="run the build again; missing entries are rebuilt")
+            self._trusted.add(digest)
+            assert node is not None
             self._dir_cache[digest] = node
         return node
 
@@ -383,23 +413,53 @@ class Store:
     def materialize_blob(self, digest: str, dest: str, executable: bool = False) -> None:
         """Write a copy of a blob at ``dest`` (atomically), mode 0755 or 0644."""
         tmp = dest + f".dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
-        shutil.copyfile(self.blob_path(digest), tmp)
-        os.chmod(tmp, 0o755 if executable else 0o644)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by a killed build; never written through
+        self.copy_blob_to(digest, tmp, 0o755 if executable else 0o644)
         os.replace(tmp, dest)
 
+    def copy_blob_to(self, digest: str, dest: str, mode: int, *, dir_fd: int | None = None) -> None:
+        """Write a copy of a blob as a new file ``dest`` (relative to ``dir_fd`` when
+        given), with permission bits ``mode & 0o777``. ``dest`` must not exist: an
+        existing file or symlink there is never written through."""
+        with self.open_blob(digest) as src:
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=dir_fd)
+            try:
+                _copy_fd(src.fileno(), out)
+                os.fchmod(out, mode & HOST_MODE_MASK)
+            finally:
+                os.close(out)
+
     def materialize_tree(self, digest: str, dest: str) -> None:
-        """Write a tree as a new directory ``dest`` (which must not exist)."""
+        """Write a tree as a new directory ``dest`` (which must not exist).
+
+        Entries are created relative to directory fds, each with O_EXCL/O_NOFOLLOW
+        semantics (names were validated when the nodes were read), so nothing is
+        written through a symlink. Host files get permission bits only: setuid, setgid
+        and sticky bits stay in the tree's metadata (layer headers carry them)."""
         node = self.read_directory(digest)
-        os.mkdir(dest)
+        os.mkdir(dest, 0o700)
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self._materialize_node(node, fd)
+        finally:
+            os.close(fd)
+
+    def _materialize_node(self, node: dict[str, Any], fd: int) -> None:
         for f in node["files"]:
-            target = os.path.join(dest, f["name"])
-            shutil.copyfile(self.blob_path(f["digest"]), target)
-            os.chmod(target, f["mode"])
+            self.copy_blob_to(f["digest"], f["name"], f["mode"], dir_fd=fd)
         for s in node["symlinks"]:
-            os.symlink(s["target"], os.path.join(dest, s["name"]))
+            os.symlink(s["target"], s["name"], dir_fd=fd)
         for d in node["directories"]:
-            self.materialize_tree(d["digest"], os.path.join(dest, d["name"]))
-        os.chmod(dest, node.get("mode", 0o755))
+            child = self.read_directory(d["digest"])
+            os.mkdir(d["name"], 0o700, dir_fd=fd)
+            child_fd = os.open(d["name"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                self._materialize_node(child, child_fd)
+            finally:
+                os.close(child_fd)
+        os.fchmod(fd, node.get("mode", 0o755) & HOST_MODE_MASK)
 
     # ------------------------------------------------------------------ action cache
 
@@ -498,7 +558,7 @@ class Store:
                             os.unlink(path)
                             removed["blobs"] += 1
             remove_tree(self.tmp_dir)
-            os.makedirs(self.tmp_dir, exist_ok=True)
+            make_private_dir(self.tmp_dir)
         return removed
 
     def _tree_digests(self, digest: str, into: set[str]) -> None:
@@ -521,6 +581,84 @@ class Store:
         for _, _, filenames in os.walk(self.ac_dir):
             actions += len(filenames)
         return {"blobs": blobs, "bytes": size, "actions": actions}
+
+
+#: The mode bits dtbuild puts on files it writes on the host: never setuid, setgid or sticky.
+HOST_MODE_MASK = 0o777
+_DIGEST_CHARS = frozenset("0123456789abcdef")
+_NODE_KEYS = {"files", "directories", "symlinks", "mode"}
+_ENTRY_KEYS = {"files": {"name", "digest", "size", "mode"}, "directories": {"name", "digest"},
+               "symlinks": {"name", "target"}}
+
+
+def check_directory_node(node: Any) -> None:
+    """Check that ``node`` is a Directory node as :meth:`Store.put_directory_node`
+    writes it: the three entry lists (and an optional mode), every name one path
+    component (not '.' or '..', no '/' or NUL) and unique in the node, digests 64
+    lowercase hex digits, sizes and modes integers in range.
+
+    :raises ValueError: naming what is wrong.
+    """
+    if not isinstance(node, dict) or not {"files", "directories", "symlinks"} <= set(node) \
+            or not set(node) <= _NODE_KEYS:
+        raise ValueError("not a Directory node (files, directories, symlinks, mode)")
+    if "mode" in node:
+        _check_int(node["mode"], 0o7777, "the directory's mode")
+    names: set[str] = set()
+    for key, fields in _ENTRY_KEYS.items():
+        entries = node[key]
+        if not isinstance(entries, list):
+            raise ValueError(f"its {key} are not a list")
+        for e in entries:
+            if not isinstance(e, dict) or set(e) != fields:
+                raise ValueError(f"an entry of its {key} does not have exactly the fields {', '.join(sorted(fields))}")
+            name = e["name"]
+            if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\x00" in name:
+                raise ValueError(f"the name {name!r} is not a single path component")
+            if name in names:
+                raise ValueError(f"the name {name!r} appears twice")
+            names.add(name)
+            if "digest" in e:
+                digest = e["digest"]
+                if not isinstance(digest, str) or len(digest) != 64 or not _DIGEST_CHARS.issuperset(digest):
+                    raise ValueError(f"{name!r} has digest {digest!r}, not 64 lowercase hex digits")
+            if key == "files":
+                _check_int(e["size"], 1 << 62, f"the size of {name!r}")
+                _check_int(e["mode"], 0o7777, f"the mode of {name!r}")
+            if key == "symlinks":
+                target = e["target"]
+                if not isinstance(target, str) or not target or "\x00" in target:
+                    raise ValueError(f"the symlink {name!r} has target {target!r}")
+
+
+def _check_int(value: Any, limit: int, what: str) -> None:
+    if type(value) is not int or not 0 <= value <= limit:
+        raise ValueError(f"{what} is {value!r}, not an integer from 0 to {limit}")
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    """Copy all of ``src`` (from its position) to ``dst``: in the kernel where it can."""
+    try:
+        while os.sendfile(dst, src, None, 1 << 30):
+            pass
+        return
+    except OSError:
+        pass  # no sendfile between these files: copy through a buffer
+    os.lseek(src, 0, os.SEEK_SET)
+    os.lseek(dst, 0, os.SEEK_SET)
+    os.ftruncate(dst, 0)
+    while chunk := os.read(src, _CHUNK):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view):]
+
+
+def make_private_dir(path: str) -> None:
+    """Create directory ``path`` (and its parents) if needed and make it 0700: scratch
+    space of builds (which may hold an image's files) is no other user's business."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 def _file_mode(st_mode: int, normalize: bool) -> int:
@@ -554,9 +692,12 @@ def atomic_write(path: str, data: bytes, *, tmp: str | None = None, mode: int = 
 def remove_tree(path: str) -> None:
     """Remove a file or directory tree, including read-only parts of it."""
     def onerror(func: Any, p: str, exc: Any) -> None:
+        # Make the directories in the way writable, but never chmod through a symlink
+        # (the tree may hold links to anything).
         try:
-            os.chmod(os.path.dirname(p), 0o755)
-            os.chmod(p, 0o755)
+            for d in (os.path.dirname(p), p):
+                if stat.S_ISDIR(os.lstat(d).st_mode):
+                    os.chmod(d, 0o700)
             func(p)
         except OSError:
             pass

@@ -1,17 +1,20 @@
 """The ``FetchUrl`` action kind: download with retries, verify the sha256 on the bytes
-as they arrive, and store nothing unless they match."""
+as they arrive, and store nothing unless they match. With ``extract``, the download is
+read as a tar archive by :mod:`dtbuild.plugins.builtin.tar_extract` and its entries go
+into the store as a tree: nothing of the archive is written to the host as files."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-import tarfile
 import time
 import urllib.parse
+from dataclasses import replace
 from typing import IO
 
-from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind
+from dtbuild.plugins.builtin import tar_extract
+from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind, TreeEntry
 
 ATTEMPTS = 3
 _CHUNK = 1 << 20
@@ -75,20 +78,55 @@ class FetchUrl(ActionKind):
                         break  # no point retrying a missing file
                     time.sleep(min(4.0, 0.5 * 2**attempt))
                     continue
-                self._place(ctx, temp, extract)
+                self._place(ctx, temp, extract, url)
                 return
         raise ActionFailed("could not download any of the URLs:\n  " + "\n  ".join(errors))
 
     @staticmethod
-    def _place(ctx: ActionContext, temp: str, extract: bool) -> None:
+    def _place(ctx: ActionContext, temp: str, extract: bool, url: str) -> None:
         out = ctx.output_path("out")
         if not extract:
             os.chmod(temp, 0o755 if ctx.params["executable"] else 0o644)
             shutil.move(temp, out)
             return
-        os.mkdir(out)
+        name = f"the download of {url}"
         try:
-            with tarfile.open(temp, "r:*") as archive:
-                archive.extractall(out, filter="tar")
-        except (tarfile.TarError, OSError) as e:
-            raise ActionFailed(f"cannot extract the download: {e}",) from None
+            with open(temp, "rb") as raw:
+                entries = _extracted_tree(ctx, raw)
+        except tar_extract.UnsafeArchive as e:
+            raise ActionFailed(f"cannot extract the download: {e.message(name)}") from None
+        ctx.output_tree("out", entries)
+
+
+def _extracted_tree(ctx: ActionContext, raw: IO[bytes]) -> list[TreeEntry]:
+    """The tree of a downloaded archive, as ``tar -x`` into an empty directory then
+    ingesting it gives: later members replace earlier ones, hard links are copies of
+    the content they share, and modes are normalised as every package's are (0755 for
+    directories and owner-executable files, 0644 for other files), so setuid bits and
+    owners of the archive never reach the tree."""
+    tree: dict[str, TreeEntry] = {}
+    for number, (entry, content) in enumerate(tar_extract.archive_entries(raw)):
+        path = entry.path
+        if entry.kind == "dir":
+            tree[path] = TreeEntry(path, "dir", 0o755)
+        elif entry.kind == "symlink":
+            tree[path] = TreeEntry(path, "symlink", 0o777, target=entry.target)
+        elif entry.kind == "hardlink":
+            tree[path] = replace(tree[entry.target], path=path)
+        elif entry.kind == "file":
+            assert content is not None
+            spill = os.path.join(ctx.scratch_dir, f"member-{number}")
+            fd = os.open(spill, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    shutil.copyfileobj(content, f, _CHUNK)
+                digest, size = ctx.put_file(spill)
+            finally:
+                os.unlink(spill)
+            tree[path] = TreeEntry(path, "file", 0o755 if entry.mode & 0o100 else 0o644, digest, size)
+        else:
+            raise tar_extract.UnsafeArchive(
+                f"is a {tar_extract.kind_text(entry.kind)}; an extracted download holds "
+                "only files, directories and symlinks", member=entry.member,
+                hint="repack the archive without it (GNU tar: --exclude PATTERN)")
+    return list(tree.values())

@@ -45,6 +45,7 @@ from dtbuild.plugins.builtin.layertar import (
     entry_header,
     sorted_entries,
 )
+from dtbuild.plugins.builtin.tar_extract import BoundedTarInfo
 from dtbuild.plugins.interfaces import Compressor
 
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -570,7 +571,13 @@ class _DirSource(_Source):
         self.root = root
 
     def path(self, name: str) -> str:
-        return os.path.join(self.root, *_member_name(name).split("/"))
+        path = os.path.join(self.root, *_member_name(name).split("/"))
+        # A symlink in the layout must not make it read (and put into an image) a file
+        # of the host outside the layout.
+        real, root = os.path.realpath(path), os.path.realpath(self.root)
+        if os.path.commonpath([real, root]) != root:
+            raise ValueError(f"{name} in the OCI layout {self.root} is a symbolic link to {real}, outside the layout")
+        return path
 
     def has(self, name: str) -> bool:
         return os.path.isfile(self.path(name))
@@ -629,7 +636,8 @@ class _ScannedTar(_Source):
         raw = open(self.archive, "rb")  # noqa: SIM115 (closed with the tar below)
         try:
             stream = compressor_named(self.compression).decompress_from(raw)
-            tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (closed by the caller)
+            tar = tarfile.open(fileobj=stream, mode="r|",  # noqa: SIM115 (closed by the caller)
+                               tarinfo=BoundedTarInfo)
         except BaseException:
             raw.close()
             raise
@@ -710,7 +718,8 @@ class _ScannedTar(_Source):
             return io.BytesIO(member.data)
         target = self._resolve(name)
         if self.compression == NoneCompressor.NAME:
-            tar = tarfile.open(self.archive, mode="r:")  # noqa: SIM115 (closed with the member stream)
+            tar = tarfile.open(self.archive, mode="r:",  # noqa: SIM115 (closed with the member stream)
+                               tarinfo=BoundedTarInfo)
             src = tar.extractfile(target)
         else:  # no random access into a compressed stream: read up to the member
             tar = self._open_tar()

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import IO
 
+from dtbuild.plugins.builtin.tar_extract import BoundedTarInfo
+
 
 class ContentConflict(ValueError):
     """Two packages disagree about a path in a way that cannot be merged."""
@@ -119,7 +121,8 @@ def base_directories(layer_streams: Iterable[IO[bytes]]) -> dict[str, DirAttrs]:
     honoured), with their modes and owners."""
     dirs: dict[str, DirAttrs] = {}
     for stream in layer_streams:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        # Base layers come from images of unknown origin: PAX headers are bounded.
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=BoundedTarInfo) as tar:
             for member in tar:
                 name = posixpath.normpath(member.name.lstrip("/")).removeprefix("./")
                 if name in (".", ""):

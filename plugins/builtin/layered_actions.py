@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
-from dtbuild.plugins.builtin import imageformat
+from dtbuild.plugins.builtin import imageformat, tar_extract
 from dtbuild.plugins.builtin.image_actions import (
     ImageAssemble,
     ImageTree,
@@ -666,56 +666,44 @@ class MergeTrees(ActionKind):
 
     @staticmethod
     def _extract(ctx: ActionContext, merged: _TreeMerge, art: InputArtifact, dest: str, origin: str) -> None:
-        from dtbuild.plugins.builtin.compressors import compressor_named, detect_compressor
-
-        with ctx.open_input(art) as raw:
-            head = raw.read(4)
-            raw.seek(0)
-            compression = detect_compressor(head)
-            stream = compressor_named(compression).decompress_from(raw) if compression != "none" else raw
-            scratch = os.path.join(ctx.scratch_dir, "extract")
-            os.makedirs(scratch, exist_ok=True)
-            files: dict[str, TreeEntry] = {}
-            try:
-                with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                    for number, member in enumerate(tar):
-                        path = _member_path(member.name)
-                        if not path:
-                            continue
-                        path = f"{dest}/{path}" if dest else path
-                        if ".." in member.name.split("/"):
-                            raise ActionFailed(f"{art.path}: the member {member.name!r} points outside the tree")
-                        mode = member.mode & 0o7777
-                        if member.isdir():
-                            entry = TreeEntry(path, "dir", mode)
-                        elif member.issym():
-                            entry = TreeEntry(path, "symlink", 0o777, target=member.linkname)
-                        elif member.islnk():
-                            linked = _member_path(member.linkname)
-                            target = files.get(f"{dest}/{linked}" if dest else linked)
-                            if target is None:
-                                raise ActionFailed(f"{art.path}: /{path} is a hard link to "
-                                                   f"{member.linkname!r}, which the archive does not hold before it")
-                            entry = replace(target, path=path)
-                        elif member.isreg():
-                            src = tar.extractfile(member)
-                            assert src is not None
-                            dest = os.path.join(scratch, str(number))
-                            with src, open(dest, "wb") as out:
-                                shutil.copyfileobj(src, out, 1 << 20)
-                            digest, size = ctx.put_file(dest)
-                            os.unlink(dest)
-                            entry = TreeEntry(path, "file", mode, digest, size)
-                            files[path] = entry
-                        else:
-                            raise ActionFailed(f"{art.path}: /{path} is a device or fifo; a package holds only "
-                                               "files, directories and symlinks")
-                        merged.add(entry, origin)
-            except tarfile.TarError as e:
-                raise ActionFailed(f"{art.path} is neither a package nor a tar archive ({e})") from None
-            finally:
-                if stream is not raw:
-                    stream.close()
+        """Add a tarball's entries below ``dest``. Members are checked by
+        :mod:`~dtbuild.plugins.builtin.tar_extract` (no escaping names, hard links only to
+        earlier members, nothing below a symlink); modes keep their setuid, setgid and
+        sticky bits as tree metadata (for layer headers; the store never puts them on
+        host files)."""
+        files: dict[str, TreeEntry] = {}  # by member path: what a later hard link shares
+        try:
+            with ctx.open_input(art) as raw:
+                for number, (member, content) in enumerate(tar_extract.archive_entries(raw)):
+                    path = f"{dest}/{member.path}" if dest else member.path
+                    if member.kind == "dir":
+                        entry = TreeEntry(path, "dir", member.mode)
+                    elif member.kind == "symlink":
+                        entry = TreeEntry(path, "symlink", 0o777, target=member.target)
+                    elif member.kind == "hardlink":
+                        entry = replace(files[member.target], path=path)
+                        files[member.path] = entry
+                    elif member.kind == "file":
+                        assert content is not None
+                        spill = os.path.join(ctx.scratch_dir, f"member-{number}")
+                        fd = os.open(spill, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                     0o600)
+                        try:
+                            with os.fdopen(fd, "wb") as out:
+                                shutil.copyfileobj(content, out, 1 << 20)
+                            digest, size = ctx.put_file(spill)
+                        finally:
+                            os.unlink(spill)
+                        entry = TreeEntry(path, "file", member.mode, digest, size)
+                        files[member.path] = entry
+                    else:
+                        raise ActionFailed(f"{art.path}: /{path} is a device or fifo; a package holds only "
+                                           "files, directories and symlinks")
+                    merged.add(entry, origin)
+        except tar_extract.UnsafeArchive as e:
+            if e.member is None:  # not a tar at all
+                raise ActionFailed(f"{art.path} is neither a package nor a tar archive ({e.reason})") from None
+            raise ActionFailed(e.message(art.path)) from None
 
 
 # --------------------------------------------------------------------------- helper packages
