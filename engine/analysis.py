@@ -9,7 +9,7 @@ only checked for existence.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +22,9 @@ from dtbuild.engine.errors import (
     UnknownTargetError,
     closest,
 )
-from dtbuild.engine.labels import Label, parse_label
+from dtbuild.engine.labels import STATE_DIR_NAME, Label, is_reserved_name, parse_label
 from dtbuild.engine.load import Loader, TargetDecl
+from dtbuild.engine.sources import source_problem
 from dtbuild.rules.api import ActionDecl, AttrValues, Dependency, Rule, RuleContext, RuleFailure
 from dtbuild.rules.artifacts import Artifact
 from dtbuild.rules.providers import DefaultInfo, Provider
@@ -83,6 +84,17 @@ class Analyzer:
         self.registry = registry or {}
         self.result = AnalysisResult()
         self._dep_cache: dict[Label, list[tuple[str, list[Label | Artifact]]]] = {}
+        workspace = loader.workspace
+        self._root_real = os.path.realpath(workspace.root)
+        #: Source directories already resolved inside the workspace.
+        self._source_dirs: set[str] = set()
+        #: The state directory relative to the root ("dtbuild-out/.dtbuild").
+        self._state_rel = os.path.relpath(workspace.state_dir, workspace.root).replace(os.sep, "/")
+        self._out_rel = os.path.relpath(workspace.out_dir, workspace.root).replace(os.sep, "/")
+        #: Every directory that holds a declared output -> one output below it, so that an
+        #: output nested inside another (a file below a tree, whose symlinks could point
+        #: anywhere) is an error rather than a write through the other's contents.
+        self._output_parents: dict[str, str] = {}
 
     # ------------------------------------------------------------------ dependencies
 
@@ -154,39 +166,61 @@ class Analyzer:
                 f"the '{attr}' attribute names the directory '{path}'; list files, not directories",
                 location=decl.location, target=str(decl.label), rule=decl.kind,
                 hint=f"use glob([\"{path[len(package) + 1:] if package else path}/**\"]) for every file below it")
+        problem = source_problem(self.loader.workspace.root, path, resolved_root=self._root_real,
+                                 checked_dirs=self._source_dirs)
+        if problem is not None:
+            raise AttrError(
+                f"the '{attr}' attribute names the source file '{path}', which cannot be used: {problem}",
+                location=decl.location, target=str(decl.label), rule=decl.kind,
+                hint="sources are files inside the workspace (a symlink source is kept as a symlink); "
+                     "copy the file into the workspace or name the link itself")
         return Artifact(path, is_tree=False, is_source=True, owner=None, root=package)
 
     # ------------------------------------------------------------------ the graph
 
     def analyze(self, labels: Sequence[Label]) -> AnalysisResult:
         for label in labels:
-            self._visit(label, [])
+            self._visit(label)
         return self.result
 
-    def _visit(self, label: Label, path: list[Label]) -> AnalyzedTarget:
-        done = self.result.targets.get(label)
+    def _visit(self, root: Label) -> AnalyzedTarget:
+        """Analyze ``root`` after its dependencies, depth first. Iterative: a chain of
+        dependencies may be far deeper than Python's recursion limit."""
+        done = self.result.targets.get(root)
         if done is not None:
             return done
-        if label in path:
-            cycle = [*path[path.index(label):], label]
-            first = self.loader.target(cycle[0])
-            raise CycleError("dependency cycle: " + " -> ".join(str(lb) for lb in cycle),
-                             location=first.location,
-                             hint="a target may not depend on itself, directly or through others")
-        decl = self.loader.target(label)
-        path.append(label)
-        deps: list[Label] = []
-        for _, items in self.resolve_deps(decl):
-            for item in items:
-                if isinstance(item, Label):
-                    self._visit(item, path)
-                    if item not in deps:
-                        deps.append(item)
-        path.pop()
-        # Dependencies were analyzed by the loop above (or a cycle raised).
-        target = self._run_impl(decl, deps)
-        self.result.targets[label] = target
-        return target
+        # One frame per target on the current path: label, declaration, its dependency
+        # labels still to visit, and the dependencies seen so far (in attribute order).
+        stack: list[tuple[Label, TargetDecl, Iterator[Label], list[Label]]] = []
+        on_path: dict[Label, int] = {}
+
+        def enter(label: Label) -> None:
+            if label in on_path:
+                cycle = [frame[0] for frame in stack[on_path[label]:]] + [label]
+                first = self.loader.target(cycle[0])
+                raise CycleError("dependency cycle: " + " -> ".join(str(lb) for lb in cycle),
+                                 location=first.location,
+                                 hint="a target may not depend on itself, directly or through others")
+            decl = self.loader.target(label)
+            labels = (item for _, items in self.resolve_deps(decl) for item in items if isinstance(item, Label))
+            on_path[label] = len(stack)
+            stack.append((label, decl, labels, []))
+
+        enter(root)
+        while stack:
+            label, decl, pending, deps = stack[-1]
+            for item in pending:
+                if item not in deps:
+                    deps.append(item)
+                if item not in self.result.targets:
+                    enter(item)
+                    break
+            else:
+                stack.pop()
+                del on_path[label]
+                # Every dependency was analyzed above (or a cycle raised).
+                self.result.targets[label] = self._run_impl(decl, deps)
+        return self.result.targets[root]
 
     def _run_impl(self, decl: TargetDecl, deps: list[Label]) -> AnalyzedTarget:
         rule = self.rules[decl.kind]
@@ -232,6 +266,8 @@ class Analyzer:
         if DefaultInfo not in providers:
             providers[DefaultInfo] = DefaultInfo(files=tuple(ctx.outputs))
         actions = ctx.actions.declared
+        for art in {a.path: a for a in [*ctx.outputs, *(o for act in actions for o in act.outputs.values())]}.values():
+            self._check_output_path(decl, art)
         for action in actions:
             for art in action.outputs.values():
                 if art.path in self.result.producers:
@@ -254,6 +290,47 @@ class Analyzer:
                                 location=decl.location, target=str(decl.label), rule=decl.kind)
         self.result.actions.extend(actions)
         return AnalyzedTarget(decl, providers, actions, deps)
+
+    def _check_output_path(self, decl: TargetDecl, art: Artifact) -> None:
+        """An output must stay below dtbuild-out/, outside the state directory, and apart
+        from every other output (neither inside one nor holding one)."""
+        path = art.path
+
+        def error(message: str, hint: str) -> RuleError:
+            return RuleError(message, location=decl.location, target=str(decl.label), rule=decl.kind, hint=hint)
+
+        base = f"{self._out_rel}/{decl.label.package}" if decl.label.package else self._out_rel
+        shown = path[len(base) + 1:] if path.startswith(base + "/") else path
+        parts = path.split("/")
+        if os.path.isabs(path) or not path.startswith(self._out_rel + "/") or "\0" in path \
+                or any(part in ("", ".", "..") for part in parts):
+            raise error(f"the output '{shown}' ({path}) is not a plain path below {self._out_rel}/",
+                        "declare outputs as relative paths without '.', '..' or empty parts")
+        if path == self._state_rel or path.startswith(self._state_rel + "/") \
+                or any(is_reserved_name(part) for part in parts[1:]):
+            raise error(f"the output '{shown}' ({path}) has a name starting with '{STATE_DIR_NAME}', which "
+                        f"is reserved for dtbuild's state directory {self._state_rel} (the build lock and indexes)",
+                        f"rename the output (or the target it is named after) so that no part of its path "
+                        f"starts with '{STATE_DIR_NAME}'")
+        holder = self._output_parents.get(path)
+        if holder is not None and holder != path:
+            raise error(f"the output {path} would hold the output {holder}: one output may not be "
+                        "a directory of another", "give the outputs names that are not inside one another")
+        ancestors = ["/".join(parts[:i]) for i in range(2, len(parts))]
+        for directory in ancestors:
+            if self._output_parents.get(directory) == directory:
+                raise error(f"the output {path} lies inside the output {directory}: one output may not "
+                            "be a directory of another", "give the outputs names that are not inside one another")
+        # An earlier build may have left a tree (with symlinks in it) where this output's
+        # directories go: writing through one would land anywhere on the host.
+        for directory in ancestors:
+            if os.path.islink(os.path.join(self.loader.workspace.root, directory)):
+                raise error(f"the output {path} would be written through {directory}, which is a symlink "
+                            "(left there by an earlier build's tree output, or by hand)",
+                            f"run `dtbuild clean`, or give the output a name outside {directory}")
+        self._output_parents.setdefault(path, path)
+        for directory in ancestors:
+            self._output_parents.setdefault(directory, path)
 
     @staticmethod
     def _provider_hint(provider: type) -> str:

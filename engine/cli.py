@@ -317,6 +317,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import tarfile
 
     from dtbuild.plugins.builtin.image_actions import ImageTree
+    from dtbuild.plugins.text import printable as shown  # image text never reaches the terminal raw
 
     def size(n: int) -> str:
         return f"{n} B" if n < 1000 else f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
@@ -324,15 +325,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     _, reader, artifact, _ = _single_image(args)
     tree = ImageTree(reader, artifact)  # type: ignore[arg-type]
     desc = tree.description
-    print(f"image: {desc['label']}")
-    print(f"tags: {', '.join(desc['repo_tags'])}")
-    print(f"manifest: {desc['manifest_digest']}")
-    print(f"config: {desc['config_digest']}")
+    print(f"image: {shown(desc['label'])}")
+    print(f"tags: {', '.join(shown(t) for t in desc['repo_tags'])}")
+    print(f"manifest: {shown(desc['manifest_digest'])}")
+    print(f"config: {shown(desc['config_digest'])}")
     config = tree.config
-    print(f"platform: {config.get('os')}/{config.get('architecture')}  created: {config.get('created')}")
+    print(f"platform: {shown(config.get('os'))}/{shown(config.get('architecture'))}  "
+          f"created: {shown(config.get('created'))}")
     print("config:")
+    # json.dumps (ensure_ascii) already escapes them; shown() keeps it so if that changes.
     for line in json.dumps(config.get("config") or {}, indent=2, sort_keys=True).splitlines():
-        print("  " + line)
+        print("  " + shown(line))
     history = [h for h in config.get("history", []) if not h.get("empty_layer")]
     print(f"layers ({len(desc['layers'])}):")
     for i, layer in enumerate(desc["layers"]):
@@ -348,18 +351,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                     top[head] = top.get(head, 0) + 1
         created_by = history[i].get("created_by", "") if i < len(history) else ""
         tar_size = tree.entry("layers/" + layer["diff_id"].removeprefix("sha256:")).size
-        print(f"  {i + 1}. {layer['digest']}  {size(layer['size'])}  {layer['media_type']}")
-        print(f"     diff_id {layer['diff_id']}; {size(tar_size)} uncompressed; {files} files, {dirs} directories")
+        print(f"  {i + 1}. {shown(layer['digest'])}  {size(layer['size'])}  {shown(layer['media_type'])}")
+        print(f"     diff_id {shown(layer['diff_id'])}; {size(tar_size)} uncompressed; {files} files, "
+              f"{dirs} directories")
         # Layers dtbuild wrote say which packages they hold: "dtbuild LABEL (p1, p2)".
         made = re.fullmatch(r"dtbuild (\S+)(?: customisation)? \((.*)\)", created_by)
         if made is not None and " customisation " in created_by:
             print("     customisation layer: what extra_commands and fakeroot_commands changed")
         elif made is not None:
-            print(f"     packages: {'(none)' if made.group(2) == 'no packages' else made.group(2)}")
+            print(f"     packages: {'(none)' if made.group(2) == 'no packages' else shown(made.group(2))}")
         elif created_by:
-            print(f"     {created_by}")
+            print(f"     {shown(created_by)}")
         if top:
-            print("     holds: " + ", ".join(f"{k} ({v})" for k, v in sorted(top.items())))
+            print("     holds: " + ", ".join(f"{shown(k)} ({v})" for k, v in sorted(top.items())))
     return 0
 
 

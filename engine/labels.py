@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 from dtbuild.engine.errors import LabelError
 
+#: The name of the workspace state directory (``dtbuild-out/.dtbuild``: the build lock,
+#: the output index, the source-digest memo). Package, target and output names whose
+#: first characters are this name are reserved: an output there would replace the state.
+STATE_DIR_NAME = ".dtbuild"
+
 _PKG_RE = re.compile(r"^(?:[A-Za-z0-9_.+\-@=,~]+(?:/[A-Za-z0-9_.+\-@=,~]+)*)?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+\-@=,~/ #$%&()\[\]{}^!|?<>;']+$")
 
@@ -35,6 +40,16 @@ def _check_package(package: str, text: str) -> None:
                          hint="packages are '/'-separated directory names, as in //images/web:app")
     if any(part in (".", "..") for part in package.split("/")):
         raise LabelError(f"invalid label '{text}': package '{package}' may not contain '.' or '..'")
+    if any(is_reserved_name(part) for part in package.split("/")):
+        raise LabelError(f"invalid label '{text}': package '{package}' has a directory whose name starts "
+                         f"with '{STATE_DIR_NAME}', which is reserved for dtbuild's state directory",
+                         hint=f"rename the directory so that its name does not start with '{STATE_DIR_NAME}'")
+
+
+def is_reserved_name(component: str) -> bool:
+    """Whether one path component (of a package, target or output name) is reserved
+    because it is, or could be mistaken for, the workspace state directory."""
+    return component.startswith(STATE_DIR_NAME)
 
 
 def _check_name(name: str, text: str) -> None:
@@ -42,6 +57,11 @@ def _check_name(name: str, text: str) -> None:
             or any(part in (".", "..", "") for part in name.split("/")):
         raise LabelError(f"invalid label '{text}': bad target name '{name}'",
                          hint="target names are letters, digits and _.+-=,~@ (and '/' between parts)")
+    if any(is_reserved_name(part) for part in name.split("/")):
+        which = "starts" if is_reserved_name(name) else "has a part that starts"
+        raise LabelError(f"invalid label '{text}': target name '{name}' {which} with '{STATE_DIR_NAME}', "
+                         "which is reserved for dtbuild's state directory (dtbuild-out/.dtbuild)",
+                         hint=f"rename the target so that no part of its name starts with '{STATE_DIR_NAME}'")
 
 
 def parse_label(text: str, current_package: str | None = None) -> Label:

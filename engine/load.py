@@ -9,9 +9,11 @@ BUILD line that wrote them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +75,7 @@ class Loader:
         self._current: Package | None = None
         self._pending: DtbuildError | None = None
         self._listing: dict[str, list[str]] = {}
+        self._cancel = threading.Event()
         self._all_packages: list[str] | None = None
         import starlark as sl
 
@@ -171,8 +174,22 @@ class Loader:
     # ------------------------------------------------------------------ evaluation
 
     def _read(self, rel_path: str) -> str:
-        with open(os.path.join(self.workspace.root, rel_path), encoding="utf-8") as f:
-            return f.read()
+        with open(os.path.join(self.workspace.root, rel_path), "rb") as f:
+            data = f.read(MAX_SOURCE_BYTES + 1)
+        if len(data) > MAX_SOURCE_BYTES:
+            raise BuildFileError(f"{rel_path} is larger than {MAX_SOURCE_BYTES >> 20} MiB",
+                                 location=Location(rel_path),
+                                 hint="split it, or keep large data in a file that a rule reads")
+        try:
+            source = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            raise BuildFileError(f"byte 0x{data[e.start]:02x} is not UTF-8 text",
+                                 location=Location(rel_path, line, col),
+                                 hint="BUILD and .bzl files are UTF-8; save the file as UTF-8") from None
+        check_nesting(rel_path, source)
+        return source
 
     def _new_module(self) -> Any:
         sl = self._sl
@@ -187,10 +204,17 @@ class Loader:
 
     def _evaluate(self, rel_path: str, source: str, module: Any) -> None:
         sl = self._sl
+        budget = _Budget(rel_path, self._cancel)
         try:
             ast = sl.parse(rel_path, source, self._dialect)
-            sl.eval(module, ast, self._globals, sl.FileLoader(self._load_bzl))
+            sl.eval_with(sl.EvalOptions(check_cancelled=budget.exceeded), module, ast, self._globals,
+                         sl.FileLoader(self._load_bzl))
         except sl.StarlarkError as e:
+            if self._cancel.is_set():
+                raise KeyboardInterrupt from None
+            if budget.reason is not None:
+                where = _starlark_error(str(e), rel_path).location
+                raise BuildFileError(budget.reason, location=where, hint=budget.hint) from None
             pending, self._pending = self._pending, None
             if pending is not None:
                 if pending.location is None:  # e.g. a bad load(): point at the statement
@@ -202,13 +226,83 @@ class Loader:
         build_file = self.build_file_of(name)
         if build_file is None:
             raise UnknownTargetError(f"no package //{name}: {name}/BUILD does not exist")
+        # A package reached through a symlink to a directory outside the workspace would
+        # make host files its sources (glob lists them): refuse it before evaluating.
+        package_dir = os.path.realpath(os.path.join(self.workspace.root, name))
+        root_real = os.path.realpath(self.workspace.root)
+        if package_dir != root_real and not package_dir.startswith(root_real.rstrip(os.sep) + os.sep):
+            raise BuildFileError(
+                f"package //{name} resolves to {package_dir}, outside the workspace {root_real} "
+                "(a symlink on the way leads out of it)", location=Location(build_file),
+                hint="packages are directories inside the workspace; copy the directory in instead of linking it")
         pkg = Package(name, build_file, files_read=[build_file])
         outer, self._current = self._current, pkg
         try:
-            self._evaluate(build_file, self._read(build_file), self._new_module())
+            self._on_deep_stack(lambda: self._evaluate(build_file, self._read(build_file), self._new_module()))
         finally:
             self._current = outer
         return pkg
+
+    @contextlib.contextmanager
+    def _interrupt_cancels(self) -> Iterator[None]:
+        """While a file is evaluated, SIGINT and SIGTERM cancel the evaluation (it stops
+        within about 1,000 bytecode instructions) whatever handler the command set."""
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def cancel(_signum: int, _frame: Any) -> None:
+            self._cancel.set()
+
+        previous = {sig: signal.signal(sig, cancel) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_deep_stack(self, evaluate: Callable[[], None]) -> None:
+        """Run ``evaluate`` on a thread with a large stack: starlark-rust parses and
+        evaluates recursively, and a deeply nested file would overflow the main thread's
+        8 MiB (a crash, not an error). Ctrl-C cancels the evaluation at its next check;
+        a panic inside the interpreter becomes a BuildFileError."""
+        if getattr(_EVALUATING, "active", False):  # a load() inside an evaluation
+            evaluate()
+            return
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            _EVALUATING.active = True
+            try:
+                evaluate()
+            except BaseException as e:  # handed to the calling thread
+                outcome.append(e)
+
+        with _quiet_rust_panics():
+            thread = threading.Thread(target=run, name="dtbuild-starlark", daemon=True)
+            previous = threading.stack_size(EVALUATION_STACK_BYTES)
+            try:
+                thread.start()
+            except RuntimeError:  # no room for the stack (ulimit -v): the main thread's will do
+                threading.stack_size(previous)
+                thread = threading.Thread(target=run, name="dtbuild-starlark", daemon=True)
+                thread.start()
+            finally:
+                threading.stack_size(previous)
+            with self._interrupt_cancels():
+                thread.join()
+            if self._cancel.is_set():
+                raise KeyboardInterrupt
+        if outcome:
+            error = outcome[0]
+            if type(error).__name__ == "PanicException":
+                location = Location(self._current.build_file) if self._current else None
+                raise BuildFileError(f"the Starlark interpreter gave up: {error} (a value grew too large?)",
+                                     location=location,
+                                     hint="look for a loop that doubles a string or a list") from None
+            raise error
 
     def _load_bzl(self, text: str) -> Any:
         pkg = self._current
@@ -273,7 +367,8 @@ class Loader:
         try:
             label = parse_label(f"//{pkg.name}:{name}")
         except LabelError as e:
-            raise AttrError(f"invalid target name {name!r}: {e.message}", location=location) from None
+            raise AttrError(f"invalid target name {name!r}: {e.message}", location=location,
+                            hint=e.hint) from None
         target_text = str(label)
         if name in pkg.targets:
             first = pkg.targets[name].location
@@ -332,7 +427,9 @@ class Loader:
 
     def _package_files(self, package: str) -> list[str]:
         """Files (and symlinks) of a package, sorted, relative to it; subpackages,
-        dtbuild-out and hidden directories left out."""
+        dtbuild-out and hidden directories left out. A symlink, to a directory too, is
+        listed as itself and never descended into, so a glob cannot reach past it (out of
+        the workspace among other places): it becomes a symlink in the image."""
         listing = self._listing.get(package)
         if listing is not None:
             return listing
@@ -397,6 +494,121 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     compiled = re.compile(f"^{regex}$")
     _GLOB_CACHE[pattern] = compiled
     return compiled
+
+
+#: Largest BUILD or .bzl file: with :data:`MAX_STATEMENT_OPERATORS` and
+#: :data:`MAX_NESTING` it bounds how deep starlark-rust recurses.
+MAX_SOURCE_BYTES = 16 << 20
+#: Brackets open at once: real files rarely pass 10.
+MAX_NESTING = 200
+#: Operators in one statement (a chain of 300,000 still fits the evaluation stack).
+MAX_STATEMENT_OPERATORS = 100_000
+#: Stack of the evaluating thread (reserved, touched only as deep as evaluation goes).
+EVALUATION_STACK_BYTES = 1 << 30
+#: starlark-pyo3 asks whether to cancel about every 1,000 bytecode instructions; this
+#: many asks (about a billion instructions, tens of seconds) end an evaluation.
+MAX_EVALUATION_CHECKS = 1_000_000
+#: Peak memory of the process while it loads, checked every 64 asks.
+MAX_LOADING_RSS_BYTES = 4 << 30
+
+_EVALUATING = threading.local()
+_NESTING_TOKEN_RE = re.compile("|".join([
+    r"#[^\n]*",  # comments and strings: their brackets and operators do not count
+    r'"""(?:\\.|[^\\])*?"""',
+    r"'''(?:\\.|[^\\])*?'''",
+    r'"(?:\\.|[^"\\\n])*"',
+    r"'(?:\\.|[^'\\\n])*'",
+    r"[\[({]", r"[\])}]", r"\n",
+    r"[-+*/%<>=!~|&^]+",
+    r"\b(?:and|or|not|if|else|lambda|in)\b",
+]))
+
+
+def check_nesting(rel_path: str, source: str) -> None:
+    """Refuse files nested deeper than the interpreter can take (it recurses, and a stack
+    overflow kills the process): more than :data:`MAX_NESTING` open brackets, or more
+    than :data:`MAX_STATEMENT_OPERATORS` operators in one statement."""
+    depth = operators = 0
+    line = 1
+    for match in _NESTING_TOKEN_RE.finditer(source):
+        token = match.group()
+        first = token[0]
+        if first in "([{":
+            depth += 1
+            if depth > MAX_NESTING:
+                col = match.start() - source.rfind("\n", 0, match.start())
+                raise BuildFileError(f"brackets nested more than {MAX_NESTING} deep",
+                                     location=Location(rel_path, line, col),
+                                     hint="flatten the expression, or build it in steps with variables")
+        elif first in ")]}":
+            depth = max(0, depth - 1)
+        elif first == "\n":
+            line += 1
+            if depth == 0:
+                operators = 0
+        elif first in "'\"" or first == "#":
+            line += token.count("\n")
+        else:
+            operators += len(token) if first in "-+*/%<>=!~|&^" else 1  # "- - -1" nests too
+            if operators > MAX_STATEMENT_OPERATORS:
+                raise BuildFileError(f"a statement with more than {MAX_STATEMENT_OPERATORS:,} operators",
+                                     location=Location(rel_path, line),
+                                     hint="build the value in steps, or with a loop or comprehension")
+
+
+class _Budget:
+    """``check_cancelled`` of one evaluation: stops it on Ctrl-C, after
+    :data:`MAX_EVALUATION_CHECKS` checks, or when the process outgrows its memory cap."""
+
+    def __init__(self, rel_path: str, cancel: threading.Event) -> None:
+        self.rel_path = rel_path
+        self.cancel = cancel
+        self.checks = 0
+        self.reason: str | None = None
+        self.hint: str | None = None
+
+    def exceeded(self) -> bool:
+        self.checks += 1
+        if self.cancel.is_set():
+            return True
+        if self.checks > MAX_EVALUATION_CHECKS:
+            self.reason = f"evaluating {self.rel_path} took more than about a billion steps"
+            self.hint = "look for a loop that never ends or runs far more often than needed"
+            return True
+        if self.checks % 64 == 0:
+            import resource
+
+            if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > MAX_LOADING_RSS_BYTES:
+                self.reason = (f"evaluating {self.rel_path} took more than {MAX_LOADING_RSS_BYTES >> 30} GiB "
+                               "of memory")
+                self.hint = "look for a value that grows without bound"
+                return True
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_rust_panics() -> Iterator[None]:
+    """Keep Rust's panic report (and backtrace, with RUST_BACKTRACE set) off the
+    terminal: a panic becomes a BuildFileError. Other output written meanwhile to the
+    standard error is passed on afterwards."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    import tempfile
+
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read()
+            if text and b"panicked at" not in text:
+                os.write(2, text)
 
 
 def _starlark_error(text: str, rel_path: str) -> BuildFileError:

@@ -213,8 +213,13 @@ class RuleContext:
 
     # Outputs live under dtbuild-out/<package>/, named by the rule.
     def _declare(self, name: str, is_tree: bool) -> Artifact:
-        if not name or name.startswith("/") or ".." in name.split("/"):
-            raise RuleFailure(f"cannot declare output {name!r}: use a relative path without '..'")
+        # The path is joined under dtbuild-out/<package>/: an absolute one, a '..' or an
+        # empty or '.' component would put it elsewhere or give one file two names.
+        if not isinstance(name, str) or not name or name.startswith("/") \
+                or any(part in ("", ".", "..") for part in name.split("/")) or "\0" in name:
+            raise RuleFailure(f"cannot declare output {name!r}: an output is a relative path below "
+                              "dtbuild-out/<package>/ without '.', '..' or empty parts",
+                              hint="name outputs like 'out.txt' or 'dir/out.txt'")
         base = f"dtbuild-out/{self.package}" if self.package else "dtbuild-out"
         art = Artifact(f"{base}/{name}", is_tree=is_tree, is_source=False, owner=self.label, root=base)
         if art.path in self._declared:

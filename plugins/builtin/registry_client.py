@@ -22,7 +22,14 @@ This module owns:
 
 Secrets (passwords, identity tokens, bearer tokens, the base64 ``auth`` strings) never
 appear in a message this module produces: every :class:`RegistryError` is scrubbed of
-them, and :class:`Credentials` does not show its secret in its ``repr``.
+them, and :class:`Credentials` does not show its secret in its ``repr``. What a server
+says (error bodies, header values) is quoted with control characters escaped.
+
+Credentials and tokens go only to the registry's own origin (the scheme, host and port
+it was reached on): a redirect elsewhere, or a downgrade from https to http on the same
+host, is followed without them. A token service (the Bearer ``realm``) gets the
+credentials over https, or over http only on the registry's own origin or when the
+registry was given as insecure (``--insecure``, ``tls_verify = False``).
 
 Pure library on urllib3 (measured ~6x faster than httpx for large PUTs on loopback):
 no engine, no store. Safe to share between threads.
@@ -46,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import urllib3
+from dtbuild.plugins.text import printable
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -509,7 +517,9 @@ class RegistryClient:
                retryable: bool = False) -> RegistryError:
         with self._lock:
             secrets = set(self._secrets)
-        return RegistryError(scrub(message, secrets), hint=scrub(hint, secrets) if hint else None, status=status,
+        # Messages quote server answers: escape what a terminal would execute.
+        return RegistryError(printable(scrub(message, secrets)),
+                             hint=printable(scrub(hint, secrets)) if hint else None, status=status,
                              retryable=retryable)
 
     def _remember_secret(self, *values: str) -> None:
@@ -539,6 +549,11 @@ class RegistryClient:
         if self._scheme is None:
             self.ping()
         return f"{self._scheme}://{self.host}"
+
+    def _is_registry_origin(self, url: str) -> bool:
+        """Whether ``url`` is on the scheme, host and port the registry was reached on:
+        the only place its credentials and tokens may go."""
+        return _origin(url) == _origin(self._base())
 
     def ping(self) -> None:
         """``GET /v2/``: find the scheme (https, or http when not verifying TLS) and the
@@ -672,6 +687,19 @@ class RegistryClient:
         realm = challenge.params["realm"]
         service = challenge.params.get("service")
         realm_host = urllib.parse.urlsplit(realm).netloc or realm
+        realm_scheme = _origin(realm)[0]
+        if realm_scheme not in ("http", "https"):
+            raise self._error(f"the registry {self.registry} names the token service {realm!r}, which is not an "
+                              "http(s) URL", status=401)
+        if creds is not None and realm_scheme != "https" and self.tls_verify \
+                and not self._is_registry_origin(realm):
+            # Plain http to another host would hand the password to anyone on the way.
+            raise self._error(
+                f"the registry {self.registry} sends clients to the token service {realm_host} over plain http; "
+                f"dtbuild does not send the credentials of user '{creds.username}' (from {creds.source}) "
+                "there", status=401,
+                hint=f"if you trust {realm_host} and the network to it, pass --insecure (dtbuild push) or "
+                     "tls_verify = False (pull_image); otherwise ask the registry's operator for an https realm")
         headers: dict[str, str] = {}
         if creds is not None and creds.identity_token:
             form = {"grant_type": "refresh_token", "refresh_token": creds.secret, "client_id": "dtbuild",
@@ -729,6 +757,9 @@ class RegistryClient:
                     body: Callable[[], Any] | bytes | None, stream: bool) -> urllib3.BaseHTTPResponse:
         """One request with authentication: credentials sent up front when the scheme is
         known, else on the registry's 401 (then the request is sent again, once)."""
+        if not self._is_registry_origin(url):
+            # Another origin (an upload location, a storage back end) gets no credentials.
+            return self._raw(method, url, _without_auth(headers), body() if callable(body) else body, stream)
         sent_headers = dict(headers)
         auth = self._auth_header(scopes)
         if auth:
@@ -775,10 +806,10 @@ class RegistryClient:
                     response.drain_conn()
                     response.release_conn()
                     target = urllib.parse.urljoin(url, location)
-                    same_host = urllib.parse.urlsplit(target).netloc == urllib.parse.urlsplit(url).netloc
-                    # Storage back ends (S3, GCS) reject a registry's Authorization header.
-                    response = (self._authorized(method, target, scopes, headers or {}, None, stream) if same_host
-                                else self._raw(method, target, headers or {}, None, stream))
+                    # Storage back ends (S3, GCS) reject a registry's Authorization header, and a
+                    # redirect to another origin or to plain http must not carry it:
+                    # _authorized sends credentials to the registry's own origin only.
+                    response = self._authorized(method, target, scopes, headers or {}, None, stream)
                     hops += 1
             except _Unreachable as e:
                 if not e.tls and attempt + 1 < attempts:
@@ -1016,6 +1047,21 @@ def _preferred(challenges: Sequence[Challenge]) -> Challenge | None:
             if challenge.scheme == scheme:
                 return challenge
     return challenges[0] if challenges else None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, the port filled in for http and https."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # a port that is not a number: an origin nothing else has
+        return scheme, parts.netloc.lower(), -1
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _without_auth(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() != "authorization"}
 
 
 def _with_digest(location: str, digest: str) -> str:

@@ -1,6 +1,12 @@
 """The console reporter: a built-in plugin fed by the observer hooks (as pytest's
 terminal reporter is). Plain lines when the output is not a terminal; a live display of
-running actions, done/total, cache hits and elapsed time on a terminal."""
+running actions, done/total, cache hits and elapsed time on a terminal.
+
+Action logs carry text from images and scripts (a root script's output, a pulled
+image's names): every line is shown with control characters escaped
+(:func:`dtbuild.plugins.text.printable`) and, on the live display, without rich markup,
+highlighting or emoji codes, so neither an escape sequence nor ``[bold]`` in an image
+does anything."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from dtbuild.plugins import hookimpl
+from dtbuild.plugins.text import printable
 
 
 class ConsoleReporter:
@@ -37,7 +44,7 @@ class ConsoleReporter:
         table.add_row(Text(f"[{self.done}/{self.total}] {self.cached} cached, {elapsed:.1f}s", style="bold"))
         now = time.monotonic()
         for desc, since in sorted(self.running.items(), key=lambda kv: kv[1])[:8]:
-            table.add_row(Text(f"  {desc}  {now - since:.1f}s", style="cyan"))
+            table.add_row(Text(f"  {printable(desc)}  {now - since:.1f}s", style="cyan"))
         if len(self.running) > 8:
             table.add_row(Text(f"  ... and {len(self.running) - 8} more"))
         return table
@@ -49,8 +56,9 @@ class ConsoleReporter:
     def _print(self, text: str) -> None:
         if self.quiet:
             return
+        text = printable(text, keep_newlines=True)
         if self._live is not None:
-            self._live.console.print(text, markup=False, highlight=False)
+            self._live.console.print(text, markup=False, highlight=False, emoji=False)
         else:
             print(text, file=self.stream, flush=True)
 
