@@ -122,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = args.debug
     from dtbuild.engine.errors import DtbuildError
+    from dtbuild.plugins.text import printable
 
     try:
         return _run(args)
@@ -130,12 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"ERROR: {e.render()}", file=sys.stderr)
+        # Messages quote BUILD files, tar members and registry answers: never raw.
+        print(f"ERROR: {printable(e.render(), keep_newlines=True)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("ERROR: interrupted", file=sys.stderr)
         return 1
     except BrokenPipeError:
+        return 1
+    except Exception as e:  # a bug of dtbuild's or a plugin's: one clear line, the traceback on request
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"ERROR: internal error: {type(e).__name__}: {printable(str(e))}\n"
+              "hint: this is a bug; run again with --debug for the traceback and report it", file=sys.stderr)
         return 1
 
 
@@ -170,6 +180,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from dtbuild.engine.build import BuildOptions
     from dtbuild.engine.errors import UsageError
     from dtbuild.plugins.builtin.reporter import ConsoleReporter
+    from dtbuild.plugins.text import printable
 
     if args.jobs < 0:
         raise UsageError(f"--jobs must be a positive number, but was {args.jobs}")
@@ -191,7 +202,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     stats = result.stats
     out = sys.stderr
     if result.error is not None:
-        print(f"ERROR: {result.error.render()}", file=out)
+        print(f"ERROR: {printable(result.error.render(), keep_newlines=True)}", file=out)
         print(f"Build FAILED: {stats.failed} action(s) failed, {stats.skipped} not run, "
               f"{stats.executed} executed, {stats.cached + stats.remote_cached} cached.", file=out)
         return result.error.exit_code

@@ -499,9 +499,10 @@ class Store:
         fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            for d in (self.cas_dir, self.ac_dir, self.tmp_dir):  # an expunge may have run meanwhile
-                if not os.path.isdir(d):
-                    os.makedirs(d, exist_ok=True)
+            if not os.path.isdir(self.tmp_dir):  # an expunge ran meanwhile
+                os.makedirs(self.cas_dir, exist_ok=True)
+                os.makedirs(self.ac_dir, exist_ok=True)
+                make_private_dir(self.tmp_dir)
             yield
         finally:
             os.close(fd)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtbuild.engine.errors import WorkspaceError
+from dtbuild.engine.labels import STATE_DIR_NAME
 
 WORKSPACE_FILE = "dtbuild.toml"
 BUILD_FILE_NAMES = ("BUILD", "BUILD.dtbuild")
@@ -26,7 +27,7 @@ class Workspace:
     @property
     def state_dir(self) -> str:
         """Per-workspace bookkeeping (memo of source digests, output index, lock)."""
-        return os.path.join(self.out_dir, ".dtbuild")
+        return os.path.join(self.out_dir, STATE_DIR_NAME)
 
     def cache_dir(self) -> str:
         env = os.environ.get("DTBUILD_CACHE_DIR")
