@@ -152,9 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
     from dtbuild.engine.build import Session
     from dtbuild.engine.workspace import find_workspace
+    from dtbuild.plugins.interfaces import SANDBOX_ENV
 
     extra = [("reporter", reporter)] if reporter is not None else []
-    return Session(find_workspace(), blocked=_blocked(args.plugin_flags), extra_plugins=extra)
+    workspace = find_workspace()
+    # Executors read the command sandbox from the environment (they get no settings).
+    os.environ[SANDBOX_ENV] = workspace.sandbox_commands()
+    return Session(workspace, blocked=_blocked(args.plugin_flags), extra_plugins=extra)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -14,6 +14,16 @@ WORKSPACE_FILE = "dtbuild.toml"
 BUILD_FILE_NAMES = ("BUILD", "BUILD.dtbuild")
 OUT_DIR_NAME = "dtbuild-out"
 
+#: ``[sandbox] commands``: how command actions (genrule ``cmd``, ``extra_commands``,
+#: ``fakeroot_commands``) are confined. ``DTBUILD_SANDBOX`` overrides it for one run.
+SANDBOX_COMMANDS_DOC = (
+    '"bwrap" (the default): each command runs in a bubblewrap sandbox that sees only its inputs, its '
+    "output directory and a read-only view of the host's tools (/usr, /bin, /lib*, /etc without its "
+    'secrets); writes anywhere else fail, and there is no network. "none": commands run unconfined, '
+    "as host processes that can read and write whatever the user can (for machines without bubblewrap "
+    "or user namespaces). DTBUILD_SANDBOX=bwrap|none overrides the setting for one run.")
+SANDBOX_COMMANDS = ("bwrap", "none")
+
 
 @dataclass
 class Workspace:
@@ -42,6 +52,33 @@ class Workspace:
     def remote_cache(self) -> str | None:
         value = self.config.get("remote", {}).get("cache")
         return str(value) if value else None
+
+    def sandbox_commands(self) -> str:
+        """The command sandbox: ``$DTBUILD_SANDBOX``, else ``[sandbox] commands``, else
+        ``bwrap``. See :data:`SANDBOX_COMMANDS_DOC`."""
+        from dtbuild.engine.errors import did_you_mean
+        from dtbuild.plugins.interfaces import SANDBOX_ENV
+
+        env = os.environ.get(SANDBOX_ENV, "").strip()
+        if env:
+            if env not in SANDBOX_COMMANDS:
+                raise WorkspaceError(f"{SANDBOX_ENV} must be one of {', '.join(SANDBOX_COMMANDS)}, but was {env!r}",
+                                     hint=did_you_mean(env, SANDBOX_COMMANDS))
+            return env
+        section = self.config.get("sandbox", {})
+        if not isinstance(section, dict):
+            raise WorkspaceError("[sandbox] must be a table, such as [sandbox] commands = \"bwrap\"",
+                                 location=_config_location(self.root))
+        unknown = sorted(set(section) - {"commands"})
+        if unknown:
+            raise WorkspaceError(f"[sandbox] has no setting {unknown[0]!r} (settings: commands)",
+                                 location=_config_location(self.root), hint=did_you_mean(unknown[0], ["commands"]))
+        value = section.get("commands", "bwrap")
+        if value not in SANDBOX_COMMANDS:
+            raise WorkspaceError(f"[sandbox] commands must be one of {', '.join(SANDBOX_COMMANDS)}, but was {value!r}",
+                                 location=_config_location(self.root),
+                                 hint=did_you_mean(value, SANDBOX_COMMANDS) if isinstance(value, str) else None)
+        return str(value)
 
     def plugin_modules(self) -> list[str]:
         modules = self.config.get("plugins", {}).get("modules", [])

@@ -139,14 +139,27 @@ class ActionFailed(Exception):
 # --------------------------------------------------------------------------- executors
 
 
+#: The environment variable that carries the user's choice of command sandbox to
+#: executors: ``bwrap`` (the default) or ``none``. The CLI exports ``[sandbox] commands``
+#: of dtbuild.toml there; a value the user set for one run wins over the setting.
+SANDBOX_ENV = "DTBUILD_SANDBOX"
+
+
 @dataclass(frozen=True, slots=True)
 class CommandRequest:
     argv: Sequence[str]
+    #: The working directory; a sandboxing executor makes it writable.
     cwd: str
     env: Mapping[str, str] = field(default_factory=dict)
     #: Allow network access. Off by default: actions must be hermetic.
     network: bool = False
     timeout: float | None = None
+    #: Absolute paths besides ``cwd`` the command may write (its home, its temporary
+    #: directory). A sandboxing executor hides every path not declared here or in
+    #: ``readonly``, but for the host's tools.
+    writable: Sequence[str] = ()
+    #: Absolute paths the command may read but not write.
+    readonly: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 DEFAULT_PACKAGES=(
   skopeo umoci runc busybox-static podman docker-registry fuse-overlayfs
   qemu-system-x86 proot fakeroot pigz zstd jq uidmap gcc libc6-dev make nginx
-  apache2-utils
+  apache2-utils bubblewrap
 )
 
 system=1 python=1 packages=() guest_kernel=1

@@ -77,8 +77,11 @@ class Genrule(ActionKind):
         if len(outs) == 1:
             env["OUT"] = outs[0]
         cmd = ctx.params["cmd"]
+        # Where the executor sandboxes commands, the command sees its execroot (the
+        # inputs and the output directory), its HOME and TMPDIR, and the host's tools.
         result = ctx.run_command(CommandRequest(
-            argv=["/bin/bash", "-c", "set -e -o pipefail\n" + cmd], cwd=execroot, env=env, network=False))
+            argv=["/bin/bash", "-c", "set -e -o pipefail\n" + cmd], cwd=execroot, env=env, network=False,
+            writable=[home, tmp]))
         if result.exit_code != 0:
             raise ActionFailed(f"command exited with status {result.exit_code}", output_tail=result.output,
                                exit_code=result.exit_code, command=shlex.quote(cmd) if "\n" in cmd else cmd)

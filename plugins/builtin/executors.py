@@ -1,5 +1,8 @@
-"""The ``local`` executor: commands run as host processes in their own session, without
-network access where ``unshare`` allows it, killed as a group when the build stops."""
+"""The ``local`` executor: commands run as host processes in their own session, confined
+by the command sandbox (:mod:`dtbuild.plugins.builtin.sandbox`) to their working
+directory, the paths their request declares and the host's tools, killed as a group when
+the build stops. With the sandbox turned off (``[sandbox] commands = "none"``) they run
+unconfined, without network access where ``unshare`` allows it."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 
+from dtbuild.plugins.builtin.sandbox import confine_argv, sandbox_mode
 from dtbuild.plugins.interfaces import CancelToken, CommandRequest, CommandResult, Executor
 
 OUTPUT_TAIL_LINES = 40
@@ -41,7 +45,10 @@ class LocalExecutor(Executor):
 
     def run(self, request: CommandRequest, cancel: CancelToken) -> CommandResult:
         argv = list(request.argv)
-        if not request.network:
+        if sandbox_mode() == "bwrap":
+            argv = confine_argv(argv, writable=[request.cwd, *request.writable], readonly=request.readonly,
+                                network=request.network)
+        elif not request.network:
             argv = [*network_isolation_prefix(), *argv]
         return run_supervised(argv, cwd=request.cwd, env=request.env, cancel=cancel, timeout=request.timeout)
 

@@ -261,7 +261,10 @@ class LayerWrite(ActionKind):
             argv=["/bin/bash", "-c", "set -e -o pipefail\numask 022\n" + commands], cwd=root,
             env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": home,
                  "TMPDIR": ctx.scratch_dir, "LANG": "C.UTF-8", "TZ": "UTC", "SOURCE_DATE_EPOCH": "1",
-                 "out": root}))
+                 "out": root},
+            # The action's scratch directory (the root, HOME, TMPDIR): where the executor
+            # sandboxes commands, all they may write.
+            writable=[ctx.scratch_dir]))
         if result.exit_code != 0:
             raise ActionFailed(f"extra_commands exited with status {result.exit_code}", output_tail=result.output,
                                exit_code=result.exit_code, command=commands)

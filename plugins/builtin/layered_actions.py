@@ -16,7 +16,6 @@ import os
 import posixpath
 import shutil
 import sys
-import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any
@@ -34,6 +33,7 @@ from dtbuild.plugins.builtin.image_actions import (
 )
 from dtbuild.plugins.builtin.layer_contents import ContentConflict, DirAttrs, MergedTree, Node, base_directories
 from dtbuild.plugins.builtin.layertar import LayerEntry, sorted_entries, write_layer
+from dtbuild.plugins.builtin.sandbox import interpreter_paths
 from dtbuild.plugins.interfaces import (
     ActionContext,
     ActionFailed,
@@ -322,7 +322,8 @@ class CustomisationLayer(ActionKind):
             # owners, and only the real file system knows what proot's commands did:
             # fakeroot shows inodes it has no record of as 0:0.)
             walker = ["fakeroot", "-i", state, "--", *walker]
-        self._run(ctx, walker, ctx.scratch_dir, env, "the walk of the customisation root", None)
+        self._run(ctx, walker, ctx.scratch_dir, env, "the walk of the customisation root", None,
+                  readonly=interpreter_paths())
         with open(walk_json) as f:
             walked = json.load(f)
         final: dict[str, _Seen] = {}
@@ -339,8 +340,11 @@ class CustomisationLayer(ActionKind):
 
     @staticmethod
     def _run(ctx: ActionContext, argv: list[str], cwd: str, env: Mapping[str, str], what: str,
-             commands: str | None) -> None:
-        result = ctx.run_command(CommandRequest(argv=argv, cwd=cwd, env=dict(env)))
+             commands: str | None, readonly: Sequence[str] = ()) -> None:
+        # Confined to the action's scratch directory (the root, HOME, TMPDIR, fakeroot's
+        # state) where the executor sandboxes commands.
+        result = ctx.run_command(CommandRequest(argv=argv, cwd=cwd, env=dict(env), writable=[ctx.scratch_dir],
+                                                readonly=readonly))
         if result.exit_code != 0:
             raise ActionFailed(f"{what} exited with status {result.exit_code}", output_tail=result.output,
                                exit_code=result.exit_code, command=commands)
@@ -365,8 +369,13 @@ class CustomisationLayer(ActionKind):
             json.dump({"default": [p["uid"], p["gid"]],
                        "owners": {path: [a.uid, a.gid] for path, a in base_dirs.items()}}, f)
         state = os.path.join(ctx.scratch_dir, "fakeroot.state")
+        if os.geteuid() != 0:
+            # In a user namespace (the sandbox's, or unshare's) a real chown to an unmapped
+            # owner fails with EINVAL, which fakeroot passes on (it ignores only EPERM):
+            # owners are then fakeroot's alone, as the walk below reads them.
+            env = {**env, "FAKEROOTDONTTRYCHOWN": "1"}
         self._run(ctx, ["fakeroot", "-s", state, "--", sys.executable, "-I", "-c", _PROLOGUE, owners, "--",
-                        *command], root, env, "fakeroot_commands", commands)
+                        *command], root, env, "fakeroot_commands", commands, readonly=interpreter_paths())
         return state
 
     # ------------------------------------------------------------------ the difference
@@ -468,7 +477,8 @@ class MergeImages(ActionKind):
 @dataclass(frozen=True, slots=True)
 class FlatEntry:
     """An entry of a flattened root file system. A file's bytes are ``size`` bytes at
-    ``offset`` in layer ``layer``."""
+    ``offset`` in layer ``layer``, or the store's blob ``blob`` when the layer did not
+    hold them in one piece (a sparse member)."""
 
     kind: str  # file | dir | symlink | char
     mode: int
@@ -478,18 +488,17 @@ class FlatEntry:
     layer: int = -1
     offset: int = 0
     linkname: str = ""
+    blob: str = ""
 
 
-def _member_path(name: str) -> str:
-    path = posixpath.normpath("/" + name).lstrip("/")
-    return "" if path in (".", "") else path
-
-
-def apply_layer(tree: dict[str, FlatEntry], members: Sequence[tarfile.TarInfo], layer: int) -> None:
-    """Apply one layer to a flattened tree (path -> entry), as OCI image-spec
+def apply_layer(tree: dict[str, FlatEntry], entries: Sequence[tar_extract.ArchiveEntry], layer: int,
+                stored: Mapping[str, str] | None = None) -> None:
+    """Apply one layer, read by :func:`tar_extract.read_entries` (names validated, hard
+    links to earlier files), to a flattened tree (path -> entry), as OCI image-spec
     "Applying Changesets" says: the layer's whiteouts (``.wh.NAME``) and opaque
     markers (``.wh..wh..opq``) first, removing what lower layers had, then its
-    entries. Hard links become copies of their targets.
+    entries. Hard links become copies of their targets. ``stored``: the store blobs of
+    files whose bytes are not at one offset of the layer, by path.
 
     :raises ValueError: for entries a root file system export cannot hold.
     """
@@ -499,11 +508,9 @@ def apply_layer(tree: dict[str, FlatEntry], members: Sequence[tarfile.TarInfo], 
         for key in [k for k in tree if k.startswith(prefix)]:
             del tree[key]
 
-    entries = []
-    for member in members:
-        path = _member_path(member.name)
-        if not path:
-            continue
+    changes = []
+    for member in entries:
+        path = member.path
         parent, base = posixpath.split(path)
         if base == ".wh..wh..opq":
             remove_below(parent)
@@ -512,27 +519,26 @@ def apply_layer(tree: dict[str, FlatEntry], members: Sequence[tarfile.TarInfo], 
             tree.pop(gone, None)
             remove_below(gone)
         else:
-            entries.append((path, member))
-    for path, member in entries:
-        if member.islnk():
-            target = tree.get(_member_path(member.linkname))
+            changes.append(member)
+    for member in changes:
+        path = member.path
+        if member.kind == "hardlink":
+            target = tree.get(member.target)
             if target is None or target.kind != "file":
-                raise ValueError(f"/{path} is a hard link to /{_member_path(member.linkname)}, which is not a file")
+                raise ValueError(f"/{path} is a hard link to /{member.target}, which is not a file")
             entry = target
-        elif member.isdir():
-            entry = FlatEntry("dir", member.mode & 0o7777, member.uid, member.gid)
-        elif member.issym():
-            entry = FlatEntry("symlink", 0o777, member.uid, member.gid, linkname=member.linkname)
-        elif member.isreg():
-            entry = FlatEntry("file", member.mode & 0o7777, member.uid, member.gid, member.size, layer,
-                              member.offset_data)
-        elif member.ischr() and member.devmajor == 0 and member.devminor == 0:
-            entry = FlatEntry("char", member.mode & 0o7777, member.uid, member.gid)
+        elif member.kind == "dir":
+            entry = FlatEntry("dir", member.mode, member.uid, member.gid)
+        elif member.kind == "symlink":
+            entry = FlatEntry("symlink", 0o777, member.uid, member.gid, linkname=member.target)
+        elif member.kind == "file":
+            entry = FlatEntry("file", member.mode, member.uid, member.gid, member.size, layer, member.offset,
+                              blob=(stored or {}).get(path, ""))
+        elif member.kind == "char" and member.devmajor == 0 and member.devminor == 0:
+            entry = FlatEntry("char", member.mode, member.uid, member.gid)
         else:
-            kind = ("character device" if member.ischr() else "block device" if member.isblk()
-                    else "fifo" if member.isfifo() else "special file")
-            raise ValueError(f"/{path} is a {kind}; an exported root file system holds only files, directories, "
-                             "symlinks and 0/0 character devices")
+            raise ValueError(f"/{path} is a {tar_extract.kind_text(member.kind)}; an exported root file system "
+                             "holds only files, directories, symlinks and 0/0 character devices")
         parent = posixpath.dirname(path)
         while parent and (parent not in tree or tree[parent].kind != "dir"):
             tree.pop(parent, None)  # a non-directory in the way is replaced, as extraction does
@@ -542,31 +548,6 @@ def apply_layer(tree: dict[str, FlatEntry], members: Sequence[tarfile.TarInfo], 
         if existing is not None and existing.kind == "dir" and entry.kind != "dir":
             remove_below(path)
         tree[path] = entry
-
-
-class _Slice:
-    """Reads ``size`` bytes at ``offset`` of ``stream`` (closing closes it)."""
-
-    def __init__(self, stream: IO[bytes], offset: int, size: int) -> None:
-        self._stream = stream
-        self._remaining = size
-        stream.seek(offset)
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self._remaining:
-            n = self._remaining
-        data = self._stream.read(n)
-        self._remaining -= len(data)
-        return data
-
-    def close(self) -> None:
-        self._stream.close()
-
-    def __enter__(self) -> _Slice:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
 
 
 class ImageExport(ActionKind):
@@ -581,26 +562,57 @@ class ImageExport(ActionKind):
         blobs = [image.entry("layers/" + d.removeprefix("sha256:")).digest for d in diff_ids]
         tree: dict[str, FlatEntry] = {}
         for number, digest in enumerate(blobs):
-            with ctx.open_blob(digest) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                members = tar.getmembers()
+            stored: dict[str, str] = {}
             try:
-                apply_layer(tree, members, number)
+                # Layers of an image tree are plain tars (checked against their diff_ids):
+                # offsets are positions in the blob.
+                with ctx.open_blob(digest) as f:
+                    entries = []
+                    for entry, content in tar_extract.read_entries(f, compressed=False,
+                                                                   lower_files=lambda p: _flat_file(tree, p)):
+                        if content is not None and entry.offset < 0:
+                            stored[entry.path] = _store_content(ctx, content)
+                        entries.append(entry)
+                apply_layer(tree, entries, number, stored)
+            except tar_extract.UnsafeArchive as e:
+                raise ActionFailed(e.message(f"layer {number + 1} ({diff_ids[number]})")) from None
             except ValueError as e:
                 raise ActionFailed(f"layer {number + 1} ({diff_ids[number]}): {e}") from None
 
-        def opener(layer: int, offset: int, size: int) -> Callable[[], IO[bytes]]:
-            return lambda: _Slice(ctx.open_blob(blobs[layer]), offset, size)  # type: ignore[return-value]
+        def opener(e: FlatEntry) -> Callable[[], IO[bytes]]:
+            if e.blob:
+                return lambda: ctx.open_blob(e.blob)
+            entry = tar_extract.ArchiveEntry("", "file", 0, size=e.size, offset=e.offset)
+            return lambda: tar_extract.open_content(ctx.open_blob(blobs[e.layer]), entry)
 
         entries = []
         for path, e in tree.items():
             if e.kind == "file":
                 entries.append(LayerEntry(path=path, kind="file", mode=e.mode, uid=e.uid, gid=e.gid, size=e.size,
-                                          open=opener(e.layer, e.offset, e.size)))
+                                          open=opener(e)))
             else:
                 entries.append(LayerEntry(path=path, kind=e.kind, mode=e.mode, uid=e.uid, gid=e.gid,  # type: ignore[arg-type]
                                           linkname=e.linkname))
         with ctx.output_writer("tar") as out:
             write_layer(sorted_entries(entries), tar_out=out)
+
+
+def _flat_file(tree: Mapping[str, FlatEntry], path: str) -> bool:
+    entry = tree.get(path)
+    return entry is not None and entry.kind == "file"
+
+
+def _store_content(ctx: ActionContext, content: IO[bytes]) -> str:
+    """Put a member's bytes into the store; their store digest."""
+    spill = os.path.join(ctx.scratch_dir, "member")
+    fd = os.open(spill, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(content, out, 1 << 20)
+        digest, _ = ctx.put_file(spill)
+    finally:
+        os.unlink(spill)
+    return digest
 
 
 # --------------------------------------------------------------------------- merge_trees

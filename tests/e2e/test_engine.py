@@ -363,6 +363,11 @@ def test_outputs_are_byte_identical_elsewhere_with_other_umask_and_mtimes(monore
 # --------------------------------------------------------------------------- crashes and corruption
 
 
+#: For tests whose commands talk to the test through host files: the command sandbox
+#: would hide those (tests/e2e/test_command_sandbox.py covers sandboxed commands).
+UNCONFINED = '[sandbox]\ncommands = "none"\n'
+
+
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], err_path: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -416,7 +421,7 @@ genrule(name = "prep", srcs = ["in.txt"], outs = ["prep.txt"], cmd = "tr a-z A-Z
 genrule(name = "slow", srcs = [":prep"], outs = ["slow.txt"], cmd = '''{slow_cmd}''')
 genrule(name = "final", srcs = [":slow"], outs = ["final.txt"], cmd = "cat $SRCS > $OUT; echo final >> $OUT")
 """,
-    })
+    }, config=UNCONFINED)
     err_path = tmp_path / "killed.err"
     with open(err_path, "wb") as err:
         proc = run_dtbuild.popen(ws, "build", "//pkg:final", "--jobs", "2", start_new_session=True,
@@ -458,7 +463,8 @@ def test_an_interrupted_build_stops_its_commands_and_keeps_nothing_partial(write
     hold.touch()
     cmd = (f"echo partial > $OUT; echo $$ > {ctl}/pid; touch {ctl}/started; i=0; "
            f"while [ -e {hold} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; echo complete > $OUT")
-    ws = write_workspace({"pkg/BUILD": f'genrule(name = "slow", outs = ["slow.txt"], cmd = "{cmd}")\n'})
+    ws = write_workspace({"pkg/BUILD": f'genrule(name = "slow", outs = ["slow.txt"], cmd = "{cmd}")\n'},
+                         config=UNCONFINED)
     err_path = tmp_path / "interrupted.err"
     with open(err_path, "wb") as err:
         proc = run_dtbuild.popen(ws, "build", "//pkg:slow", stdout=subprocess.DEVNULL, stderr=err)
@@ -574,7 +580,7 @@ def test_jobs_2_runs_independent_actions_at_once(write_workspace, run_dtbuild, t
     ws = write_workspace({"pkg/BUILD": f"""
 genrule(name = "a", outs = ["a.txt"], cmd = "{meet('a', 'b')}")
 genrule(name = "b", outs = ["b.txt"], cmd = "{meet('b', 'a')}")
-"""})
+"""}, config=UNCONFINED)
     run_dtbuild.build(ws, "//pkg:all", "--jobs", "2", check=True)
     assert _out(ws, "pkg/a.txt").read_text() == "together\n"
     assert _out(ws, "pkg/b.txt").read_text() == "together\n"
@@ -593,7 +599,7 @@ def test_jobs_1_runs_one_action_at_a_time(write_workspace, run_dtbuild, tmp_path
     ws = write_workspace({"pkg/BUILD": f"""
 genrule(name = "a", outs = ["a.txt"], cmd = "{probe('a', 'b')}")
 genrule(name = "b", outs = ["b.txt"], cmd = "{probe('b', 'a')}")
-"""})
+"""}, config=UNCONFINED)
     result = run_dtbuild.build(ws, "//pkg:all", "--jobs", "1", check=True)
     assert result.executed == 2
     assert _out(ws, "pkg/a.txt").read_text() == "alone\n"
