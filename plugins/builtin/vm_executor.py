@@ -1,12 +1,14 @@
 """The ``vm`` executor: root layers built in a QEMU virtual machine, as dockerTools'
-``runInLinuxVM`` does.
+``runInLinuxVM`` does. It is the executor for untrusted scripts, so the guest is treated as
+hostile: nothing it does may reach the host's files or the host's privileges.
 
 The guest is the host's Linux kernel (or ``[vm] kernel`` in dtbuild.toml) booted with a
 small initramfs this module writes: static busybox, the kernel modules for virtio, 9p,
 ext4 and overlayfs (copied, decompressed, from ``/lib/modules/<version>``, loaded in
-dependency order) and an ``/init`` script (:data:`GUEST_INIT`). Three host directories
-are shared with virtio-9p: the base's root file system (read-only), copy_to_root
-(read-only) and a job directory (scripts in, results out). The guest:
+dependency order) and an ``/init`` script (:data:`GUEST_INIT`). Four host directories
+are shared with virtio-9p: the base's root file system, copy_to_root and the job's inputs
+(the scripts), all three read-only (``readonly=on``: QEMU refuses every write), and an
+output directory, the only writable share. The guest:
 
 1. formats its disk (``disk_size`` MiB, a sparse file on the host) and puts the
    overlay's upper and work directories on it,
@@ -17,13 +19,29 @@ are shared with virtio-9p: the base's root file system (read-only), copy_to_root
    over a *probe* tree holding a marker in every directory: a marker hidden means the
    directory is opaque, since busybox cannot read xattrs) and writes the upper directory
    as a tar (owners, modes, whiteout devices and hard links as they are) and the list of
-   opaque directories into the job share, then powers off.
+   opaque directories into the output share, then powers off.
 
 The host then packs that tar with the same conversion as the namespace executor, so
 both give the same bytes. Owners never cross 9p on the way out (they travel in the tar
 headers); on the way in, the base's owners are set on the host (as root, or in a user
-namespace whose mapping QEMU then runs in) and 9p's ``security_model=passthrough``
-shows them to the guest as they are.
+namespace whose mapping QEMU then runs in) and the read-only shares show them to the
+guest as they are.
+
+Confinement (the guest is root in the VM and can escape the script's chroot):
+
+* The output share uses 9p's ``security_model=mapped-xattr`` (``mapped-file`` where the
+  host file system has no user xattrs): whatever the guest creates there is, on the
+  host, a plain file (mode 0600) or directory (0700) owned by QEMU's user; the owner,
+  mode, setuid bits, device numbers or symlink target the guest asked for are kept in
+  QEMU's metadata (xattrs or ``.virtfs_metadata``), never on the host inode.
+* The host reads what the guest left (status, message, log, opaque list, layer tar) only
+  after QEMU has exited, through :class:`GuestOutputs`: opened with ``O_NOFOLLOW`` below a
+  directory descriptor, checked with ``fstat`` to be a regular file, checked against
+  QEMU's metadata to be one the guest made as a regular file, and read with a size cap.
+  Anything else is a :class:`GuestMisbehaved` error, never followed or read.
+* The job's scratch directories are 0700, and QEMU runs with its seccomp filter
+  (``-sandbox on``, denying privilege changes, spawning and resource control) where the
+  QEMU build has one.
 
 KVM is used when a short probe shows that it boots this kernel (a /dev/kvm can exist
 and still hang a stock kernel, as nested virtualization does); the answer is kept in
@@ -41,7 +59,9 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import struct
+import subprocess
 import sys
 import threading
 from collections.abc import Iterable
@@ -49,6 +69,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from dtbuild.plugins.builtin.executors import run_supervised
+from dtbuild.plugins.builtin.layertar import LayerDigests
 from dtbuild.plugins.builtin.namespace_executor import helper_env, remove_as_owner
 from dtbuild.plugins.builtin.root_layer import (
     SCRIPT_ENV,
@@ -56,7 +77,7 @@ from dtbuild.plugins.builtin.root_layer import (
     RootLayerRequest,
     UpperDirError,
     cache_root,
-    pack_vm_result,
+    pack_upper_tar,
     prepare,
     workspace_config,
     write_status,
@@ -82,15 +103,17 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-off() { sync; umount /job 2>/dev/null; poweroff -f; sleep 60; }
+off() { sync; umount /out 2>/dev/null; umount /job 2>/dev/null; poweroff -f; sleep 60; }
 say() { echo "dtbuild-vm: $*"; }
 while read -r module; do
   insmod "/modules/$module.ko" || say "cannot load the module $module"
 done < /modules/order
 P9="trans=virtio,version=9p2000.L,msize=262144"
-mount -t 9p -o "$P9" job /job || { say "cannot mount the job directory (9p)"; off; }
-status() { echo "$1 $2" > /job/status; }
-fail() { say "$2"; echo "$2" > /job/message; status "$1" 1; off; }
+# /out is the only writable share: the host reads from it only what it expects, as plain files.
+mount -t 9p -o "$P9" out /out || { say "cannot mount the output directory (9p)"; off; }
+status() { echo "$1 $2" > /out/status; }
+fail() { say "$2"; echo "$2" > /out/message; status "$1" 1; off; }
+mount -t 9p -o "$P9,ro" job /job || fail mount "cannot mount the job directory (9p)"
 mount -t 9p -o "$P9,ro" lower /lower || fail mount "cannot mount the base's root file system (9p)"
 mount -t 9p -o "$P9,ro" seed /seed || fail mount "cannot mount copy_to_root (9p)"
 mke2fs -q -F /dev/vda >/dev/null 2>&1 || fail mount "cannot format the VM's disk /dev/vda"
@@ -113,13 +136,13 @@ if [ -f /job/network ]; then
   ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
     || say "cannot configure the network"
 fi
-: > /job/log
+: > /out/log
 if [ -e "$M/bin/sh" ] || [ -L "$M/bin/sh" ]; then
   env -i @SCRIPT_ENV@ chroot "$M" /bin/sh -c "set -e
-$(cat /job/run_as_root.sh)" < /dev/null >> /job/log 2>&1
+$(cat /job/run_as_root.sh)" < /dev/null >> /out/log 2>&1
   rc=$?
 else
-  echo "dtbuild: the base image has no /bin/sh: run_as_root runs with the image's /bin/sh" >> /job/log
+  echo "dtbuild: the base image has no /bin/sh: run_as_root runs with the image's /bin/sh" >> /out/log
   rc=127
 fi
 for p in /proc/[0-9]*; do
@@ -136,7 +159,7 @@ if [ -s /job/extra_commands.sh ]; then
   mkdir -p /tmp/home
   (cd /disk/upper && env -i PATH=/bin HOME=/tmp/home TMPDIR=/tmp out=/disk/upper SOURCE_DATE_EPOCH=1 TZ=UTC \
     LANG=C.UTF-8 /bin/sh -c "set -e
-$(cat /job/extra_commands.sh)") < /dev/null >> /job/log 2>&1
+$(cat /job/extra_commands.sh)") < /dev/null >> /out/log 2>&1
   rc=$?
   [ "$rc" = 0 ] || { status extra_commands "$rc"; off; }
 fi
@@ -146,11 +169,11 @@ find . -mindepth 1 -type d -exec sh -c \
   || fail pack "cannot make the opaque-directory probe"
 mount -t overlay overlay -o ro,lowerdir=/disk/upper:/disk/probe /disk/check || fail pack "cannot mount the probe"
 find . -mindepth 1 -type d -exec sh -c \
-  'for d; do [ -e "/disk/check/$d/.dtbuild-opaque-probe" ] || printf "%s\0" "$d"; done' sh {} + > /job/opaque \
+  'for d; do [ -e "/disk/check/$d/.dtbuild-opaque-probe" ] || printf "%s\0" "$d"; done' sh {} + > /out/opaque \
   || fail pack "cannot list the opaque directories"
 umount /disk/check
 cd /
-tar -cf /job/upper.tar -C /disk/upper . || fail pack "cannot write the layer's directory as a tar"
+tar -cf /out/upper.tar -C /disk/upper . || fail pack "cannot write the layer's directory as a tar"
 status done 0
 off
 """
@@ -355,7 +378,7 @@ def _module_bytes(path: str) -> bytes:
 def write_initramfs(path: str, setup: VmSetup, init: str, modules: Iterable[str]) -> None:
     with open(path, "wb") as out, open(setup.busybox, "rb") as bb:
         cpio = CpioWriter(out)
-        for d in ("bin", "dev", "proc", "sys", "tmp", "job", "lower", "seed", "disk", "modules"):
+        for d in ("bin", "dev", "proc", "sys", "tmp", "job", "out", "lower", "seed", "disk", "modules"):
             cpio.directory(d)
         cpio.char_device("dev/console", 5, 1)
         cpio.file("bin/busybox", bb.read(), 0o755)
@@ -370,15 +393,61 @@ def write_initramfs(path: str, setup: VmSetup, init: str, modules: Iterable[str]
 # --------------------------------------------------------------------------- QEMU
 
 
-def _virtfs(path: str, tag: str, readonly: bool) -> list[str]:
+#: QEMU's seccomp filter: besides the default (no obsolete or dangerous system calls),
+#: QEMU may not change its uid or gid, start programs or change scheduling and limits.
+SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def _virtfs(path: str, tag: str, *, readonly: bool, security_model: str = "none") -> list[str]:
+    """A ``-virtfs`` share. Read-only shares use ``security_model=none``: the guest sees the
+    host's owners and modes as they are and QEMU refuses every write (``readonly=on``).
+    The writable share needs a mapped model (:func:`output_security_model`): with ``none``
+    or ``passthrough``, QEMU as root creates whatever the guest asks for (setuid files,
+    devices, other owners) as real host files."""
     escaped = path.replace(",", ",,")
-    return ["-virtfs", f"local,path={escaped},mount_tag={tag},security_model=passthrough"
-            + (",readonly=on" if readonly else "")]
+    options = f"local,path={escaped},mount_tag={tag},security_model={security_model}"
+    if readonly:
+        options += ",readonly=on"
+    elif security_model in ("mapped-xattr", "mapped-file"):
+        options += ",fmode=0600,dmode=0700"
+    return ["-virtfs", options]
+
+
+def output_security_model(directory: str) -> str:
+    """``mapped-xattr`` when the file system of ``directory`` stores ``user.*`` xattrs for
+    this process (ext4, xfs, btrfs; not tmpfs before Linux 6.6), else ``mapped-file``,
+    which keeps QEMU's metadata in ``.virtfs_metadata`` files next to the shared files."""
+    probe = os.path.join(directory, ".dtbuild-xattr-probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return "mapped-file"
+    try:
+        os.setxattr(fd, "user.dtbuild.probe", b"1")
+        return "mapped-xattr"
+    except OSError:
+        return "mapped-file"
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+@functools.cache
+def sandbox_argv(qemu: str) -> tuple[str, ...]:
+    """``-sandbox ...`` when this QEMU has seccomp support (it then parses the option and
+    prints its version), else () (a build without it rejects ``-sandbox`` at once)."""
+    try:
+        done = subprocess.run([qemu, "-sandbox", SANDBOX_OPTION, "-version"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return ("-sandbox", SANDBOX_OPTION) if done.returncode == 0 else ()
 
 
 def qemu_argv(setup: VmSetup, *, accel: str, memory: int, initramfs: str, extra: list[str]) -> list[str]:
-    return [setup.qemu, "-accel", accel, "-m", f"{memory}M", "-nodefaults", "-no-user-config", "-no-reboot",
-            "-display", "none", "-kernel", setup.kernel, "-initrd", initramfs, "-append", _KERNEL_CMDLINE, *extra]
+    return [setup.qemu, *sandbox_argv(setup.qemu), "-accel", accel, "-m", f"{memory}M", "-nodefaults",
+            "-no-user-config", "-no-reboot", "-display", "none", "-kernel", setup.kernel, "-initrd", initramfs,
+            "-append", _KERNEL_CMDLINE, *extra]
 
 
 _kvm_lock = threading.Lock()
@@ -424,7 +493,7 @@ def kvm_usable(setup: VmSetup, scratch: str, cancel: CancelToken) -> tuple[bool,
 
 def _probe_kvm(setup: VmSetup, scratch: str, cancel: CancelToken) -> tuple[bool, str]:
     probe_dir = os.path.join(scratch, "kvm-probe")
-    os.makedirs(probe_dir, exist_ok=True)
+    os.makedirs(probe_dir, mode=0o700, exist_ok=True)
     initramfs = os.path.join(probe_dir, "initramfs.cpio")
     write_initramfs(initramfs, setup, _PROBE_INIT, ())
     console = os.path.join(probe_dir, "console.log")
@@ -442,6 +511,205 @@ def _probe_kvm(setup: VmSetup, scratch: str, cancel: CancelToken) -> tuple[bool,
         return False, f"a KVM boot did not finish within {setup.kvm_probe_timeout:g} s"
     detail = result.output.strip().splitlines()[-1:] or [f"exit status {result.exit_code}"]
     return False, f"a KVM boot failed ({detail[0]})"
+
+
+# --------------------------------------------------------------------------- what the guest left
+
+#: The most of a status or message file the host reads (the guest's init writes one line).
+SMALL_OUTPUT_LIMIT = 64 * 1024
+#: The most of the opaque-directory list the host reads into memory.
+OPAQUE_LIST_LIMIT = 64 << 20
+#: How much of the end of a log the host reads for the error output's last lines.
+LOG_TAIL_BYTES = 64 * 1024
+#: The stages the guest's init writes into its status file.
+GUEST_STAGES = frozenset({"mount", "prepare", "run_as_root", "extra_commands", "pack", "done"})
+
+_WHAT = {"log": "log", "status": "status file", "message": "message file",
+         "opaque": "list of opaque directories", "upper.tar": "layer tar"}
+
+
+class GuestMisbehaved(ValueError):
+    """The guest left something the host does not read where its init writes a file: a
+    symbolic link, fifo, device, socket or directory, or a file larger than its cap."""
+
+
+def _kind(mode: int) -> str:
+    return {stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a fifo", stat.S_IFSOCK: "a socket",
+            stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFDIR: "a directory"}.get(stat.S_IFMT(mode), f"a file of type {stat.S_IFMT(mode):#o}")
+
+
+class GuestOutputs:
+    """The files a guest left in its output share, read once QEMU has exited (so nothing
+    changes them any more). A file is opened with ``O_NOFOLLOW | O_NONBLOCK`` below a
+    descriptor of the share, must be a regular file both on the host (``fstat``) and in
+    QEMU's metadata (what the guest created it as: with a mapped security model, a
+    guest's symlink or fifo is a plain host file whose metadata says so), and is read
+    through its descriptor with a size cap."""
+
+    def __init__(self, share: str, security_model: str) -> None:
+        self.share = share
+        self.security_model = security_model
+        self._dir = os.open(share, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def __enter__(self) -> GuestOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._dir)
+
+    def _misbehaved(self, name: str, problem: str) -> GuestMisbehaved:
+        return GuestMisbehaved(
+            f"the VM's {_WHAT.get(name, name)} ({os.path.join(self.share, name)}) is {problem}, where the VM's "
+            "init writes a regular file: the guest misbehaved (run_as_root or extra_commands tampered with the "
+            "VM's output share), so dtbuild did not read it")
+
+    def open(self, name: str, limit: int | None = None) -> int | None:
+        """A read-only descriptor of the regular file ``name``; None when it is missing."""
+        try:
+            before = os.stat(name, dir_fd=self._dir, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(before.st_mode):
+            raise self._misbehaved(name, _kind(before.st_mode))
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                         dir_fd=self._dir)
+        except OSError as e:
+            raise self._misbehaved(name, f"not openable as a regular file ({e.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+                raise self._misbehaved(name, _kind(st.st_mode) if not stat.S_ISREG(st.st_mode)
+                                         else "replaced while dtbuild opened it")
+            guest_mode = self._guest_mode(fd, name)
+            if guest_mode is not None and not stat.S_ISREG(guest_mode):
+                raise self._misbehaved(name, f"{_kind(guest_mode)} (as the guest made it)")
+            if limit is not None and st.st_size > limit:
+                raise self._misbehaved(name, f"{st.st_size} bytes, more than the {limit} dtbuild reads")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _guest_mode(self, fd: int, name: str) -> int | None:
+        """The file type and mode the guest gave ``name``, from QEMU's mapped metadata;
+        None when there is none (a file the host wrote)."""
+        if self.security_model == "mapped-xattr":
+            try:
+                value = os.getxattr(fd, "user.virtfs.mode")
+            except OSError:
+                return None
+            return struct.unpack_from("<I", value)[0] if len(value) >= 4 else None
+        if self.security_model != "mapped-file":
+            return None
+        try:
+            meta_dir = os.open(".virtfs_metadata", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=self._dir)
+        except OSError:
+            return None
+        try:
+            meta = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=meta_dir)
+        except OSError:
+            return None
+        finally:
+            os.close(meta_dir)
+        try:
+            if not stat.S_ISREG(os.fstat(meta).st_mode):
+                raise self._misbehaved(name, "described by metadata that is not a regular file")
+            text = os.read(meta, 4096).decode("ascii", "replace")
+        finally:
+            os.close(meta)
+        match = re.search(r"^virtfs\.mode=(\d+)$", text, re.MULTILINE)
+        return int(match.group(1)) if match else None
+
+    def read(self, name: str, limit: int = SMALL_OUTPUT_LIMIT) -> bytes | None:
+        """The content of ``name`` (at most ``limit`` bytes, else an error); None when missing."""
+        fd = self.open(name, limit)
+        if fd is None:
+            return None
+        try:
+            return _read_fd(fd, limit)
+        finally:
+            os.close(fd)
+
+    def tail(self, name: str, size: int = LOG_TAIL_BYTES) -> str:
+        """The last lines of the log ``name`` (from its last ``size`` bytes); "" when missing."""
+        fd = self.open(name)
+        if fd is None:
+            return ""
+        try:
+            end = os.fstat(fd).st_size
+            data = os.pread(fd, size, max(0, end - size))
+        finally:
+            os.close(fd)
+        return _log_text(data)
+
+    def status(self) -> tuple[str, int, str] | None:
+        """(stage, exit code, message) from the status and message files; None when the
+        guest wrote no status (it stopped early)."""
+        data = self.read("status")
+        if data is None:
+            return None
+        fields = data.decode("ascii", "replace").split()
+        if len(fields) != 2 or fields[0] not in GUEST_STAGES or not fields[1].isdigit():
+            raise self._misbehaved("status", f"not '<stage> <exit status>' ({data[:80]!r})")
+        message = (self.read("message") or b"").decode("utf-8", "replace").strip()
+        return fields[0], int(fields[1]), message
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    chunks = []
+    total = 0
+    while total <= limit:
+        chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > limit:
+        raise GuestMisbehaved(f"a file the VM left grew past {limit} bytes while dtbuild read it")
+    return b"".join(chunks)
+
+
+def _log_text(data: bytes, lines: int = 40) -> str:
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc", "", data.decode("utf-8", "replace"))
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _host_tail(path: str, size: int = LOG_TAIL_BYTES) -> str:
+    """The last lines of a file QEMU wrote on the host (the console log), opened without
+    following a link; "" when it is missing or not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return ""
+        return _log_text(os.pread(fd, size, max(0, st.st_size - size)))
+    finally:
+        os.close(fd)
+
+
+def pack_guest_result(job: RootLayerJob, share: str, security_model: str) -> LayerDigests:
+    """The layer from the upper directory's tar and opaque list the guest left in its
+    output share, both opened as :class:`GuestOutputs` and packed through their
+    descriptors (``/proc/self/fd``), so no path the guest could have replaced is used."""
+    with GuestOutputs(share, security_model) as outputs:
+        upper_fd = outputs.open("upper.tar")
+        opaque_fd = outputs.open("opaque", OPAQUE_LIST_LIMIT) if upper_fd is not None else None
+        try:
+            if upper_fd is None or opaque_fd is None:
+                raise GuestMisbehaved("the VM reported success but left no layer tar or no list of opaque "
+                                      f"directories in {share}: the guest misbehaved")
+            return pack_upper_tar(f"/proc/self/fd/{upper_fd}", f"/proc/self/fd/{opaque_fd}", job.lower,
+                                  job.layer_tar, job.layer_meta)
+        finally:
+            for fd in (upper_fd, opaque_fd):
+                if fd is not None:
+                    os.close(fd)
 
 
 # --------------------------------------------------------------------------- the executor
@@ -462,19 +730,18 @@ class VmExecutor(Executor):
             return CommandResult(1, f"the vm executor cannot run here: {reason}")
         job = request.job
         userns = os.geteuid() != 0
-        share = os.path.join(job.job_dir, "vm")
-        os.mkdir(share)
+        os.chmod(job.job_dir, 0o700)
         try:
-            return self._run(setup, job, share, userns, request, cancel)
+            return self._run(setup, job, userns, request, cancel)
         finally:
             remove_as_owner([job.lower, job.seed], userns)
 
-    def _run(self, setup: VmSetup, job: RootLayerJob, share: str, userns: bool, request: RootLayerRequest,
+    def _run(self, setup: VmSetup, job: RootLayerJob, userns: bool, request: RootLayerRequest,
              cancel: CancelToken) -> CommandResult:
         prefix: list[str] = []
+        job_json = os.path.join(job.job_dir, "job.json")
         if userns:
             prefix = ["unshare", "--map-root-user", "--map-auto"]
-            job_json = os.path.join(job.job_dir, "job.json")
             job.save(job_json)
             done = run_supervised([*prefix, sys.executable, "-m", "dtbuild.plugins.builtin.root_layer", "prepare",
                                    job_json], cwd=job.job_dir, env=helper_env(), cancel=cancel)
@@ -498,13 +765,18 @@ class VmExecutor(Executor):
             accel = "tcg"
             if setup.accel != "tcg":
                 request.log(f"KVM is not usable ({why}): the VM runs under TCG emulation, which is much slower")
-        with open(os.path.join(share, "run_as_root.sh"), "w") as f:
+        inputs = os.path.join(job.job_dir, "vm-in")  # read-only for the guest
+        outputs = os.path.join(job.job_dir, "vm")  # the guest's only writable share
+        os.mkdir(inputs, 0o700)
+        os.mkdir(outputs, 0o700)
+        with open(os.path.join(inputs, "run_as_root.sh"), "w") as f:
             f.write(job.script)
-        with open(os.path.join(share, "extra_commands.sh"), "w") as f:
+        with open(os.path.join(inputs, "extra_commands.sh"), "w") as f:
             f.write(job.extra_commands if job.extra_commands.strip() else "")
         if job.network:
-            with open(os.path.join(share, "network"), "w"):
+            with open(os.path.join(inputs, "network"), "w"):
                 pass
+        model = output_security_model(outputs)
         init = GUEST_INIT.replace("@SCRIPT_ENV@", " ".join(shlex.quote(f"{k}={v}") for k, v in SCRIPT_ENV.items()))
         initramfs = os.path.join(job.job_dir, "initramfs.cpio")
         write_initramfs(initramfs, setup, init, GUEST_MODULES + (NETWORK_MODULES if job.network else ()))
@@ -512,8 +784,9 @@ class VmExecutor(Executor):
         with open(disk, "wb") as f:
             f.truncate(job.disk_size << 20)
         console = os.path.join(job.job_dir, "console.log")
-        devices = [*_virtfs(share, "job", False), *_virtfs(job.lower, "lower", True),
-                   *_virtfs(job.seed, "seed", True),
+        devices = [*_virtfs(outputs, "out", readonly=False, security_model=model),
+                   *_virtfs(inputs, "job", readonly=True), *_virtfs(job.lower, "lower", readonly=True),
+                   *_virtfs(job.seed, "seed", readonly=True),
                    "-drive", f"file={disk.replace(',', ',,')},format=raw,if=virtio,cache=unsafe",
                    "-serial", f"file:{console}"]
         if job.network:
@@ -525,29 +798,34 @@ class VmExecutor(Executor):
             os.unlink(disk)
         except OSError:
             pass
-        log_tail = _tail(os.path.join(share, "log"))
-        status = _guest_status(share)
+        # QEMU has exited: from here on nothing changes the output share while it is read.
+        try:
+            with GuestOutputs(outputs, model) as left:
+                status = left.status()
+                log_tail = left.tail("log")
+        except (GuestMisbehaved, OSError) as e:
+            write_status(job.job_dir, "pack", 1, str(e))
+            return CommandResult(1, _host_tail(console))
         if status is None:
-            console_tail = _tail(console)
             message = (f"the VM stopped before the layer was built (qemu exit status {result.exit_code})"
                        if not cancel.is_set() else "interrupted")
             write_status(job.job_dir, "mount", 1, message)
             return CommandResult(result.exit_code or 1,
-                                 "\n".join(t for t in (result.output, console_tail, log_tail) if t))
+                                 "\n".join(t for t in (result.output, _host_tail(console), log_tail) if t))
         stage, code, message = status
         if stage != "done":
             write_status(job.job_dir, stage, code, message)
             return CommandResult(code or 1, log_tail if stage in ("run_as_root", "extra_commands")
-                                 else "\n".join(t for t in (log_tail, _tail(console)) if t))
+                                 else "\n".join(t for t in (log_tail, _host_tail(console)) if t))
         if userns:  # the lower directory's owners are subordinate ids outside the namespace
-            done = run_supervised([*prefix, sys.executable, "-m", "dtbuild.plugins.builtin.root_layer",
-                                   "pack-vm-result", os.path.join(job.job_dir, "job.json")],
+            done = run_supervised([*prefix, sys.executable, "-m", "dtbuild.plugins.builtin.vm_executor",
+                                   "pack", job_json, outputs, model],
                                   cwd=job.job_dir, env=helper_env(), cancel=cancel)
             if done.exit_code != 0:
                 return CommandResult(done.exit_code, "\n".join(t for t in (log_tail, done.output) if t))
         else:
             try:
-                pack_vm_result(job)
+                pack_guest_result(job, outputs, model)
             except (UpperDirError, OSError, ValueError) as e:
                 write_status(job.job_dir, "pack", 1, f"packing the layer failed: {e}")
                 return CommandResult(1, "\n".join(t for t in (log_tail, str(e)) if t))
@@ -555,28 +833,26 @@ class VmExecutor(Executor):
         return CommandResult(0, log_tail)
 
 
-def _guest_status(share: str) -> tuple[str, int, str] | None:
-    try:
-        with open(os.path.join(share, "status")) as f:
-            stage, code = f.read().split()
-    except (OSError, ValueError):
-        return None
-    message = ""
-    try:
-        with open(os.path.join(share, "message")) as f:
-            message = f.read().strip()
-    except OSError:
-        pass
-    return stage, int(code), message
+# --------------------------------------------------------------------------- as a program
 
 
-def _tail(path: str, lines: int = 40) -> str:
+def main(argv: list[str]) -> int:
+    """``pack JOB.json SHARE SECURITY_MODEL``: :func:`pack_guest_result`, run inside the
+    user namespace the VM ran in (for an ordinary user)."""
+    if len(argv) != 4 or argv[0] != "pack":
+        print("usage: python -m dtbuild.plugins.builtin.vm_executor pack JOB.json SHARE SECURITY_MODEL",
+              file=sys.stderr)
+        return 2
+    with open(argv[1]) as f:
+        job = RootLayerJob.from_json(json.load(f))
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read()
-    except OSError:
-        return ""
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc", "", data.decode("utf-8", "replace"))
-    return "\n".join(text.splitlines()[-lines:])
+        pack_guest_result(job, argv[2], argv[3])
+    except (UpperDirError, OSError, ValueError) as e:
+        write_status(job.job_dir, "pack", 1, f"packing the layer failed: {e}")
+        print(f"dtbuild: packing the layer failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
