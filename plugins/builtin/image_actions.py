@@ -118,10 +118,14 @@ def image_tree_entries(ctx: ActionContext, *, description: dict[str, Any], confi
 # --------------------------------------------------------------------------- LayerWrite
 
 
-def materialize_nodes(ctx: ActionContext, nodes: Mapping[str, Node], root: str) -> None:
+def materialize_nodes(ctx: ActionContext, nodes: Mapping[str, Node], root: str) -> dict[str, int]:
     """Write merged-tree ``nodes`` as a new directory ``root`` (files copied out of the
-    store), for commands that must see them on disk."""
+    store), for commands that must see them on disk. Nothing written is setuid, setgid
+    or sticky (SPEC: those bits live in layer headers only), and no write follows a
+    symlink; returns the full modes of the paths whose special bits were held back, for
+    :func:`entries_from_directory` to give them back."""
     os.mkdir(root)
+    special = {path: node.mode for path, node in nodes.items() if node.kind != "symlink" and node.mode & 0o7000}
     paths = sorted(nodes, key=lambda q: q.split("/"))
     for path in paths:
         node = nodes[path]
@@ -131,12 +135,14 @@ def materialize_nodes(ctx: ActionContext, nodes: Mapping[str, Node], root: str) 
         elif node.kind == "symlink":
             os.symlink(node.target, full)
         else:
-            with ctx.open_blob(node.digest) as src, open(full, "wb") as dst:
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with ctx.open_blob(node.digest) as src, open(fd, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
-            os.chmod(full, node.mode)
+            os.chmod(full, node.mode & 0o777)
     for path in reversed(paths):  # directories last, deepest first: a 0555 one must not stop the copies
         if nodes[path].kind == "dir":
-            os.chmod(os.path.join(root, path), nodes[path].mode)
+            os.chmod(os.path.join(root, path), nodes[path].mode & 0o777)
+    return special
 
 
 def place_artifact(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
@@ -254,7 +260,7 @@ class LayerWrite(ActionKind):
     def _run_extra_commands(ctx: ActionContext, tree: MergedTree, commands: str, uid: int,
                             gid: int) -> list[LayerEntry]:
         root = os.path.join(ctx.scratch_dir, "root")
-        materialize_nodes(ctx, tree.nodes, root)
+        special = materialize_nodes(ctx, tree.nodes, root)
         home = os.path.join(ctx.scratch_dir, "home")
         os.mkdir(home)
         result = ctx.run_command(CommandRequest(
@@ -268,12 +274,16 @@ class LayerWrite(ActionKind):
         if result.exit_code != 0:
             raise ActionFailed(f"extra_commands exited with status {result.exit_code}", output_tail=result.output,
                                exit_code=result.exit_code, command=commands)
-        return list(entries_from_directory(root, uid, gid))
+        return list(entries_from_directory(root, uid, gid, special))
 
 
-def entries_from_directory(root: str, uid: int | None, gid: int | None) -> Iterator[LayerEntry]:
+def entries_from_directory(root: str, uid: int | None, gid: int | None,
+                           special: Mapping[str, int] | None = None) -> Iterator[LayerEntry]:
     """Layer entries for a directory on disk, in tar order; hard links kept as such.
-    Owners are ``uid``/``gid`` when given, else the files' own."""
+    Owners are ``uid``/``gid`` when given, else the files' own. ``special`` holds full
+    modes held back from disk (:func:`materialize_nodes`): a path whose mode the commands
+    left as written gets its setuid, setgid and sticky bits back."""
+    special = special or {}
     seen_inodes: dict[tuple[int, int], str] = {}
 
     def walk(directory: str, prefix: str) -> Iterator[LayerEntry]:
@@ -285,6 +295,9 @@ def entries_from_directory(root: str, uid: int | None, gid: int | None) -> Itera
             st = os.lstat(full)
             owner = (uid if uid is not None else st.st_uid, gid if gid is not None else st.st_gid)
             mode = stat.S_IMODE(st.st_mode)
+            held = special.get(rel)
+            if held is not None and held & 0o777 == mode and not stat.S_ISLNK(st.st_mode):
+                mode = held
             if stat.S_ISDIR(st.st_mode):
                 yield LayerEntry(path=rel, kind="dir", mode=mode, uid=owner[0], gid=owner[1])
                 yield from walk(full, rel + "/")

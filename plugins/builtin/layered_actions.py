@@ -304,7 +304,7 @@ class CustomisationLayer(ActionKind):
             else:
                 baseline[path] = _Seen(node.kind, node.mode, uid, gid, node.size, node.target)
         root = os.path.join(ctx.scratch_dir, "root")
-        materialize_nodes(ctx, union, root)
+        special = materialize_nodes(ctx, union, root)
         home = os.path.join(ctx.scratch_dir, "home")
         os.mkdir(home)
         env = {"PATH": COMMAND_PATH, "HOME": home, "TMPDIR": ctx.scratch_dir, "LANG": "C.UTF-8", "TZ": "UTC",
@@ -331,6 +331,9 @@ class CustomisationLayer(ActionKind):
             if kind == "other":
                 raise ActionFailed(f"/{path}: the commands made something that is not a file, directory or "
                                    "symlink; only those can go into a layer")
+            held = special.get(path)
+            if held is not None and kind != "symlink" and mode == held & 0o777:
+                mode = held  # setuid/setgid/sticky bits never reach the disk: as the package has them
             if state is None:  # owners cannot change without fakeroot
                 have = baseline.get(path)
                 e_uid, e_gid = (have.uid, have.gid) if have is not None else (uid, gid)

@@ -413,7 +413,11 @@ class RootLayerWrite(ActionKind):
                 place_artifact(ctx, tree, contents[index], dest.strip("/"), label)
         except ContentConflict as e:
             raise ActionFailed(str(e)) from None
-        materialize_nodes(ctx, tree.nodes, seed)
+        special = materialize_nodes(ctx, tree.nodes, seed)
+        # The seed becomes part of the upper directory, packed from disk: its special
+        # bits go back on, inside the action's 0700 scratch directory (as the base's do).
+        for path, mode in special.items():
+            os.chmod(os.path.join(seed, path), mode & 0o7777)
         return packages
 
 

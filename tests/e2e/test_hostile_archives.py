@@ -295,3 +295,38 @@ def test_an_image_keeps_setuid_bits_and_devices_in_layer_headers_only(host_and_w
     code, _, err = run_dtbuild(ws, "build", "//pkg:merged_dev")
     assert code == 1 and "dev/console is a device or fifo" in err and "with_dev.tar" in err
     host.assert_untouched()
+
+
+def _layer_listings(out: Path, name: str, tar: str) -> list[dict[str, str]]:
+    description = json.loads((out / f"{name}.json").read_text())
+    listings = []
+    for layer in description["layers"]:
+        blob = out / f"{name}.oci" / "blobs" / "sha256" / layer["digest"].removeprefix("sha256:")
+        done = subprocess.run([tar, "-tvf", str(blob)], capture_output=True, text=True, check=True)
+        listings.append({line.split()[-1]: line.split()[0] for line in done.stdout.splitlines()})
+    return listings
+
+
+def test_commands_see_no_setuid_files_and_layers_keep_them(host_and_ws, run_dtbuild, require_tool) -> None:
+    """extra_commands and fakeroot_commands run over files written without their special
+    bits; the layer still has them, and a customisation layer does not re-add files the
+    commands did not touch."""
+    tar = require_tool("tar")
+    suid = _tar(_member("opt/", D), _member("opt/su", data=b"su\n", mode=0o4755),
+                _member("opt/tmp/", D, mode=0o1777))
+    host, ws = host_and_ws({
+        "pkg/suid.tar": suid,
+        "pkg/BUILD": 'merge_trees(name = "merged", srcs = ["suid.tar"])\n'
+                     'image(name = "img", tag = "t", copy_to_root = [":merged"], compressor = "none", '
+                     'extra_commands = "test ! -u opt/su && test ! -k opt/tmp && touch opt/new")\n'
+                     'layered_image(name = "lay", tag = "t", contents = [":merged"], compressor = "none", '
+                     'extra_commands = "test ! -u opt/su && touch opt/new", fakeroot_commands = "touch opt/fake")\n'})
+    run_dtbuild(ws, "build", "//pkg:img", "//pkg:lay", check=True)
+    out = ws / "dtbuild-out" / "pkg"
+    (image_layer,) = _layer_listings(out, "img", tar)
+    assert image_layer["opt/su"] == "-rwsr-xr-x" and image_layer["opt/tmp/"] == "drwxrwxrwt"
+    assert "opt/new" in image_layer
+    *packages, customisation = _layer_listings(out, "lay", tar)
+    assert any(layer.get("opt/su") == "-rwsr-xr-x" for layer in packages)
+    assert "opt/su" not in customisation and "opt/new" in customisation and "opt/fake" in customisation
+    host.assert_untouched()
