@@ -220,7 +220,7 @@ _LAYER_ATTRS = {
             "directory, keep the symlink and put the files where it points (rsync -K); by default the "
             "later directory replaces the symlink.", default=False),
     "extra_commands": attrs.string(doc="Shell commands run in the layer's root directory before it is "
-                                       "packed (sandboxed, not chrooted, not as root).", default=""),
+                                       "packed (in the command sandbox, not chrooted, not as root).", default=""),
     "uid": attrs.integer(doc="Numeric owner of the layer's files.", default=0),
     "gid": attrs.integer(doc="Numeric group of the layer's files.", default=0),
 }

@@ -256,7 +256,7 @@ layered_image = rule(
         "max_layers": attrs.integer(doc="Most layers the image may have, base image and customisation layer "
                                         "included; must be greater than 1.", default=100),
         "extra_commands": attrs.string(doc="Shell commands run in the customisation root (the union of the "
-                                           "packages) before fakeroot_commands; sandboxed, not as root.",
+                                           "packages) before fakeroot_commands; in the command sandbox, not as root.",
                                        default=""),
         "fakeroot_commands": attrs.string(doc="Shell commands run in the customisation root under fakeroot: "
                                               "chown and chmod show in the customisation layer's tar headers.",
