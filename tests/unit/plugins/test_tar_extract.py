@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -290,13 +289,11 @@ def test_fetch_extract_refuses_hard_links_out_of_the_archive_and_devices(tmp_pat
         (before.st_mode, before.st_uid, before.st_gid, before.st_mtime_ns)
 
 
-def test_fetch_extract_gives_the_tree_tar_x_then_ingesting_gave(tmp_path: Path) -> None:
+def test_fetch_extract_gives_the_tree_tar_x_then_ingesting_gave(tmp_path: Path, require_tool) -> None:
     """A normal archive keeps the digest the former extractall + directory ingest gave:
     modes normalised (0755/0644 by the owner's execute bit, directories 0755), hard links
     copies, symlinks kept, empty directories kept, later members replacing earlier ones."""
-    tar = shutil.which("tar")
-    if tar is None:
-        pytest.skip("GNU tar is not installed")
+    tar = require_tool("tar")
     data = archive(member("./", D), member("./pkg/", D, mode=0o700), member("./pkg/bin/tool", data=b"#!/bin/sh\n",
                    mode=0o4750), member("./pkg/lib/x.so", data=b"ELF", mode=0o600),
                    member("./pkg/lib/y.so", LNK, linkname="./pkg/lib/x.so"),
