@@ -47,7 +47,8 @@ class Genrule(ActionKind):
     """Runs a genrule's command in a private execution root holding only its inputs."""
 
     NAME = "Genrule"
-    VERSION = "1"
+    #: 2: commands run with umask 022 (the builder's umask changed bytes before).
+    VERSION = "2"
 
     def run(self, ctx: ActionContext) -> None:
         execroot = os.path.join(ctx.scratch_dir, "execroot")
@@ -80,7 +81,7 @@ class Genrule(ActionKind):
         # Where the executor sandboxes commands, the command sees its execroot (the
         # inputs and the output directory), its HOME and TMPDIR, and the host's tools.
         result = ctx.run_command(CommandRequest(
-            argv=["/bin/bash", "-c", "set -e -o pipefail\n" + cmd], cwd=execroot, env=env, network=False,
+            argv=["/bin/bash", "-c", "set -e -o pipefail\numask 022\n" + cmd], cwd=execroot, env=env, network=False,
             writable=[home, tmp]))
         if result.exit_code != 0:
             raise ActionFailed(f"command exited with status {result.exit_code}", output_tail=result.output,
