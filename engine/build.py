@@ -51,7 +51,9 @@ class BuildResult:
             "targets": {label: {"outputs": paths, "manifest_digest": self.images.get(label, {}).get("manifest_digest")}
                         for label, paths in sorted(self.outputs.items())},
             "actions": {"executed": self.stats.executed, "cached": self.stats.cached,
-                        "remote_cached": self.stats.remote_cached, "failed": self.stats.failed},
+                        "remote_cached": self.stats.remote_cached, "failed": self.stats.failed,
+                        # Only when it happened: cache entries found corrupt and rebuilt.
+                        **({"rewound": self.stats.rewound} if self.stats.rewound else {})},
         }
 
 
@@ -158,20 +160,26 @@ class Session:
             # Every requested target whose outputs exist gets them (all of them, or with
             # --keep-going those that do not depend on a failure).
             tree = OutputTree(self.workspace, store)
-            for label in labels:
-                target = analysis.targets[label]
-                if any(art.path not in runner.values for art in target.default_outputs):
-                    continue
-                paths = []
-                for art in target.default_outputs:
-                    tree.materialize(art.path, runner.values[art.path])
-                    paths.append(art.path)
-                result.outputs[str(label)] = paths
-                image = target.providers.get(ImageInfo)
-                if isinstance(image, ImageInfo) and image.description is not None:
-                    description = runner.values[image.description.path]
-                    result.images[str(label)] = json.loads(store.read_blob(description.digest))
-            tree.save()
+            tree.remove_stale_temps(art.path for label in labels for art in analysis.targets[label].default_outputs)
+            try:
+                for label in labels:
+                    target = analysis.targets[label]
+                    if any(art.path not in runner.values for art in target.default_outputs):
+                        continue
+                    paths = []
+                    for art in target.default_outputs:
+                        # A blob found corrupt while it is copied is rebuilt, then copied again.
+                        runner.read_output(art.path, lambda value, path=art.path: tree.materialize(path, value))
+                        paths.append(art.path)
+                    result.outputs[str(label)] = paths
+                    image = target.providers.get(ImageInfo)
+                    if isinstance(image, ImageInfo) and image.description is not None:
+                        result.images[str(label)] = json.loads(runner.read_output(
+                            image.description.path, lambda value: store.read_blob(value.digest)))
+            except DtbuildError as e:  # a full disk, a blob wrong again after its rebuild
+                result.error = result.error or e
+            finally:
+                tree.save()
             self.pm.hook.dtbuild_build_finished(summary=result.summary(), success=result.error is None)
         self.last_runner = runner
         return result
@@ -292,7 +300,9 @@ class Session:
 def workspace_lock(workspace: Workspace) -> Iterator[None]:
     """One command that writes dtbuild-out/ or the state at a time per workspace (like
     Bazel's output base lock); others wait."""
-    os.makedirs(workspace.state_dir, exist_ok=True)
+    from dtbuild.engine.outputs import make_dirs
+
+    make_dirs(workspace.state_dir)
     fd = os.open(os.path.join(workspace.state_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -140,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
     except Exception as e:  # a bug of dtbuild's or a plugin's: one clear line, the traceback on request
+        if isinstance(e, OSError):
+            from dtbuild.engine.store import disk_error
+
+            # A full disk while writing state files or a summary: what and where, not a bug.
+            full = disk_error(e, "a file", e.filename if isinstance(e.filename, str) else "the disk")
+            if full is not None:
+                print(f"ERROR: {full.render()}", file=sys.stderr)
+                return full.exit_code
         if debug:
             import traceback
 
@@ -210,8 +218,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(f"Build FAILED: {stats.failed} action(s) failed, {stats.skipped} not run, "
               f"{stats.executed} executed, {stats.cached + stats.remote_cached} cached.", file=out)
         return result.error.exit_code
+    rebuilt = (f" {stats.rewound} corrupt cache entr{'y' if stats.rewound == 1 else 'ies'} rebuilt."
+               if stats.rewound else "")
     print(f"Built {len(labels)} target(s): {stats.executed} action(s) executed, "
-          f"{stats.cached} cached, {stats.remote_cached} from the remote cache.", file=out)
+          f"{stats.cached} cached, {stats.remote_cached} from the remote cache.{rebuilt}", file=out)
     for label, paths in summary["targets"].items():
         shown = ", ".join(paths["outputs"]) or "(no outputs)"
         digest = paths.get("manifest_digest")

@@ -8,6 +8,15 @@ known, so an input rebuilt to identical bytes stops the rebuild there (early cut
 Actions run on worker threads (``--jobs``); commands run through an executor plugin.
 A result enters the action cache only after every output is safely in the store, so an
 interrupted or killed build leaves nothing a later build would trust.
+
+Action rewinding (as Bazel calls it): a cache hit trusts that its blobs are present,
+and their bytes are checked only when they are read (see ``store.py``). When an action
+finds an input blob missing or corrupt (the store deleted it), or the output tree finds
+one it copies, the runner traces the blob to the action that first wrote it (a source
+file is read again from the workspace), runs that action again ignoring its cached
+result, and retries the reader once. A blob that is wrong again after that is an error
+naming the blob and both actions. Every blob an action read is checked before its
+outputs enter the cache, so bad bytes never become a cached result.
 """
 
 from __future__ import annotations
@@ -18,13 +27,24 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from dtbuild.engine.errors import ActionError, BuildFailure, Interrupted, Location, StoreError
 from dtbuild.engine.sources import SourceDigests
-from dtbuild.engine.store import ActionResult, BlobWriter, OutputValue, Store, canonical_json, remove_tree
+from dtbuild.engine.store import (
+    ActionResult,
+    BlobWriter,
+    LostBlobError,
+    MissingBlobError,
+    OutputValue,
+    Store,
+    VerifiedBlobReader,
+    canonical_json,
+    disk_error,
+    remove_tree,
+)
 from dtbuild.plugins.interfaces import (
     ActionFailed,
     ActionKind,
@@ -38,6 +58,8 @@ from dtbuild.plugins.interfaces import (
 from dtbuild.rules.api import ActionDecl
 from dtbuild.rules.artifacts import Artifact
 
+_T = TypeVar("_T")
+
 #: Bump when the key encoding or the store's result format changes.
 ENGINE_KEY_VERSION = "1"
 
@@ -49,6 +71,8 @@ class ExecutionStats:
     remote_cached: int = 0
     failed: int = 0
     skipped: int = 0
+    #: Cache entries found missing or corrupt when read, and rebuilt (action rewinding).
+    rewound: int = 0
 
 
 @dataclass
@@ -197,6 +221,39 @@ class ActionContextImpl:
         #: its result, so a new version of one makes the result stale even where the
         #: action did not declare it.
         self.used: dict[str, dict[str, str]] = {}
+        #: Streams of blobs handed to the action: each is checked before the action's
+        #: outputs are accepted, also when the action never closed it.
+        self._readers: list[VerifiedBlobReader] = []
+        #: The first blob found missing or corrupt while the action ran (an action kind
+        #: may catch the error and raise its own).
+        self.lost: LostBlobError | None = None
+
+    def _note(self, error: LostBlobError) -> LostBlobError:
+        if self.lost is None:
+            self.lost = error
+        return error
+
+    def _reader(self, digest: str) -> IO[bytes]:
+        try:
+            reader = self._store.open_blob(digest)
+        except LostBlobError as e:
+            raise self._note(e) from None
+        if isinstance(reader, VerifiedBlobReader):
+            self._readers.append(reader)
+        return reader
+
+    def check_reads(self) -> LostBlobError | None:
+        """Check every blob the action read (reading to the end what it did not): the
+        first one missing or corrupt, or None."""
+        for reader in self._readers:
+            try:
+                reader.verifier.finish()
+            except LostBlobError as e:
+                self._note(e)
+            except (OSError, ValueError):
+                pass  # closed: it was checked when it was closed
+        self._readers.clear()
+        return self.lost
 
     def inputs(self, name: str) -> Sequence[InputArtifact]:
         return self._inputs.get(name, [])
@@ -208,8 +265,7 @@ class ActionContextImpl:
             if not artifact.path.startswith("dtbuild-out/"):
                 self._store.put_file(os.path.join(self._runner.root, artifact.path), artifact.digest)
             else:
-                raise StoreError(f"{artifact.path} ({artifact.digest}) is missing from the cache",
-                                 hint="run the build again; missing entries are rebuilt")
+                raise self._note(self._store.missing(artifact.digest))
 
     def put_blob(self, data: bytes) -> str:
         return self._store.put_bytes(data)
@@ -221,25 +277,32 @@ class ActionContextImpl:
         if artifact.is_tree:
             raise ActionFailed(f"{artifact.path} is a directory; walk it with walk_tree()")
         self.store_file(artifact)
-        return self._store.open_blob(artifact.digest)
+        return self._reader(artifact.digest)
 
     def walk_tree(self, artifact: InputArtifact) -> Iterable[TreeEntry]:
-        return self._store.walk_tree(artifact.digest)
+        try:
+            yield from self._store.walk_tree(artifact.digest)
+        except LostBlobError as e:
+            raise self._note(e) from None
 
     def open_blob(self, digest: str) -> IO[bytes]:
-        return self._store.open_blob(digest)
+        return self._reader(digest)
 
     def materialize(self, artifact: InputArtifact, dest: str) -> str:
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        if artifact.symlink is not None:
-            os.symlink(artifact.symlink, dest)
-        elif artifact.is_tree:
-            self._store.materialize_tree(artifact.digest, dest)
-        else:
-            self.store_file(artifact)
-            # A new file (never written through an existing one or a symlink), mode
-            # 0755/0644: host copies never carry setuid, setgid or sticky bits.
-            self._store.copy_blob_to(artifact.digest, dest, 0o755 if artifact.executable else 0o644)
+        try:
+            if artifact.symlink is not None:
+                os.symlink(artifact.symlink, dest)
+            elif artifact.is_tree:
+                self._store.materialize_tree(artifact.digest, dest)
+            else:
+                self.store_file(artifact)
+                # A new file (never written through an existing one or a symlink), mode
+                # 0755/0644: host copies never carry setuid, setgid or sticky bits. The
+                # bytes are checked as they are copied.
+                self._store.copy_blob_to(artifact.digest, dest, 0o755 if artifact.executable else 0o644)
+        except LostBlobError as e:
+            raise self._note(e) from None
         return dest
 
     def output_path(self, name: str) -> str:
@@ -350,6 +413,9 @@ class ActionRunner:
         #: per action); entries are checked against the store like any cache hit.
         self.known_results = known_results or {}
         self.used_results: dict[str, Any] = {}
+        #: The action that produces each generated artifact (set by :meth:`run`).
+        self.producers: Mapping[str, ActionDecl] = {}
+        self._rewind_lock = threading.RLock()
 
     # ------------------------------------------------------------------ reporting
 
@@ -422,28 +488,146 @@ class ActionRunner:
 
     def process(self, action: ActionDecl) -> ActionOutcome:
         started = time.monotonic()
+        status, key = self._produce(action, rerun=False)
+        return ActionOutcome(action, status, key, seconds=time.monotonic() - started)
+
+    def _produce(self, action: ActionDecl, *, rerun: bool) -> tuple[str, str]:
+        """Find ``action``'s result in the cache or run it (``rerun``: run it whatever the
+        cache holds), record its outputs' values, and return (status, key). An input
+        found missing or corrupt while it runs is rebuilt once and the action retried."""
         kind = self.kind_for(action)
-        inputs = {slot: [self.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
-        key = action_key(action, kind.VERSION, inputs, self.plugins.uses_of(action))
-        result = None
-        if action.cacheable:
-            result = self._known_result(key) or self.store.get_action(key)
-        status = "cached"
-        if result is None or not self.reusable(result, action):
-            status = "executed"
-            self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
-                        description=action.description)
-            result = self._execute(action, kind, inputs)
+        rebuilt: dict[str, str] = {}  # digest -> the input it was rebuilt for
+        while True:
+            inputs = {slot: [self.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
+            key = action_key(action, kind.VERSION, inputs, self.plugins.uses_of(action))
+            result = None
+            if action.cacheable and not rerun:
+                result = self._known_result(key) or self.store.get_action(key)
+            if result is not None and self.reusable(result, action):
+                self.store.touch_action(key)
+                status = "cached"
+                break
+            if not rerun and not rebuilt:
+                self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
+                            description=action.description)
+            try:
+                result = self._execute(action, kind, inputs)
+            except LostBlobError as lost:
+                if lost.digest in rebuilt:
+                    raise self._still_wrong(lost, rebuilt[lost.digest], action) from None
+                rebuilt[lost.digest] = self._rebuild_input(action, inputs, lost)
+                continue
             if action.cacheable:
                 self.store.make_durable()
                 self.store.put_action(key, result)
-        else:
-            self.store.touch_action(key)
+            status = "executed"
+            break
         for slot, art in action.outputs.items():
             self.values[art.path] = result.outputs[slot]
         if action.cacheable:
             self.used_results[key] = result.to_json()
-        return ActionOutcome(action, status, key, seconds=time.monotonic() - started)
+        return status, key
+
+    # ------------------------------------------------------------------ rewinding
+
+    def read_output(self, path: str, read: Callable[[OutputValue], _T]) -> _T:
+        """``read(value of artifact path)``, for readers outside actions (the output tree):
+        when it finds a blob of the artifact missing or corrupt, the blob is rebuilt once
+        (its producer runs again) and ``read`` is called again."""
+        try:
+            return read(self.values[path])
+        except LostBlobError as lost:
+            with self._rewind_lock:
+                if not self._contains(self.values[path], lost.digest):
+                    raise
+                self._rebuild(path, lost)
+        try:
+            return read(self.values[path])
+        except LostBlobError as again:
+            raise self._still_wrong(again, path, None) from None
+
+    def _rebuild_input(self, action: ActionDecl, inputs: Mapping[str, Sequence[InputArtifact]],
+                       lost: LostBlobError) -> str:
+        """Rebuild the input of ``action`` that holds the lost blob; returns its path.
+        Re-raises ``lost`` when no input holds it (an action kind read a blob it did not
+        get as an input: nothing can be rewound)."""
+        with self._rewind_lock:
+            for arts in inputs.values():
+                for art in arts:
+                    if not self._contains(art, lost.digest):
+                        continue
+                    if self.input_artifact_by_path(art.path) != art or self.store.has_blob(lost.digest):
+                        return art.path  # another reader rebuilt it meanwhile
+                    self._rebuild(art.path, lost)
+                    return art.path
+        raise lost
+
+    def input_artifact_by_path(self, path: str) -> InputArtifact | None:
+        producer = self.producers.get(path)
+        if producer is None:
+            src = self.sources.get(path)
+            return InputArtifact(path, src.digest, False, src.size, src.executable, src.symlink)
+        value = self.values.get(path)
+        return None if value is None else InputArtifact(path, value.digest, value.is_tree, value.size,
+                                                        value.executable)
+
+    def _rebuild(self, path: str, lost: LostBlobError) -> None:
+        """Put the lost blob of artifact ``path`` back: read the source again, or find the
+        action upstream that first wrote the blob and run it again (the actions between
+        it and ``path`` run again only when the bytes it writes are new)."""
+        digest = lost.digest
+        what = "missing" if isinstance(lost, MissingBlobError) else "corrupt"
+        producer = self.producers.get(path)
+        if producer is None:
+            if path.startswith("dtbuild-out/"):
+                raise lost  # no action of this build writes it
+            src = self.sources.get(path)
+            self.stats.rewound += 1
+            package, name = os.path.split(path)
+            self.report("dtbuild_action_log", label=f"//{package}:{name}", mnemonic="Source",
+                        message=f"corrupt cache entry rebuilt: blob {digest[:12]}… of source {path} was {what} "
+                                "in the cache; it was read again from the workspace")
+            self.store.put_file(os.path.join(self.root, path), src.digest)
+            return
+        upstream = next((art for arts in producer.inputs.values() for art in arts
+                         if self._contains(self.input_artifact(art), digest)), None)
+        if upstream is not None:
+            self._rebuild(upstream.path, lost)
+            if self.store.has_blob(digest):
+                return  # written again upstream: every tree that names it is whole again
+        self.stats.rewound += 1
+        self.report("dtbuild_action_log", label=producer.owner, mnemonic=producer.mnemonic,
+                    message=f"corrupt cache entry rebuilt: blob {digest[:12]}… of {path} was {what} in the "
+                            f"cache; {producer.mnemonic} ran again to write it")
+        self._produce(producer, rerun=True)
+
+    def _contains(self, artifact: InputArtifact | OutputValue, digest: str) -> bool:
+        """Whether ``digest`` is the artifact's blob, or a node or file of its tree."""
+        if artifact.digest == digest:
+            return True
+        if not artifact.is_tree:
+            return False
+        stack = [artifact.digest]
+        while stack:
+            try:
+                node = self.store.read_directory(stack.pop())
+            except LostBlobError as e:
+                if e.digest == digest:
+                    return True
+                continue
+            if any(f["digest"] == digest for f in node["files"]):
+                return True
+            stack.extend(d["digest"] for d in node["directories"])
+        return False
+
+    def _still_wrong(self, lost: LostBlobError, path: str, reader: ActionDecl | None) -> StoreError:
+        producer = self.producers.get(path)
+        made_by = f"{producer.mnemonic} of {producer.owner}" if producer else f"the source {path}"
+        by = f"{reader.mnemonic} of {reader.owner}" if reader else "the output tree"
+        return StoreError(
+            f"blob {lost.digest} ({path}) was wrong again when {by} read it from the cache at {self.store.root}, "
+            f"even after {made_by} wrote it again", hint="something damages the cache: check the disk (dmesg) "
+            "and what else writes there, or move the cache with DTBUILD_CACHE_DIR")
 
     def _execute(self, action: ActionDecl, kind: ActionKind, inputs: dict[str, list[InputArtifact]]) -> ActionResult:
         work_dir = self.store.temp_path("action")
@@ -452,18 +636,19 @@ class ActionRunner:
         try:
             try:
                 kind.run(ctx)
-            except ActionFailed:
-                raise
-            except (BuildFailure, OSError) as e:
-                if self.cancel.is_set():
-                    raise Interrupted("interrupted") from None
-                raise ActionFailed(f"{type(e).__name__}: {e}") from e
             except Exception as e:
-                if self.cancel.is_set():
-                    raise Interrupted("interrupted") from None
-                tb = traceback.format_exc() if self.debug else ""
-                raise ActionFailed(f"internal error in action kind {action.mnemonic}: {type(e).__name__}: {e}",
-                                   output_tail=tb) from e
+                # A corrupt input can make an action kind fail in its own way before it
+                # reads to the end: the check of what it read comes first.
+                lost = ctx.check_reads()
+                if lost is not None:
+                    raise lost from None
+                error = self._action_error(action, e, work_dir)
+                if error is e:
+                    raise
+                raise error from e
+            lost = ctx.check_reads()
+            if lost is not None:
+                raise lost
             if self.cancel.is_set():
                 raise Interrupted("interrupted")
             outputs: dict[str, OutputValue] = {}
@@ -494,11 +679,28 @@ class ActionRunner:
             ctx.abort_streams()
             remove_tree(work_dir)
 
+    def _action_error(self, action: ActionDecl, e: Exception, work_dir: str) -> BaseException:
+        """What an exception from an action kind's run() is reported as."""
+        if isinstance(e, ActionFailed | StoreError):
+            return e  # its own words (a full disk, a blob lost for good)
+        if self.cancel.is_set():
+            return Interrupted("interrupted")
+        if isinstance(e, OSError):
+            full = disk_error(e, f"the outputs of {action.mnemonic}", e.filename or work_dir)
+            if full is not None:
+                return full
+        if isinstance(e, BuildFailure | OSError):
+            return ActionFailed(f"{type(e).__name__}: {e}")
+        tb = traceback.format_exc() if self.debug else ""
+        return ActionFailed(f"internal error in action kind {action.mnemonic}: {type(e).__name__}: {e}",
+                            output_tail=tb)
+
     # ------------------------------------------------------------------ the schedule
 
     def run(self, actions: Sequence[ActionDecl], producers: Mapping[str, ActionDecl]) -> None:
         """Run ``actions`` (in dependency order as given). Raises the first failure
         (with ``keep_going``: after running everything that does not depend on it)."""
+        self.producers = producers
         index = {id(a): i for i, a in enumerate(actions)}
         deps: list[set[int]] = [set() for _ in actions]
         dependents: list[list[int]] = [[] for _ in actions]

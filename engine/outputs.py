@@ -3,19 +3,26 @@
 Each output is written next to its final name and renamed into place, so a reader never
 sees half an output. An index in the workspace state directory remembers what was
 written (digest and a file-system signature), so a no-op build rewrites nothing and an
-output changed by hand is rewritten.
+output changed by hand is rewritten. The bytes are checked against their digests as
+they are copied (see ``store.py``); a full disk while writing an output is a
+:class:`~dtbuild.engine.store.DiskError`, and the half-written temporary is removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
+from collections.abc import Iterable
 
-from dtbuild.engine.store import OutputValue, Store, atomic_write, remove_tree
+from dtbuild.engine.store import OutputValue, Store, atomic_write, disk_error, remove_tree
 from dtbuild.engine.workspace import Workspace
 
 INDEX_FILE = "outputs.json"
+#: The temporaries written next to outputs and state files (``NAME.dtbuild-tmp-PID-THREAD``,
+#: and ``NAME.dtbuild-old-PID`` for a tree output being replaced), with their writer's pid.
+_TEMP_NAME = re.compile(r"\.dtbuild-(?:tmp-(\d+)-\d+|old-(\d+))$")
 
 
 def _signature(path: str, is_tree: bool) -> list[object] | None:
@@ -35,6 +42,31 @@ def _signature(path: str, is_tree: bool) -> list[object] | None:
     return items
 
 
+#: Mode of the directories dtbuild creates to hold outputs: like the outputs' own modes
+#: (0644/0755), it never depends on the umask of whoever ran the build.
+OUTPUT_DIR_MODE = 0o755
+
+
+def make_dirs(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, each directory it creates with mode 0755 whatever
+    the umask; existing directories keep their mode."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, OUTPUT_DIR_MODE)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue  # made by a concurrent writer: its mode is its own
+        os.chmod(directory, OUTPUT_DIR_MODE)  # mkdir's mode was masked by the umask
+
+
 class OutputTree:
     def __init__(self, workspace: Workspace, store: Store) -> None:
         self.root = workspace.root
@@ -51,34 +83,79 @@ class OutputTree:
         self._dirty = False
         self.written = 0
 
+    def remove_stale_temps(self, rel_paths: Iterable[str]) -> int:
+        """Remove the temporaries that killed builds left next to outputs (those about to
+        be written and those of the index) and in the state directory; returns how many.
+        A temporary of a live process other than this one is kept (``explain`` writes
+        state files without the workspace lock); the caller holds the workspace lock, so
+        any of this process's own is a leftover of an earlier process with the same pid."""
+        state_dir = os.path.dirname(self._index_path)
+        dirs = {state_dir} | {os.path.dirname(os.path.join(self.root, p)) for p in [*self._index, *rel_paths]}
+        removed = 0
+        for directory in sorted(dirs):
+            try:
+                names = os.listdir(directory)
+            except OSError:  # not made yet, or not a directory any more
+                continue
+            for name in names:
+                match = _TEMP_NAME.search(name)
+                if match is None:
+                    continue
+                pid = int(match.group(1) or match.group(2))
+                if pid != os.getpid() and _pid_alive(pid):
+                    continue
+                remove_tree(os.path.join(directory, name))
+                removed += 1
+        return removed
+
     def materialize(self, rel_path: str, value: OutputValue) -> str:
         dest = os.path.join(self.root, rel_path)
         record = self._index.get(rel_path)
         if record is not None and record[0] == value.digest and record[1] == value.is_tree \
                 and record[2] == _signature(dest, value.is_tree):
             return dest
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        if os.path.isdir(dest) and not os.path.islink(dest) and not value.is_tree:
-            remove_tree(dest)
-        if value.is_tree:
-            tmp = f"{dest}.dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
-            remove_tree(tmp)
-            self.store.materialize_tree(value.digest, tmp)
-            trash = None
-            if os.path.lexists(dest):
-                trash = f"{dest}.dtbuild-old-{os.getpid()}"
-                os.replace(dest, trash)
-            os.replace(tmp, dest)
-            if trash:
-                remove_tree(trash)
-        else:
-            self.store.materialize_blob(value.digest, dest, value.executable)
+        try:
+            make_dirs(os.path.dirname(dest))
+            if os.path.isdir(dest) and not os.path.islink(dest) and not value.is_tree:
+                remove_tree(dest)
+            if value.is_tree:
+                self._write_tree(value, dest)
+            else:
+                self.store.materialize_blob(value.digest, dest, value.executable)
+        except OSError as e:
+            raise disk_error(e, f"output {rel_path}", os.path.dirname(dest), needed=value.size) or e from None
         self._index[rel_path] = [value.digest, value.is_tree, _signature(dest, value.is_tree)]
         self._dirty = True
         self.written += 1
         return dest
 
+    def _write_tree(self, value: OutputValue, dest: str) -> None:
+        tmp = f"{dest}.dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
+        remove_tree(tmp)
+        try:
+            self.store.materialize_tree(value.digest, tmp)
+        except BaseException:
+            remove_tree(tmp)  # a full disk must not stay full of half an output
+            raise
+        trash = None
+        if os.path.lexists(dest):
+            trash = f"{dest}.dtbuild-old-{os.getpid()}"
+            os.replace(dest, trash)
+        os.replace(tmp, dest)
+        if trash:
+            remove_tree(trash)
+
     def save(self) -> None:
         if self._dirty:
             atomic_write(self._index_path, json.dumps(self._index, separators=(",", ":")).encode())
             self._dirty = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -13,12 +13,25 @@ processes writing the same entry both end with correct bytes. Durability is one 
 action rather than one fsync per blob (a tree of 20,000 files would pay 20,000 fsyncs):
 before an action's result enters the action cache, :meth:`Store.make_durable` flushes the
 cache's file system (``syncfs``), so a result never names blobs a power loss could take.
-A blob lost anyway fails verification (its size or bytes) and is rebuilt. Reads verify:
-blobs are written with a fixed sentinel mtime, so a blob whose size or mtime differs
-(someone wrote to it) is re-hashed, and one whose bytes no longer match its name is
-deleted and reported missing: the action that produced it runs again. Directory nodes
-are hashed whenever they are read and their names checked (one path component each),
-since a shared or remote cache may hand over anything. Action results carry the sha256
+A blob lost anyway fails verification (its size or bytes) and is rebuilt.
+
+Two levels of checking keep the no-op build cheap and the bytes right. Deciding whether
+a blob is *present* (a cache hit) trusts a fixed sentinel mtime and the size: a blob
+whose size or mtime differs (someone wrote to it) is re-hashed. Every read of a blob's
+*bytes* that leaves the store (a copy under ``dtbuild-out/`` or into an action's inputs,
+a stream handed to an action kind, ``stream`` or ``push``) hashes the bytes as they go
+by, with no extra pass: a copy hashes its chunks as it writes them, and a stream
+(:class:`VerifiedBlobReader`) checks the digest when its last byte is read, before the
+reader gets that byte, or when it is closed early. A mismatch deletes the blob and
+raises :class:`CorruptBlobError`, so bit rot behind a restored mtime is caught the first
+time the bytes are used; the action runner then re-runs the action that produced the
+blob (action rewinding, see ``execution.py``). Directory nodes are hashed whenever they
+are read and their names checked (one path component each), since a shared or remote
+cache may hand over anything.
+
+A full disk (ENOSPC, EDQUOT) or an I/O error while writing a blob is a
+:class:`DiskError` naming what was being written, where, and how much room it needed
+when known; the temporary is removed. Action results carry the sha256
 of their body and are dropped when it does not match. What the store writes on the host
 (materialized trees and files) never has setuid, setgid or sticky bits and is never
 written through a symlink; ``tmp/`` is private (0700).
@@ -31,7 +44,9 @@ cache can hold them unchanged in meaning.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -61,6 +76,12 @@ _buffers = threading.local()
 def read_chunks(path: str) -> Iterator[memoryview]:
     """A file's bytes in 1 MiB chunks, through one buffer per thread (a chunk is valid
     until the next one is read; callers consume each chunk before asking for another)."""
+    with open(path, "rb", buffering=0) as f:
+        yield from _fd_chunks(f.fileno())
+
+
+def _fd_chunks(fd: int) -> Iterator[memoryview]:
+    """The bytes of open file ``fd`` from its position, as :func:`read_chunks` gives them."""
     owner = not getattr(_buffers, "busy", False)
     if owner:
         view = getattr(_buffers, "view", None)
@@ -70,9 +91,8 @@ def read_chunks(path: str) -> Iterator[memoryview]:
     else:
         view = memoryview(bytearray(_CHUNK))  # nested use: a private buffer
     try:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(view):
-                yield view[:n]
+        while n := os.readv(fd, [view]):
+            yield view[:n]
     finally:
         if owner:
             _buffers.busy = False
@@ -86,6 +106,73 @@ def hash_file(path: str) -> tuple[str, int]:
         h.update(chunk)
         size += len(chunk)
     return h.hexdigest(), size
+
+
+class LostBlobError(StoreError):
+    """A blob an action or an output needs is missing from the store or was corrupt (and
+    deleted): the action that produced it can run again to put it back."""
+
+    def __init__(self, message: str, digest: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.digest = digest
+
+
+class MissingBlobError(LostBlobError):
+    """A blob is not in the store."""
+
+
+class CorruptBlobError(LostBlobError):
+    """A blob's bytes did not match its digest when they were read; it was deleted."""
+
+
+class DiskError(StoreError):
+    """The disk was full (or failed) while dtbuild wrote to it."""
+
+
+#: errno values that mean "the file system cannot take these bytes", not "dtbuild is wrong".
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+def disk_error(e: OSError, what: str, where: str, *, needed: int | None = None,
+               in_cache: bool = False) -> DiskError | None:
+    """The :class:`DiskError` for ``e`` when it is a full disk, an exhausted quota or an
+    I/O error while writing ``what`` to ``where``; None for any other error."""
+    if e.errno not in DISK_ERRNOS:
+        return None
+    reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
+              errno.EIO: "an I/O error (EIO) occurred"}[e.errno]
+    room = []
+    if needed is not None:
+        room.append(f"it needs {_bytes_text(needed)}")
+    if os.path.isabs(where):
+        with contextlib.suppress(OSError):
+            room.append(f"{_bytes_text(shutil.disk_usage(_existing_parent(where)).free)} are free there")
+    message = f"{reason} while writing {what} to {where}" + (f" ({', '.join(room)})" if room else "")
+    if in_cache:
+        hint = ("free space on the file system that holds the cache, or move the cache to a larger one with "
+                "DTBUILD_CACHE_DIR (or [cache] dir in dtbuild.toml)")
+    else:
+        hint = ("free space on the file system that holds the workspace, or, if the cache shares it, move the "
+                "cache elsewhere with DTBUILD_CACHE_DIR (or [cache] dir in dtbuild.toml)")
+    if e.errno == errno.EIO:
+        hint = "the disk may be failing or full; check it (dmesg), then " + hint
+    return DiskError(message, hint=hint)
+
+
+def _bytes_text(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _existing_parent(path: str) -> str:
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path or "."
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,16 +209,30 @@ class ActionResult:
 class BlobWriter:
     """Write a blob in a stream; ``commit()`` hashes nothing twice and returns the digest."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, expected_size: int | None = None) -> None:
         self._store = store
         self._path = store.temp_path("blob")
-        self._file = open(self._path, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._expected_size = expected_size
+        try:
+            self._file = open(self._path, "wb")  # noqa: SIM115 - closed in commit/abort
+        except OSError as e:
+            raise self._disk_error(e) or e from None
         self._hash = hashlib.sha256()
         self.size = 0
 
+    def _disk_error(self, e: OSError) -> DiskError | None:
+        """A full disk as a :class:`DiskError` (after removing the temporary)."""
+        if e.errno not in DISK_ERRNOS:
+            return None
+        self.abort()  # first, so that the error can say how much room there is without it
+        return disk_error(e, "a blob", self._store.root, in_cache=True, needed=self._expected_size)
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._hash.update(data)
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise self._disk_error(e) or e from None
         self.size += len(data)
         return len(data)
 
@@ -139,12 +240,18 @@ class BlobWriter:
         return True
 
     def flush(self) -> None:
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as e:
+            raise self._disk_error(e) or e from None
 
     def commit(self) -> str:
         digest = self._hash.hexdigest()
-        self._file.close()
-        self._store._install_blob(self._path, digest)
+        try:
+            self._file.close()
+            self._store._install_blob(self._path, digest)
+        except OSError as e:
+            raise self._disk_error(e) or e from None
         return digest
 
     def abort(self) -> None:
@@ -163,6 +270,9 @@ class Store:
         self._counter = 0
         self._lock = threading.Lock()
         self._trusted: set[str] = set()  # blobs checked during this process
+        #: Blobs whose bytes this process hashed (wrote, or read to the end): streams of
+        #: them need no second check (ImageExport opens one slice of a layer per file).
+        self._verified: set[str] = set()
         self._dir_cache: dict[str, dict[str, Any]] = {}
         try:
             for d in (self.cas_dir, self.ac_dir):
@@ -208,6 +318,7 @@ class Store:
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(temp, final)
         self._trusted.add(digest)
+        self._verified.add(digest)
 
     def make_durable(self) -> None:
         """Flush everything written to the cache's file system to disk (syncfs; sync
@@ -249,14 +360,36 @@ class Store:
         except FileNotFoundError:
             return False
         if actual != digest:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            self._trusted.discard(digest)
+            self.forget_blob(digest)
             return False
         with contextlib.suppress(OSError):
             os.utime(path, ns=(SENTINEL_MTIME_NS, SENTINEL_MTIME_NS))
         self._trusted.add(digest)
+        self._verified.add(digest)
         return True
+
+    def forget_blob(self, digest: str) -> None:
+        """Delete a blob (corrupt, or lost in part) and everything this process believed
+        about it."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.blob_path(digest))
+        self._trusted.discard(digest)
+        self._verified.discard(digest)
+        self._dir_cache.pop(digest, None)
+
+    def corrupt(self, digest: str) -> CorruptBlobError:
+        """Delete a blob whose bytes were read and did not match its digest, and return
+        the error that says so."""
+        self.forget_blob(digest)
+        return CorruptBlobError(f"blob {digest} in the cache at {self.root} was corrupt (its bytes do not match "
+                                "its digest); it was deleted", digest,
+                                hint="run the build again: missing entries are rebuilt")
+
+    def missing(self, digest: str) -> MissingBlobError:
+        self._trusted.discard(digest)
+        self._verified.discard(digest)
+        return MissingBlobError(f"blob {digest} is missing from the cache at {self.root}", digest,
+                                hint="run the build again: missing entries are rebuilt")
 
     def put_bytes(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
@@ -270,14 +403,15 @@ class Store:
             writer.abort()
             raise
 
-    def put_file(self, path: str, digest: str | None = None) -> tuple[str, int]:
+    def put_file(self, path: str, digest: str | None = None, *, size: int | None = None) -> tuple[str, int]:
         """Copy a file into the store (hashing while copying) unless a blob with the
-        given digest is already there. Returns (digest, size)."""
+        given digest is already there. Returns (digest, size). ``size``, when the caller
+        knows it, only makes a full disk's error say how much room was needed."""
         if digest is not None:
             size = os.stat(path).st_size
             if self.has_blob(digest, size):
                 return digest, size
-        writer = BlobWriter(self)
+        writer = BlobWriter(self, expected_size=size)
         try:
             for chunk in read_chunks(path):
                 writer.write(chunk)
@@ -294,15 +428,30 @@ class Store:
         return BlobWriter(self)
 
     def open_blob(self, digest: str) -> IO[bytes]:
+        """A reader of a blob's bytes that checks them against ``digest`` as they are read
+        (:class:`VerifiedBlobReader`); a plain file for a blob this process already hashed.
+
+        :raises MissingBlobError: when the blob is not in the store.
+        """
+        path = self.blob_path(digest)
         try:
-            return open(self.blob_path(digest), "rb")
+            if digest in self._verified:
+                return open(path, "rb")
+            raw = _VerifyingRaw(self, digest, path)
         except FileNotFoundError:
-            raise StoreError(f"blob {digest} is missing from the cache at {self.root}",
-                             hint="run the build again; missing entries are rebuilt") from None
+            raise self.missing(digest) from None
+        return VerifiedBlobReader(raw)  # type: ignore[return-value]
 
     def read_blob(self, digest: str) -> bytes:
         with self.open_blob(digest) as f:
             return f.read()
+
+    def _read_unverified(self, digest: str) -> bytes:
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise self.missing(digest) from None
 
     # ------------------------------------------------------------------ trees
 
@@ -325,12 +474,11 @@ class Store:
         output directory by naming an entry ``../x``."""
         node = self._dir_cache.get(digest)
         if node is None:
-            missing = StoreError(f"tree node {digest} is missing from the cache at {self.root}",
-                                 hint="run the build again; missing entries are rebuilt")
             try:
-                data = self.read_blob(digest)
-            except StoreError:
-                raise missing from None
+                data = self._read_unverified(digest)  # hashed below
+            except MissingBlobError:
+                raise MissingBlobError(f"tree node {digest} is missing from the cache at {self.root}", digest,
+                                       hint="run the build again: missing entries are rebuilt") from None
             problem = None
             if hashlib.sha256(data).hexdigest() != digest:
                 problem = "its bytes do not match its digest"
@@ -341,12 +489,12 @@ class Store:
                 except ValueError as e:
                     problem = str(e)
             if problem is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.blob_path(digest))
-                self._trusted.discard(digest)
-                raise StoreError(f"tree node {digest} in the cache at {self.root} is invalid ({problem}); "
-                                 "it was deleted", hint="run the build again; missing entries are rebuilt")
+                self.forget_blob(digest)
+                raise CorruptBlobError(f"tree node {digest} in the cache at {self.root} is invalid ({problem}); "
+                                       "it was deleted", digest,
+                                       hint="run the build again: missing entries are rebuilt")
             self._trusted.add(digest)
+            self._verified.add(digest)
             assert node is not None
             self._dir_cache[digest] = node
         return node
@@ -369,7 +517,7 @@ class Store:
                 elif stat.S_ISDIR(st.st_mode):
                     dirs.append({"name": entry.name, "digest": ingest(entry.path)})
                 elif stat.S_ISREG(st.st_mode):
-                    digest, size = self.put_file(entry.path)
+                    digest, size = self.put_file(entry.path, size=st.st_size)
                     total += size
                     files.append({"name": entry.name, "digest": digest, "size": size,
                                   "mode": _file_mode(st.st_mode, normalize_modes)})
@@ -411,25 +559,50 @@ class Store:
         return all(self.tree_blobs_present(d["digest"]) for d in node["directories"])
 
     def materialize_blob(self, digest: str, dest: str, executable: bool = False) -> None:
-        """Write a copy of a blob at ``dest`` (atomically), mode 0755 or 0644."""
+        """Write a copy of a blob at ``dest`` (atomically), mode 0755 or 0644; the bytes
+        are checked as they are copied (:meth:`copy_blob_to`)."""
         tmp = dest + f".dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # left by a killed build; never written through
-        self.copy_blob_to(digest, tmp, 0o755 if executable else 0o644)
-        os.replace(tmp, dest)
+        try:
+            self.copy_blob_to(digest, tmp, 0o755 if executable else 0o644)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def copy_blob_to(self, digest: str, dest: str, mode: int, *, dir_fd: int | None = None) -> None:
         """Write a copy of a blob as a new file ``dest`` (relative to ``dir_fd`` when
         given), with permission bits ``mode & 0o777``. ``dest`` must not exist: an
-        existing file or symlink there is never written through."""
-        with self.open_blob(digest) as src:
+        existing file or symlink there is never written through. The bytes are hashed as
+        they are copied: when they do not match ``digest``, the copy and the blob are
+        deleted and :class:`CorruptBlobError` is raised. A failed copy leaves no ``dest``.
+
+        :raises MissingBlobError: when the blob is not in the store.
+        """
+        try:
+            src = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise self.missing(digest) from None
+        try:
             out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                           dir_fd=dir_fd)
             try:
-                _copy_fd(src.fileno(), out)
-                os.fchmod(out, mode & HOST_MODE_MASK)
-            finally:
-                os.close(out)
+                try:
+                    actual = _copy_hashing(src, out)
+                    os.fchmod(out, mode & HOST_MODE_MASK)
+                finally:
+                    os.close(out)
+                if actual != digest:
+                    raise self.corrupt(digest)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(dest, dir_fd=dir_fd)
+                raise
+        finally:
+            os.close(src)
+        self._verified.add(digest)
 
     def materialize_tree(self, digest: str, dest: str) -> None:
         """Write a tree as a new directory ``dest`` (which must not exist).
@@ -487,7 +660,10 @@ class Store:
     def put_action(self, key: str, result: ActionResult) -> None:
         body = result.to_json()
         data = canonical_json({"result": body, "sha256": hashlib.sha256(canonical_json(body)).hexdigest()})
-        atomic_write(self._ac_path(key), data, tmp=self.temp_path("ac"))
+        try:
+            atomic_write(self._ac_path(key), data, tmp=self.temp_path("ac"))
+        except OSError as e:
+            raise disk_error(e, "an action result", self.root, needed=len(data), in_cache=True) or e from None
 
     # ------------------------------------------------------------------ maintenance
 
@@ -637,21 +813,131 @@ def _check_int(value: Any, limit: int, what: str) -> None:
         raise ValueError(f"{what} is {value!r}, not an integer from 0 to {limit}")
 
 
-def _copy_fd(src: int, dst: int) -> None:
-    """Copy all of ``src`` (from its position) to ``dst``: in the kernel where it can."""
-    try:
-        while os.sendfile(dst, src, None, 1 << 30):
-            pass
-        return
-    except OSError:
-        pass  # no sendfile between these files: copy through a buffer
-    os.lseek(src, 0, os.SEEK_SET)
-    os.lseek(dst, 0, os.SEEK_SET)
-    os.ftruncate(dst, 0)
-    while chunk := os.read(src, _CHUNK):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view):]
+def _copy_hashing(src: int, dst: int) -> str:
+    """Copy all of ``src`` (from its position) to ``dst`` and return the sha256 of what
+    was copied: one pass, the hash taken from the buffer that is written."""
+    h = hashlib.sha256()
+    for chunk in _fd_chunks(src):
+        h.update(chunk)
+        while chunk:
+            chunk = chunk[os.write(dst, chunk):]
+    return h.hexdigest()
+
+
+class _VerifyingRaw(io.RawIOBase):
+    """The raw reader under :class:`VerifiedBlobReader`: reads a blob file and hashes the
+    bytes read in order from its start (a read after a seek that skips ahead hashes
+    nothing; what was skipped is hashed when the reader is closed)."""
+
+    mode = "rb"
+
+    def __init__(self, store: Store, digest: str, path: str) -> None:
+        super().__init__()
+        self._store = store
+        self.digest = digest
+        self.name = path
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._size = os.fstat(self._file.fileno()).st_size
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in _hash
+        self._pos = 0
+        self.state = "reading"  # then "verified" or "corrupt"
+        self._error: CorruptBlobError | None = None
+        if self._size == 0:
+            try:
+                self._check()
+            except CorruptBlobError:
+                self._file.close()
+                raise
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._error is not None:
+            raise self._error
+        n = self._file.readinto(buffer)
+        if n and self.state == "reading" and self._pos <= self._hashed < self._pos + n:
+            with memoryview(buffer) as view:
+                self._hash.update(view[self._hashed - self._pos:n])
+            self._hashed = self._pos + n
+            if self._hashed >= self._size:
+                self._check()  # before the reader gets the last bytes
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = self._file.seek(offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def finish(self) -> None:
+        """Hash what the reader did not read in order, and check the digest."""
+        if self.state != "reading":
+            if self._error is not None:
+                raise self._error
+            return
+        fd = self._file.fileno()
+        while self._hashed < self._size:
+            chunk = os.pread(fd, min(_CHUNK, self._size - self._hashed), self._hashed)
+            if not chunk:
+                break  # shorter than it was: the digest will not match
+            self._hash.update(chunk)
+            self._hashed += len(chunk)
+        self._check()
+
+    def _check(self) -> None:
+        if self._hash.hexdigest() == self.digest:
+            self.state = "verified"
+            self._store._verified.add(self.digest)
+            return
+        self.state = "corrupt"
+        self._error = self._store.corrupt(self.digest)
+        raise self._error
+
+    def close(self, *, verify: bool = True) -> None:
+        if self.closed:
+            return
+        try:
+            if verify:
+                self.finish()
+        finally:
+            self._file.close()
+            super().close()
+
+    def __del__(self) -> None:
+        # A reader dropped unclosed is not checked here (an exception in a finalizer is
+        # only printed); the action runner checks the readers it handed out instead.
+        with contextlib.suppress(Exception):
+            self.close(verify=False)
+
+
+class VerifiedBlobReader(io.BufferedReader):
+    """A buffered reader of a blob that raises :class:`CorruptBlobError` when the bytes
+    read do not match the blob's digest: when the last byte is read (before the caller
+    gets it), or on ``close()`` for a reader that stopped early or skipped ahead (what
+    it did not read is hashed then). The blob is deleted first, so whoever catches the
+    error can have it rebuilt. Leaving a ``with`` block on BaseExceptions other than
+    Exception (Ctrl-C) closes without reading the rest."""
+
+    def __init__(self, raw: _VerifyingRaw) -> None:
+        super().__init__(raw, buffer_size=1 << 16)  # type: ignore[arg-type]
+        self.verifier = raw
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.verifier.close(verify=False)
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.verifier.close(verify=False)
+            self.close()
 
 
 def make_private_dir(path: str) -> None:
@@ -682,12 +968,17 @@ def atomic_write(path: str, data: bytes, *, tmp: str | None = None, mode: int = 
     """Write ``data`` to ``path`` through a temporary file, fsync, rename."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tmp or f"{path}.dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a full disk must not stay full of our half-written file
+        raise
 
 
 def remove_tree(path: str) -> None:

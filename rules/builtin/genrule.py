@@ -37,7 +37,8 @@ genrule = rule(
     "genrule", _genrule_impl,
     doc="Runs `cmd` with bash in a private sandbox directory holding only the declared inputs, "
         "without network access, in a bubblewrap sandbox where only that directory is writable and the "
-        "host's tools are read-only (docs/security.md; `[sandbox] commands = \"none\"` turns it off). `$SRCS`, `$OUTS` and `$TOOLS` hold "
+        "host's tools are read-only (docs/security.md; `[sandbox] commands = \"none\"` turns it off). "
+        "`$SRCS`, `$OUTS` and `$TOOLS` hold "
         "space-separated paths relative to the working directory, `$OUT_DIR` the directory of the "
         "outputs. Outputs are placed at /OUT in images that include the target.",
     attrs={
