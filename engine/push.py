@@ -11,6 +11,9 @@ different digest; impossible with zstd layers).
 
 The mount record is a hint, not a truth: a mount the registry declines costs nothing
 (it opens the upload session the blob then goes through).
+
+Every request runs under the ``[network]`` limits of dtbuild.toml (timeouts, a deadline
+per blob and per manifest, size caps on what the registry answers).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from dtbuild.engine.errors import BuildFailure, Interrupted, UsageError
+from dtbuild.engine.errors import BuildFailure, Interrupted, UsageError, WorkspaceError
 from dtbuild.plugins.builtin import imageformat
 from dtbuild.plugins.builtin.image_actions import ImageTree
 
@@ -170,15 +173,25 @@ class MountRecord:
 def push_image(reader: Any, artifact: Any, refs: Sequence[tuple[str, str, str | None]], *, state_dir: str,
                insecure: bool = False, manifest_format: str = "oci", transfers: int = 8,
                cancel: threading.Event | None = None,
-               report: Callable[[str], None] = lambda _message: None) -> list[PushOutcome]:
+               report: Callable[[str], None] = lambda _message: None,
+               limits: Any = None) -> list[PushOutcome]:
     """Push the image tree ``artifact`` (read through ``reader``, a StoreReader) to
     ``refs`` (from :func:`parse_targets`). Returns one outcome per repository.
+    ``limits`` (a ``NetworkLimits``) default to the ``[network]`` settings of the
+    workspace around the working directory and the ``DTBUILD_NETWORK_*`` variables.
 
     :raises UsageError: when the image cannot have the asked manifest format.
+    :raises WorkspaceError: when a ``[network]`` setting is malformed.
     :raises PushFailed: when a registry fails, with what failed and how to go on.
     """
+    from dtbuild.plugins.builtin.network_limits import NetworkSettingError, configured_limits
     from dtbuild.plugins.builtin.registry_client import RegistryClient, RegistryError
 
+    if limits is None:
+        try:
+            limits = configured_limits()
+        except NetworkSettingError as e:
+            raise WorkspaceError(e.message, hint=e.hint) from None
     cancel = cancel or threading.Event()
     tree = ImageTree(reader, artifact)
     description = tree.description
@@ -200,7 +213,7 @@ def push_image(reader: Any, artifact: Any, refs: Sequence[tuple[str, str, str | 
             client = clients.get(target.registry)
             if client is None:
                 client = clients[target.registry] = RegistryClient(target.registry, tls_verify=not insecure,
-                                                                   max_connections=transfers)
+                                                                   max_connections=transfers, limits=limits)
             report(f"pushing {description['label']} to {target.name} ({', '.join(target.tags)}): "
                    f"{len(ordered)} blob(s)")
             try:

@@ -18,7 +18,12 @@ This module owns:
   (POST, then one PUT for small blobs or PATCH chunks and a final PUT for large ones;
   cross-repository mounts), retries with exponential backoff on 429, 5xx and
   connection errors, TLS verified unless ``tls_verify=False`` (which also falls back to
-  plain HTTP).
+  plain HTTP);
+* bounds — every answer's body is read under :mod:`network_limits`' size caps and clock:
+  a document (manifest, index, config, token answer) exactly its descriptor's size or at
+  most ``max_document``, a blob exactly its descriptor's size; each public operation
+  (with its retries and token requests) ends at the ``deadline``, every request must
+  start answering within ``timeout``, and a transfer slower than ``min_rate`` fails.
 
 Secrets (passwords, identity tokens, bearer tokens, the base64 ``auth`` strings) never
 appear in a message this module produces: every :class:`RegistryError` is scrubbed of
@@ -38,6 +43,7 @@ no engine, no store. Safe to share between threads.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -53,6 +59,17 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import urllib3
+from dtbuild.plugins.builtin.network_limits import (
+    Clock,
+    LimitExceeded,
+    NetworkLimits,
+    headers_within,
+    pool_manager,
+    read_body,
+    read_some,
+    seconds_text,
+    size_text,
+)
 from dtbuild.plugins.text import printable
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -77,8 +94,8 @@ MONOLITHIC_MAX = 32 << 20
 CHUNK_SIZE = 32 << 20
 #: Statuses worth trying again (after a backoff): rate limiting and server trouble.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-#: Manifests and configs are small; refuse to hold more than this in memory.
-MAX_DOCUMENT = 16 << 20
+#: How much of an error answer is read (for its message); the rest is not.
+ERROR_BODY_MAX = 64 << 10
 
 _IO_CHUNK = 1 << 20
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -421,10 +438,14 @@ class Manifest:
 class _Unreachable(Exception):
     """A request did not get an HTTP answer (refused, reset, timed out, TLS failure)."""
 
-    def __init__(self, reason: str, *, tls: bool = False) -> None:
+    def __init__(self, reason: str, *, tls: bool = False, timed_out: bool = False, deadline: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.tls = tls
+        #: No answer in time (the connect or read timeout, or the deadline).
+        self.timed_out = timed_out or deadline
+        #: Not sent at all: the operation's deadline had passed.
+        self.deadline = deadline
 
 
 def _describe(error: BaseException) -> tuple[str, bool]:
@@ -453,6 +474,19 @@ def _describe(error: BaseException) -> tuple[str, bool]:
     return type(error).__name__, False
 
 
+def _unreachable(error: BaseException, timeout: urllib3.Timeout) -> _Unreachable:
+    """What a request that got no answer (``error``, sent with ``timeout``) tells the user."""
+    inner = next((a for a in (error, *error.args) if isinstance(a, LimitExceeded)), None)
+    if inner is not None:  # the deadline passed while a request body was sent
+        return _Unreachable(inner.message, timed_out=True)
+    reason, tls = _describe(error)
+    if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+        reason = f"no answer within {seconds_text(timeout.read_timeout or 0)}"
+    elif isinstance(error, urllib3.exceptions.ConnectTimeoutError) and "timed out" in str(error).lower():
+        reason = f"no connection within {seconds_text(timeout.connect_timeout or 0)}"
+    return _Unreachable(reason, tls=tls, timed_out=isinstance(error, urllib3.exceptions.TimeoutError))
+
+
 class RegistryClient:
     """One registry's HTTP API. Thread-safe: share one client between the threads of a
     transfer (connections are pooled, tokens cached per scope set).
@@ -468,11 +502,14 @@ class RegistryClient:
         PATCH chunks of ``chunk_size``.
     :param attempts: tries per request (and per blob upload) before giving up.
     :param backoff: seconds before the first retry; doubled for each next one.
+    :param limits: timeouts, deadline and size caps (``[network]`` in dtbuild.toml:
+        :func:`~dtbuild.plugins.builtin.network_limits.configured_limits`); the defaults
+        of :class:`NetworkLimits` when None.
     """
 
     def __init__(self, registry: str, *, tls_verify: bool = True, credentials: Credentials | None = None,
                  lookup_credentials: bool = True, max_connections: int = 8, attempts: int = 5,
-                 backoff: float = 0.25, connect_timeout: float = 15.0, read_timeout: float = 120.0,
+                 backoff: float = 0.25, limits: NetworkLimits | None = None,
                  monolithic_max: int = MONOLITHIC_MAX, chunk_size: int = CHUNK_SIZE,
                  user_agent: str = "dtbuild") -> None:
         self.registry = _normalize_key(registry) if "/" in registry else registry
@@ -483,6 +520,8 @@ class RegistryClient:
         self.monolithic_max = monolithic_max
         self.chunk_size = max(1, chunk_size)
         self.user_agent = user_agent
+        self.limits = limits or NetworkLimits()
+        self._local = threading.local()  # the clock of the operation each thread is in
         self._credentials = credentials
         self._credentials_known = credentials is not None or not lookup_credentials
         self._secrets: set[str] = set(credentials.secrets()) if credentials else set()
@@ -493,14 +532,15 @@ class RegistryClient:
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
         kwargs: dict[str, Any] = {
             "num_pools": 8, "maxsize": max(1, max_connections), "block": False, "retries": False,
-            "timeout": urllib3.Timeout(connect=connect_timeout, read=read_timeout), "blocksize": _IO_CHUNK,
+            "timeout": urllib3.Timeout(connect=self.limits.connect_timeout, read=self.limits.timeout),
+            "blocksize": _IO_CHUNK,
         }
         if not tls_verify:
             import warnings
 
             kwargs["cert_reqs"] = "CERT_NONE"
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
-        self._http = urllib3.PoolManager(**kwargs)
+        self._http = pool_manager(**kwargs)
 
     def close(self) -> None:
         self._http.clear()
@@ -510,6 +550,47 @@ class RegistryClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ the clock
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[Clock]:
+        """The clock of one public operation: started by the outermost one, shared by
+        every request, token fetch and retry inside it, so the deadline bounds them all."""
+        outer: Clock | None = getattr(self._local, "clock", None)
+        if outer is not None:
+            yield outer
+            return
+        clock = self._local.clock = self.limits.clock()
+        try:
+            yield clock
+        finally:
+            self._local.clock = None
+
+    def _clock(self) -> Clock:
+        clock: Clock | None = getattr(self._local, "clock", None)
+        return clock if clock is not None else self.limits.clock()
+
+    def _tries(self, attempt: int, *, out_of_time: bool = False) -> str:
+        """How many tries a failure took, and whether the deadline stopped them (for messages)."""
+        tries = f"tried {attempt + 1} times" if attempt else ""
+        if out_of_time:
+            tries += ("; " if tries else "") + (f"no time left within the [network] deadline of "
+                                                f"{seconds_text(self.limits.deadline)}")
+        return f" ({tries})" if tries else ""
+
+    def _limit_error(self, e: LimitExceeded) -> RegistryError:
+        return self._error(e.message, hint=e.hint, retryable=e.retryable)
+
+    def _discard(self, response: urllib3.BaseHTTPResponse) -> None:
+        """Done with ``response``: read what is left of a short body so the connection
+        can be reused, else close the connection (never read an endless body)."""
+        try:
+            _, complete = read_some(response, ERROR_BODY_MAX, self._clock())
+            if not complete:
+                response.close()
+        finally:
+            response.release_conn()
 
     # ------------------------------------------------------------------ messages
 
@@ -526,13 +607,12 @@ class RegistryClient:
         with self._lock:
             self._secrets.update(v for v in values if v and len(v) >= 3)
 
-    @staticmethod
-    def _body_text(response: urllib3.BaseHTTPResponse) -> str:
-        """The registry's error(s) from a JSON error body, else the start of the body."""
-        try:
-            data = response.data if response.data is not None else b""
-        except Exception:
-            return ""
+    def _body_text(self, response: urllib3.BaseHTTPResponse) -> str:
+        """The registry's error(s) from a JSON error body, else the start of the body
+        (reading at most :data:`ERROR_BODY_MAX` bytes of it)."""
+        data, complete = read_some(response, ERROR_BODY_MAX, self._clock())
+        if not complete:
+            response.close()
         try:
             errors = json.loads(data).get("errors") or []
             parts = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors if isinstance(e, dict)]
@@ -561,23 +641,32 @@ class RegistryClient:
         with self._lock:
             if self._scheme is not None:
                 return
+        with self._operation():
+            self._ping()
+
+    def _ping(self) -> None:
         schemes = ["https"] if self.tls_verify else ["https", "http"]
         last: _Unreachable | None = None
+        tries = ""
         for scheme in schemes:
             url = f"{scheme}://{self.host}/v2/"
             for attempt in range(self.attempts):
                 try:
                     response = self._raw("GET", url, {})
                 except _Unreachable as e:
+                    if e.deadline and last is not None:  # what went wrong before is the news
+                        tries = self._tries(attempt, out_of_time=True)
+                        break
                     last = e
                     if e.tls or (scheme == "https" and len(schemes) > 1):
                         break  # no point retrying a TLS mismatch; try plain HTTP when allowed
                     if attempt + 1 < self.attempts:
-                        self._sleep(attempt, None)
-                        continue
+                        if self._sleep(attempt, None):
+                            continue
+                        tries = self._tries(attempt, out_of_time=True)
                     break
-                if response.status in RETRY_STATUSES and attempt + 1 < self.attempts:
-                    self._sleep(attempt, response)
+                self._discard(response)
+                if response.status in RETRY_STATUSES and attempt + 1 < self.attempts and self._sleep(attempt, response):
                     continue
                 with self._lock:
                     self._scheme = scheme
@@ -590,29 +679,40 @@ class RegistryClient:
         if last.tls:
             hint = (f"if {self.registry} serves plain HTTP or uses a self-signed certificate, pass --insecure "
                     "(dtbuild push) or tls_verify = False (pull_image)")
-        raise self._error(f"cannot reach the registry {self.registry}: {last.reason}", hint=hint)
+        elif last.timed_out:
+            hint += "; for a slow registry, raise [network] timeout or deadline in dtbuild.toml"
+        raise self._error(f"cannot reach the registry {self.registry}: {last.reason}{tries}", hint=hint)
 
     # ------------------------------------------------------------------ requests
 
-    def _raw(self, method: str, url: str, headers: Mapping[str, str], body: Any = None,
-             stream: bool = False) -> urllib3.BaseHTTPResponse:
-        try:
-            return self._http.request(method, url, body=body, headers={"User-Agent": self.user_agent, **headers},
-                                      preload_content=not stream, decode_content=False, redirect=False)
-        except urllib3.exceptions.HTTPError as e:
-            reason, tls = _describe(e)
-            raise _Unreachable(reason, tls=tls) from None
-        except OSError as e:  # a body that cannot be read, a socket error urllib3 did not wrap
-            reason, tls = _describe(e)
-            raise _Unreachable(reason, tls=tls) from None
+    def _raw(self, method: str, url: str, headers: Mapping[str, str], body: Any = None) -> urllib3.BaseHTTPResponse:
+        """One request, its body not read yet: the caller reads it with a bound
+        (:func:`read_body`, :meth:`_discard`), so no answer is ever read whole unasked."""
+        clock = self._clock()
+        if clock.expired():
+            raise _Unreachable(f"no time left within the [network] deadline of {seconds_text(self.limits.deadline)}",
+                               deadline=True)
+        timeout = clock.request_timeout()
+        with headers_within(timeout.read_timeout) as guard:
+            try:
+                return self._http.request(method, url, body=body, headers={"User-Agent": self.user_agent, **headers},
+                                          preload_content=False, decode_content=False, redirect=False,
+                                          timeout=timeout)
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                if guard.expired:
+                    raise _Unreachable(f"no complete answer within {seconds_text(guard.seconds)}",
+                                       timed_out=True) from None
+                raise _unreachable(e, timeout) from None
 
-    def _sleep(self, attempt: int, response: urllib3.BaseHTTPResponse | None) -> None:
+    def _sleep(self, attempt: int, response: urllib3.BaseHTTPResponse | None) -> bool:
+        """Wait before another try; False (at once) when the operation's deadline would
+        pass first: then there is no other try."""
         delay = self.backoff * (2 ** attempt) * (1 + random.random() / 4)
         if response is not None:
             retry_after = response.headers.get("Retry-After", "")
             if retry_after.strip().isdigit():
                 delay = max(delay, min(float(retry_after), 30.0))
-        time.sleep(delay)
+        return self._clock().sleep(delay)
 
     def _auth_header(self, scopes: tuple[str, ...]) -> str | None:
         """The Authorization header to send up front, when the registry's challenge is
@@ -721,16 +821,21 @@ class RegistryClient:
             try:
                 response = self._raw(method, url, headers, body)
             except _Unreachable as e:
-                if attempt + 1 < self.attempts and not e.tls:
-                    self._sleep(attempt, None)
+                if attempt + 1 < self.attempts and not e.tls and self._sleep(attempt, None):
                     continue
-                raise self._error(f"cannot reach the token service {realm_host} of {self.registry}: {e.reason}",
+                raise self._error(f"cannot reach the token service {realm_host} of {self.registry}: {e.reason}"
+                                  f"{self._tries(attempt, out_of_time=self._clock().expired() and not e.deadline)}",
                                   hint="check that the registry's auth server is running") from None
             if response.status in RETRY_STATUSES and attempt + 1 < self.attempts:
-                self._sleep(attempt, response)
-                continue
+                self._discard(response)
+                if self._sleep(attempt, response):
+                    continue
+                raise self._error(f"the token service {realm_host} of {self.registry} answered HTTP "
+                                  f"{response.status}{self._tries(attempt, out_of_time=True)}",
+                                  status=response.status)
             break
         if response.status in (401, 403):
+            self._discard(response)
             if creds is None:
                 raise self._error(f"the token service {realm_host} of {self.registry} refused anonymous access to "
                                   f"{', '.join(sorted(wanted))}", status=401,
@@ -739,8 +844,25 @@ class RegistryClient:
         if response.status != 200:
             raise self._error(f"the token service {realm_host} of {self.registry} answered HTTP {response.status}: "
                               f"{self._body_text(response)}", status=response.status)
+        data = bytearray()
         try:
-            answer = json.loads(response.data)
+            read_body(response, data.extend, limit=self.limits.max_document, clock=self._clock(),
+                      server=f"the token service {realm_host}", what=f"answering for {self.registry}",
+                      too_large=lambda: LimitExceeded(
+                          f"the token service {realm_host} of {self.registry} answered with more than "
+                          f"{size_text(self.limits.max_document)}; refusing it",
+                          hint="raise [network] max_document in dtbuild.toml if this answer is right"))
+        except LimitExceeded as e:
+            response.close()
+            raise self._limit_error(e) from None
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            response.close()
+            raise self._error(f"the connection to the token service {realm_host} of {self.registry} broke: "
+                              f"{_describe(e)[0]}") from None
+        finally:
+            response.release_conn()
+        try:
+            answer = json.loads(bytes(data))
             token = str(answer.get("token") or answer.get("access_token") or "")
             expires_in = float(answer.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
@@ -754,31 +876,29 @@ class RegistryClient:
         return token
 
     def _authorized(self, method: str, url: str, scopes: tuple[str, ...], headers: Mapping[str, str],
-                    body: Callable[[], Any] | bytes | None, stream: bool) -> urllib3.BaseHTTPResponse:
+                    body: Callable[[], Any] | bytes | None) -> urllib3.BaseHTTPResponse:
         """One request with authentication: credentials sent up front when the scheme is
         known, else on the registry's 401 (then the request is sent again, once)."""
         if not self._is_registry_origin(url):
             # Another origin (an upload location, a storage back end) gets no credentials.
-            return self._raw(method, url, _without_auth(headers), body() if callable(body) else body, stream)
+            return self._raw(method, url, _without_auth(headers), body() if callable(body) else body)
         sent_headers = dict(headers)
         auth = self._auth_header(scopes)
         if auth:
             sent_headers["Authorization"] = auth
-        response = self._raw(method, url, sent_headers, body() if callable(body) else body, stream)
+        response = self._raw(method, url, sent_headers, body() if callable(body) else body)
         if response.status != 401:
             return response
         challenge = _preferred(parse_challenges(response.headers.get("WWW-Authenticate", "")))
-        response.drain_conn()
-        response.release_conn()
+        self._discard(response)
         if challenge is None:
             raise self._error(f"the registry {self.registry} answered 401 Unauthorized without saying how to "
                               "authenticate (no WWW-Authenticate header)", status=401)
         sent_headers["Authorization"] = self._answer_challenge(challenge, scopes, auth)
-        response = self._raw(method, url, sent_headers, body() if callable(body) else body, stream)
+        response = self._raw(method, url, sent_headers, body() if callable(body) else body)
         if response.status != 401:
             return response
-        response.drain_conn()
-        response.release_conn()
+        self._discard(response)
         creds = self._get_credentials()
         if creds is None:
             raise self._error(f"the registry {self.registry} requires authentication, and no credentials were "
@@ -791,38 +911,39 @@ class RegistryClient:
 
     def _send(self, method: str, path: str, *, what: str, scopes: tuple[str, ...] = (),
               headers: Mapping[str, str] | None = None, body: Callable[[], Any] | bytes | None = None,
-              ok: Sequence[int] = (200,), retry: bool = True, stream: bool = False,
+              ok: Sequence[int] = (200,), retry: bool = True,
               follow_redirects: bool = False) -> urllib3.BaseHTTPResponse:
         """A request with retries (429, 5xx and connection errors) that answers one of
-        ``ok``; anything else raises a RegistryError naming ``what`` was being done."""
+        ``ok``; anything else raises a RegistryError naming ``what`` was being done. The
+        answer's body is not read: the caller reads it, bounded, or :meth:`_discard` s it.
+        Retries stop at the deadline of the operation the request belongs to."""
         url = path if path.startswith(("http://", "https://")) else self._base() + path
         attempts = self.attempts if retry else 1
         for attempt in range(attempts):
             try:
-                response = self._authorized(method, url, scopes, headers or {}, body, stream)
+                response = self._authorized(method, url, scopes, headers or {}, body)
                 hops = 0
                 while follow_redirects and response.status in _REDIRECTS and hops < 5:
                     location = response.headers.get("Location", "")
-                    response.drain_conn()
-                    response.release_conn()
+                    self._discard(response)
                     target = urllib.parse.urljoin(url, location)
                     # Storage back ends (S3, GCS) reject a registry's Authorization header, and a
                     # redirect to another origin or to plain http must not carry it:
                     # _authorized sends credentials to the registry's own origin only.
-                    response = self._authorized(method, target, scopes, headers or {}, None, stream)
+                    response = self._authorized(method, target, scopes, headers or {}, None)
                     hops += 1
             except _Unreachable as e:
-                if not e.tls and attempt + 1 < attempts:
-                    self._sleep(attempt, None)
+                if not e.tls and attempt + 1 < attempts and self._sleep(attempt, None):
                     continue
-                tries = f" (tried {attempts} times)" if attempts > 1 else ""
-                raise self._error(f"cannot reach the registry {self.registry}: {e.reason}, while {what}{tries}",
-                                  hint="check that the registry is running and reachable, then run the same "
-                                       "command again", retryable=not retry) from None
-            if response.status in RETRY_STATUSES and attempt + 1 < attempts:
-                response.drain_conn()
-                response.release_conn()
-                self._sleep(attempt, response)
+                hint = "check that the registry is running and reachable, then run the same command again"
+                if e.timed_out:
+                    hint += "; for a slow registry, raise [network] timeout or deadline in dtbuild.toml"
+                stopped_early = attempt + 1 < attempts and not e.tls and not e.deadline
+                raise self._error(f"cannot reach the registry {self.registry}: {e.reason}, while {what}"
+                                  f"{self._tries(attempt, out_of_time=stopped_early)}",
+                                  hint=hint, retryable=not retry) from None
+            if response.status in RETRY_STATUSES and attempt + 1 < attempts and self._sleep(attempt, response):
+                self._discard(response)
                 continue
             if response.status not in ok:
                 raise self._status_error(response, what, retryable=not retry and response.status in RETRY_STATUSES)
@@ -848,23 +969,62 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ reading
 
-    def get_manifest(self, repository: str, reference: str) -> Manifest:
-        """The manifest or index ``reference`` (a tag or a digest) of ``repository``. When
-        ``reference`` is a digest, the bytes received are checked against it."""
-        what = f"fetching the manifest {reference} of {self.registry}/{repository}"
-        response = self._send("GET", f"/v2/{repository}/manifests/{reference}", what=what,
-                              scopes=(f"repository:{repository}:pull",),
-                              headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)}, stream=True)
+    def _descriptor_size(self, size: Any, what: str) -> int | None:
+        if size is None:
+            return None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise self._error(f"the descriptor of {what} gives the size {size!r}, which is not a number of bytes; "
+                              "refusing it")
+        return size
+
+    def _read_into(self, response: urllib3.BaseHTTPResponse, write: Callable[[bytes], Any], *, limit: int,
+                   what: str, too_large: str, hint: str) -> int:
+        """The body of ``response`` into ``write``, at most ``limit`` bytes (more is
+        ``too_large``), under the operation's clock; the connection is released (closed
+        unless the body was read to its end)."""
+        complete = False
         try:
-            data = _read_limited(response, MAX_DOCUMENT)
-        except ValueError:
-            raise self._error(f"the manifest {reference} of {self.registry}/{repository} is larger than "
-                              f"{MAX_DOCUMENT >> 20} MiB; refusing it") from None
-        except urllib3.exceptions.HTTPError as e:
-            raise self._error(f"the connection to {self.registry} broke while {what}: {_describe(e)[0]}",
-                              retryable=True) from None
+            received = read_body(response, write, limit=limit, clock=self._clock(),
+                                 server=f"the registry {self.registry}", what=what,
+                                 too_large=lambda: LimitExceeded(too_large, hint=hint))
+            complete = True
+            return received
         finally:
+            if not complete:
+                response.close()
             response.release_conn()
+
+    def get_manifest(self, repository: str, reference: str, *, size: int | None = None) -> Manifest:
+        """The manifest or index ``reference`` (a tag or a digest) of ``repository``. When
+        ``reference`` is a digest, the bytes received are checked against it; with
+        ``size`` (from the descriptor naming it) there must be exactly that many, else at
+        most ``max_document``."""
+        name = f"the manifest {reference} of {self.registry}/{repository}"
+        what = f"fetching {name}"
+        size = self._descriptor_size(size, name)
+        limit = self.limits.max_document if size is None else size
+        if size is not None and size > self.limits.max_document:
+            raise self._error(f"{name} is {size_text(size)} by its descriptor; dtbuild reads manifests of at most "
+                              f"{size_text(self.limits.max_document)}",
+                              hint="raise [network] max_document in dtbuild.toml if the manifest is right")
+        too_large = (f"{name} is larger than its descriptor's size of {size} bytes; refusing it" if size is not None
+                     else f"{name} is larger than {size_text(limit)}; refusing it")
+        data = bytearray()
+        with self._operation():
+            response = self._send("GET", f"/v2/{repository}/manifests/{reference}", what=what,
+                                  scopes=(f"repository:{repository}:pull",),
+                                  headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)})
+            try:
+                self._read_into(response, data.extend, limit=limit, what=what, too_large=too_large,
+                                hint="raise [network] max_document in dtbuild.toml if the manifest is right"
+                                if size is None else "the registry serves another manifest than its index names")
+            except LimitExceeded as e:
+                raise self._limit_error(e) from None
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                raise self._error(f"the connection to {self.registry} broke while {what}: {_describe(e)[0]}",
+                                  retryable=True) from None
+        if size is not None and len(data) != size:
+            raise self._error(f"{name} has {len(data)} bytes, but its descriptor says {size}; refusing it")
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if _DIGEST_RE.match(reference) and digest != reference:
             raise self._error(f"the registry {self.registry} answered {reference} of {repository} with a manifest "
@@ -876,66 +1036,90 @@ class RegistryClient:
             except (ValueError, AttributeError):
                 declared = None
             media_type = declared or media_type
-        return Manifest(data, media_type, digest)
+        return Manifest(bytes(data), media_type, digest)
 
     def blob_size(self, repository: str, digest: str) -> int | None:
         """The size of blob ``digest`` in ``repository`` (HEAD), or None when it is not there."""
-        response = self._send("HEAD", f"/v2/{repository}/blobs/{digest}", scopes=(f"repository:{repository}:pull",),
-                              what=f"checking for blob {digest} in {self.registry}/{repository}", ok=(200, 404),
-                              follow_redirects=True)
-        response.release_conn()
+        with self._operation():
+            response = self._send("HEAD", f"/v2/{repository}/blobs/{digest}", scopes=(f"repository:{repository}:pull",),
+                                  what=f"checking for blob {digest} in {self.registry}/{repository}", ok=(200, 404),
+                                  follow_redirects=True)
+            self._discard(response)
         if response.status == 404:
             return None
         length = response.headers.get("Content-Length")
         return int(length) if length and length.isdigit() else 0
 
-    def fetch_blob(self, repository: str, digest: str, sink: IO[bytes], *, size: int | None = None) -> int:
+    def fetch_blob(self, repository: str, digest: str, sink: IO[bytes], *, size: int | None = None,
+                   limit: int | None = None) -> int:
         """Stream blob ``digest`` into ``sink`` (a seekable file, emptied before each
         try), hashing every byte; return its size. A blob whose bytes do not have its
-        digest (or its ``size``) raises RegistryError."""
+        digest raises RegistryError; so does one of more than ``size`` bytes (its
+        descriptor's), or without ``size``, of more than ``limit`` (default
+        ``max_download``): never is a byte more than that read. Every try, and the waits
+        between them, end at the operation's deadline."""
+        return self._fetch_blob(repository, digest, sink, size=size, limit=limit, setting="max_download")
+
+    def _fetch_blob(self, repository: str, digest: str, sink: IO[bytes], *, size: int | None, limit: int | None,
+                    setting: str) -> int:
         what = f"downloading blob {digest} from {self.registry}/{repository}"
-        for attempt in range(self.attempts):
-            sink.seek(0)
-            sink.truncate()
-            response = self._send("GET", f"/v2/{repository}/blobs/{digest}", what=what,
-                                  scopes=(f"repository:{repository}:pull",), stream=True, follow_redirects=True)
-            h = hashlib.sha256()
-            received = 0
-            try:
-                for chunk in response.stream(_IO_CHUNK):
+        size = self._descriptor_size(size, f"blob {digest} of {self.registry}/{repository}")
+        cap = size if size is not None else (limit if limit is not None else self.limits.max_download)
+        if size is not None:
+            too_large = (f"blob {digest} from {self.registry}/{repository} is larger than its descriptor's size of "
+                         f"{size} bytes; refusing it")
+            hint = "the manifest and the blob the registry serves disagree: a corrupt registry or proxy"
+        else:
+            too_large = (f"blob {digest} from {self.registry}/{repository} has no size in its descriptor and is "
+                         f"larger than {size_text(cap)}; refusing it")
+            hint = f"raise [network] {setting} in dtbuild.toml if the blob is right"
+        with self._operation():
+            for attempt in range(self.attempts):
+                sink.seek(0)
+                sink.truncate()
+                response = self._send("GET", f"/v2/{repository}/blobs/{digest}", what=what,
+                                      scopes=(f"repository:{repository}:pull",), follow_redirects=True)
+                h = hashlib.sha256()
+
+                def write(chunk: bytes, h: Any = h) -> None:
                     h.update(chunk)
                     sink.write(chunk)
-                    received += len(chunk)
-                    if size is not None and received > size:
-                        break
-            except (urllib3.exceptions.HTTPError, OSError) as e:
-                if attempt + 1 < self.attempts:
-                    self._sleep(attempt, None)
-                    continue
-                raise self._error(f"the connection to {self.registry} broke while {what}: {_describe(e)[0]} "
-                                  f"(tried {self.attempts} times)",
-                                  hint="run the build again; nothing partial was kept") from None
-            finally:
-                response.release_conn()
-            actual = "sha256:" + h.hexdigest()
-            if size is not None and received != size:
-                raise self._error(f"blob {digest} from {self.registry}/{repository} has {received} bytes or more, "
-                                  f"but its descriptor says {size}; refusing it")
-            if actual != digest:
-                raise self._error(f"the bytes of blob {digest} received from {self.registry}/{repository} have "
-                                  f"digest {actual}; refusing them (a corrupt registry or proxy)")
-            return received
+
+                try:
+                    received = self._read_into(response, write, limit=cap, what=what, too_large=too_large, hint=hint)
+                except LimitExceeded as e:
+                    if e.retryable and attempt + 1 < self.attempts and self._sleep(attempt, None):
+                        continue
+                    raise self._limit_error(e) from None
+                except (urllib3.exceptions.HTTPError, OSError) as e:
+                    if attempt + 1 < self.attempts and self._sleep(attempt, None):
+                        continue
+                    raise self._error(f"the connection to {self.registry} broke while {what}: {_describe(e)[0]}"
+                                      f"{self._tries(attempt, out_of_time=attempt + 1 < self.attempts)}",
+                                      hint="run the build again; nothing partial was kept") from None
+                actual = "sha256:" + h.hexdigest()
+                if size is not None and received != size:
+                    raise self._error(f"blob {digest} from {self.registry}/{repository} has {received} bytes, "
+                                      f"but its descriptor says {size}; refusing it")
+                if actual != digest:
+                    raise self._error(f"the bytes of blob {digest} received from {self.registry}/{repository} have "
+                                      f"digest {actual}; refusing them (a corrupt registry or proxy)")
+                return received
         raise AssertionError("unreachable")
 
     def fetch_document(self, repository: str, digest: str, *, size: int | None = None) -> bytes:
-        """A small blob (an image config) in memory, checked against its digest."""
+        """A small blob (an image config) in memory, checked against its digest: exactly
+        ``size`` bytes when its descriptor gives one, else at most ``max_document``."""
         import io
 
-        if size is not None and size > MAX_DOCUMENT:
-            raise self._error(f"blob {digest} of {self.registry}/{repository} is {size} bytes; a config is at most "
-                              f"{MAX_DOCUMENT >> 20} MiB")
+        size = self._descriptor_size(size, f"blob {digest} of {self.registry}/{repository}")
+        if size is not None and size > self.limits.max_document:
+            raise self._error(f"blob {digest} of {self.registry}/{repository} is {size} bytes; dtbuild reads configs "
+                              f"of at most {size_text(self.limits.max_document)}",
+                              hint="raise [network] max_document in dtbuild.toml if the config is right")
         buffer = io.BytesIO()
-        self.fetch_blob(repository, digest, buffer, size=size)
+        self._fetch_blob(repository, digest, buffer, size=size, limit=self.limits.max_document,
+                         setting="max_document")
         return buffer.getvalue()
 
     # ------------------------------------------------------------------ writing
@@ -954,16 +1138,16 @@ class RegistryClient:
         scopes = [f"repository:{repository}:pull,push"]
         if mount_from:
             scopes.append(f"repository:{mount_from}:pull")
-        for attempt in range(self.attempts):
-            try:
-                return self._upload_once(repository, digest, size, open_blob, mount_from, tuple(sorted(scopes)))
-            except RegistryError as e:
-                if not e.retryable or attempt + 1 == self.attempts:
-                    if e.retryable:
-                        e.message += f" (tried {self.attempts} times)"
-                        e.args = (e.message,)
-                    raise
-                self._sleep(attempt, None)
+        with self._operation():
+            for attempt in range(self.attempts):
+                try:
+                    return self._upload_once(repository, digest, size, open_blob, mount_from, tuple(sorted(scopes)))
+                except RegistryError as e:
+                    if not e.retryable or attempt + 1 == self.attempts or not self._sleep(attempt, None):
+                        if e.retryable:
+                            e.message += self._tries(attempt, out_of_time=attempt + 1 < self.attempts)
+                            e.args = (e.message,)
+                        raise
         raise AssertionError("unreachable")
 
     def _upload_once(self, repository: str, digest: str, size: int, open_blob: Callable[[], IO[bytes]],
@@ -974,7 +1158,7 @@ class RegistryClient:
             query = "?" + urllib.parse.urlencode({"mount": digest, "from": mount_from})
         response = self._send("POST", f"/v2/{repository}/blobs/uploads/{query}", scopes=scopes, ok=(201, 202),
                               what=f"starting the upload of blob {digest} to {where}", headers={"Content-Length": "0"})
-        response.release_conn()
+        self._discard(response)
         if response.status == 201:
             return "mounted"
         location = self._location(response, f"starting the upload of blob {digest} to {where}")
@@ -992,7 +1176,7 @@ class RegistryClient:
             response = self._send("PUT", _with_digest(location, digest), scopes=scopes, ok=(201, 204),
                                   what=f"uploading blob {digest} ({_size(size)}) to {where}", retry=False,
                                   headers={**content, "Content-Length": str(size)},
-                                  body=lambda: _file_part(open_blob, 0, size))
+                                  body=lambda: _file_part(open_blob, 0, size, self._clock(), self.registry))
         else:
             offset = 0
             while offset < size:
@@ -1003,14 +1187,15 @@ class RegistryClient:
                     what=f"uploading bytes {start}-{start + length - 1} of blob {digest} ({_size(size)}) to {where}",
                     headers={**content, "Content-Length": str(length),
                              "Content-Range": f"{start}-{start + length - 1}"},
-                    body=lambda start=start, length=length: _file_part(open_blob, start, length))  # type: ignore[misc]
-                response.release_conn()
+                    body=lambda start=start, length=length: _file_part(  # type: ignore[misc]
+                        open_blob, start, length, self._clock(), self.registry))
+                self._discard(response)
                 location = self._location(response, f"uploading blob {digest} to {where}")
                 offset += length
             response = self._send("PUT", _with_digest(location, digest), scopes=scopes, ok=(201, 204), retry=False,
                                   what=f"completing the upload of blob {digest} to {where}",
                                   headers={"Content-Length": "0"})
-        response.release_conn()
+        self._discard(response)
         answered = response.headers.get("Docker-Content-Digest")
         if answered and answered != digest:
             raise self._error(f"{self.registry} stored blob {digest} under the digest {answered}")
@@ -1025,11 +1210,12 @@ class RegistryClient:
     def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> str:
         """PUT a manifest under ``reference`` (a tag or its digest); return its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        response = self._send("PUT", f"/v2/{repository}/manifests/{reference}", ok=(200, 201, 202, 204),
-                              scopes=(f"repository:{repository}:pull,push",),
-                              what=f"putting the manifest {reference} of {self.registry}/{repository}",
-                              headers={"Content-Type": media_type, "Content-Length": str(len(data))}, body=data)
-        response.release_conn()
+        with self._operation():
+            response = self._send("PUT", f"/v2/{repository}/manifests/{reference}", ok=(200, 201, 202, 204),
+                                  scopes=(f"repository:{repository}:pull,push",),
+                                  what=f"putting the manifest {reference} of {self.registry}/{repository}",
+                                  headers={"Content-Type": media_type, "Content-Length": str(len(data))}, body=data)
+            self._discard(response)
         answered = response.headers.get("Docker-Content-Digest")
         if answered and answered != digest:
             raise self._error(f"{self.registry} stored the manifest of {repository}:{reference} under the digest "
@@ -1068,27 +1254,22 @@ def _with_digest(location: str, digest: str) -> str:
     return location + ("&" if "?" in location else "?") + urllib.parse.urlencode({"digest": digest})
 
 
-def _file_part(open_blob: Callable[[], IO[bytes]], offset: int, length: int) -> Iterator[bytes]:
-    """``length`` bytes of a blob from ``offset``, in chunks (a request body)."""
+def _file_part(open_blob: Callable[[], IO[bytes]], offset: int, length: int, clock: Clock,
+               registry: str) -> Iterator[bytes]:
+    """``length`` bytes of a blob from ``offset``, in chunks (a request body), until the
+    operation's deadline (each chunk's sending is bounded by the socket timeout)."""
     with open_blob() as f:
         if offset:
             f.seek(offset)
         remaining = length
         while remaining:
+            if clock.expired():
+                raise clock.deadline_error(f"the registry {registry}", "an upload", length - remaining)
             data = f.read(min(_IO_CHUNK, remaining))
             if not data:
                 raise OSError(f"the blob ended {remaining} bytes early")
             remaining -= len(data)
             yield data
-
-
-def _read_limited(response: urllib3.BaseHTTPResponse, limit: int) -> bytes:
-    out = bytearray()
-    for chunk in response.stream(_IO_CHUNK):
-        out += chunk
-        if len(out) > limit:
-            raise ValueError("too large")
-    return bytes(out)
 
 
 def _size(n: int) -> str:
