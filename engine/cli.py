@@ -339,8 +339,9 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
     import re
-    import tarfile
 
+    from dtbuild.engine.errors import BuildFailure
+    from dtbuild.plugins.builtin import tar_extract
     from dtbuild.plugins.builtin.image_actions import ImageTree
     from dtbuild.plugins.text import printable as shown  # image text never reaches the terminal raw
 
@@ -366,14 +367,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for i, layer in enumerate(desc["layers"]):
         files = dirs = 0
         top: dict[str, int] = {}
-        with tree.layer_opener(layer["diff_id"])() as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                if member.isdir():
-                    dirs += 1
-                else:
-                    files += 1
-                    head = "/" + member.name.lstrip("./").split("/", 1)[0]
-                    top[head] = top.get(head, 0) + 1
+        # Read as every untrusted tar is (names normalised and checked): layers of
+        # imported and pulled images come from anywhere.
+        try:
+            with tree.layer_opener(layer["diff_id"])() as f:
+                for member, _ in tar_extract.read_entries(f, compressed=False, lower_files=lambda _path: True):
+                    if member.kind == "dir":
+                        dirs += 1
+                    else:
+                        files += 1
+                        head = "/" + member.path.split("/", 1)[0]
+                        top[head] = top.get(head, 0) + 1
+        except tar_extract.UnsafeArchive as e:
+            where = f"layer {i + 1} ({layer['diff_id']})"
+            raise BuildFailure(f"cannot list the files of {where}: {e}", hint=e.hint or None) from None
         created_by = history[i].get("created_by", "") if i < len(history) else ""
         tar_size = tree.entry("layers/" + layer["diff_id"].removeprefix("sha256:")).size
         print(f"  {i + 1}. {shown(layer['digest'])}  {size(layer['size'])}  {shown(layer['media_type'])}")

@@ -13,6 +13,12 @@ ruff_status=0
 pytest_status=0
 "$venv/bin/pytest" -q "$@" || pytest_status=$?
 
+# CI: the fuzz tests of the readers of untrusted input again, with a larger fixed budget
+# (examples per test; about 2.5 minutes in all on a 2-core machine).
+if [ "${CI:-}" = true ] && [ "$pytest_status" -eq 0 ]; then
+  DTBUILD_FUZZ_EXAMPLES="${DTBUILD_CI_FUZZ_EXAMPLES:-2000}" "$venv/bin/pytest" -q tests/fuzz || pytest_status=$?
+fi
+
 if [ "$pytest_status" -eq 5 ]; then
   echo "test.sh: pytest collected no test: that is a failure" >&2
 fi

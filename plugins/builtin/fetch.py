@@ -1,19 +1,33 @@
 """The ``FetchUrl`` action kind: download with retries, verify the sha256 on the bytes
 as they arrive, and store nothing unless they match. With ``extract``, the download is
 read as a tar archive by :mod:`dtbuild.plugins.builtin.tar_extract` and its entries go
-into the store as a tree: nothing of the archive is written to the host as files."""
+into the store as a tree: nothing of the archive is written to the host as files.
+
+Each URL's tries share one deadline and every download is read under the ``[network]``
+limits of :mod:`dtbuild.plugins.builtin.network_limits` (first byte, silence, minimum
+rate, at most ``max_download`` bytes)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
-import time
 import urllib.parse
 from dataclasses import replace
 from typing import IO
 
 from dtbuild.plugins.builtin import tar_extract
+from dtbuild.plugins.builtin.network_limits import (
+    Clock,
+    LimitExceeded,
+    NetworkSettingError,
+    configured_limits,
+    headers_within,
+    pool_manager,
+    read_body,
+    seconds_text,
+    size_text,
+)
 from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind, TreeEntry
 
 ATTEMPTS = 3
@@ -26,8 +40,12 @@ class _Mismatch(Exception):
         self.actual = actual
 
 
-def _download(url: str, sink: IO[bytes]) -> str:
-    """Copy ``url`` into ``sink``; return the sha256 of what was written."""
+def _download(url: str, sink: IO[bytes], clock: Clock) -> str:
+    """Copy ``url`` into ``sink``; return the sha256 of what was written. An HTTP(S)
+    download is bounded by ``clock`` and its limits.
+
+    :raises LimitExceeded: when the server is silent, too slow, out of time or sends
+        more than ``max_download`` bytes."""
     h = hashlib.sha256()
     if url.startswith("file://"):
         path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
@@ -38,17 +56,67 @@ def _download(url: str, sink: IO[bytes]) -> str:
         return h.hexdigest()
     import urllib3
 
-    http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=15, read=60))
-    response = http.request("GET", url, preload_content=False, redirect=True)
+    limits = clock.limits
+    server = f"the server {urllib.parse.urlsplit(url).netloc}"
+    timeout = clock.request_timeout()
+    http = pool_manager(retries=False, timeout=timeout)
+    with headers_within(timeout.read_timeout) as guard:
+        try:
+            response = http.request("GET", url, preload_content=False, redirect=True)
+        except (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError) as e:
+            if isinstance(e, urllib3.exceptions.ProtocolError) and not guard.expired:
+                raise  # a broken connection, not a limit
+            if clock.expired():
+                raise clock.deadline_error(server, "downloading") from None
+            answer = "a complete answer" if guard.expired else "an answer"
+            raise LimitExceeded(f"{server} did not send {answer} within {seconds_text(timeout.read_timeout)}",
+                                hint="check the network, or raise [network] timeout in dtbuild.toml",
+                                retryable=True) from None
+
+    def write(chunk: bytes) -> None:
+        h.update(chunk)
+        sink.write(chunk)
+
     try:
         if response.status != 200:
             raise OSError(f"HTTP {response.status} from {url}")
-        for chunk in response.stream(_CHUNK):
-            h.update(chunk)
-            sink.write(chunk)
+        read_body(response, write, limit=limits.max_download, clock=clock, server=server, what="downloading",
+                  too_large=lambda: LimitExceeded(
+                      f"{url} is larger than {size_text(limits.max_download)}; refusing it",
+                      hint="raise [network] max_download in dtbuild.toml if the file is right"))
     finally:
+        response.close()
         response.release_conn()
     return h.hexdigest()
+
+
+def _connection_errors() -> tuple[type[Exception], ...]:
+    """urllib3's own errors (refused, unknown host, reset, TLS), which are no OSError."""
+    try:
+        import urllib3
+    except ImportError:
+        return ()
+    return (urllib3.exceptions.HTTPError,)
+
+
+def _unknown_host(error: Exception) -> bool:
+    """The host name does not resolve: trying it again at once cannot help."""
+    try:
+        import urllib3
+    except ImportError:
+        return False
+    return isinstance(error, urllib3.exceptions.NameResolutionError)
+
+
+def _failure_text(error: Exception) -> str:
+    """One line for a failed download, without urllib3's object reprs."""
+    if isinstance(error, LimitExceeded | _Mismatch) or not isinstance(error, _connection_errors()):
+        return str(error)
+    reason = getattr(error, "reason", None) or error
+    text = str(reason)
+    if ">: " in text:  # "<urllib3.connection.HTTPSConnection object at 0x..>: Failed to resolve ..."
+        text = text.split(">: ", 1)[1]
+    return text or type(reason).__name__
 
 
 class FetchUrl(ActionKind):
@@ -58,13 +126,19 @@ class FetchUrl(ActionKind):
     def run(self, ctx: ActionContext) -> None:
         expected = ctx.params["sha256"]
         extract = ctx.params["extract"]
+        try:
+            limits = configured_limits()
+        except NetworkSettingError as e:
+            raise ActionFailed(e.message + (f" (hint: {e.hint})" if e.hint else "")) from None
         errors: list[str] = []
         for url in ctx.params["urls"]:
+            clock = limits.clock()  # one deadline for all the tries of this URL
+            failures: list[str] = []  # this URL's, each different one once
             for attempt in range(ATTEMPTS):
                 temp = os.path.join(ctx.scratch_dir, f"download-{attempt}")
                 try:
                     with open(temp, "wb") as f:
-                        actual = _download(url, f)
+                        actual = _download(url, f, clock)
                     if actual != expected:
                         raise _Mismatch(actual)
                 except _Mismatch as e:
@@ -72,11 +146,18 @@ class FetchUrl(ActionKind):
                         f"the download of {url} has the wrong sha256: expected {expected}, got {e.actual}; "
                         "nothing was cached. If the new file is the one you want, put its sha256 in the BUILD file"
                     ) from None
-                except (OSError, ValueError) as e:
-                    errors.append(f"{url}: {e}")
-                    if isinstance(e, FileNotFoundError) or " 404 " in f" {e} ":
-                        break  # no point retrying a missing file
-                    time.sleep(min(4.0, 0.5 * 2**attempt))
+                except (OSError, ValueError, *_connection_errors()) as e:
+                    # Whatever went wrong with this URL (refused, unknown host, HTTP error,
+                    # a limit), the next one is tried; the error gives each URL one line.
+                    if _failure_text(e) not in failures:
+                        failures.append(_failure_text(e))
+                    if (isinstance(e, FileNotFoundError) or " 404 " in f" {e} "  # a missing file stays missing
+                            or _unknown_host(e)
+                            or (isinstance(e, LimitExceeded) and not e.retryable)  # the next URL may do better
+                            or attempt + 1 == ATTEMPTS or not clock.sleep(min(4.0, 0.5 * 2**attempt))):
+                        tries = f" ({attempt + 1} attempts)" if attempt else ""
+                        errors.append(f"{url}: {'; then '.join(failures)}{tries}")
+                        break
                     continue
                 self._place(ctx, temp, extract, url)
                 return

@@ -18,18 +18,18 @@ Pure library: no engine, no store. Layer tars themselves come from
 
 from __future__ import annotations
 
-import gzip
+import contextlib
 import hashlib
 import io
 import json
 import os
 import posixpath
 import shutil
-import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from dtbuild.plugins.builtin import tar_extract
 from dtbuild.plugins.builtin.compressors import (
     BUILTIN_COMPRESSORS,
     GzipCompressor,
@@ -45,7 +45,6 @@ from dtbuild.plugins.builtin.layertar import (
     entry_header,
     sorted_entries,
 )
-from dtbuild.plugins.builtin.tar_extract import BoundedTarInfo
 from dtbuild.plugins.interfaces import Compressor
 
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -540,12 +539,226 @@ class _ImageRef:
     layers: tuple[_LayerRef, ...]
 
 
+# --------------------------------------------------------------------------- documents read
+
+
+class ImageFormatError(ValueError):
+    """An image archive, OCI layout or image document that is not what its format says.
+    The message names the member or the field, and what was expected there; callers
+    add which archive or registry it came from."""
+
+
+#: Largest JSON document (manifest.json, index.json, a manifest or config) read from an
+#: archive: registries refuse manifests over 4 MiB; configs of real images are far smaller.
+MAX_DOCUMENT_SIZE = 32 << 20
+
+_Json = dict[str, Any]
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as a message quotes it: its JSON text (cut) and what kind it is."""
+    kind = ("null" if value is None else "a boolean" if isinstance(value, bool) else
+            "a number" if isinstance(value, int | float) else "a string" if isinstance(value, str) else
+            "a list" if isinstance(value, list) else "an object")
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (ValueError, RecursionError):
+        text = "..."
+    return f"{text[:60] + '...' if len(text) > 60 else text} ({kind})"
+
+
+def parse_json_document(data: bytes, what: str) -> Any:
+    """``data`` parsed as JSON (UTF-8).
+
+    :raises ImageFormatError: naming ``what`` when it is not JSON.
+    """
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ImageFormatError(f"{what} is not usable JSON: it nests too deeply") from None
+    except ValueError as e:
+        raise ImageFormatError(f"{what} is not valid JSON ({e})") from None
+
+
+def _object(value: Any, what: str) -> _Json:
+    if not isinstance(value, dict):
+        raise ImageFormatError(f"{what} must be a JSON object, but is {_shown(value)}")
+    return value
+
+
+def _string(value: Any, what: str, *, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ImageFormatError(f"{what} must be a string, but is {_shown(value)}")
+    return value
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    """A list of strings; null is an empty list."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ImageFormatError(f"{what} must be a list of strings, but is {_shown(value)}")
+    return value
+
+
+def _string_map(value: Any, what: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ImageFormatError(f"{what} must be an object of strings, but is {_shown(value)}")
+    return value
+
+
+def _sha256(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ImageFormatError(f"{what} must be a sha256 digest string, but is {_shown(value)}")
+    try:
+        _hex(value)
+    except ValueError as e:
+        raise ImageFormatError(f"{what}: {e}") from None
+    return value
+
+
+def _size(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ImageFormatError(f"{what} must be a size in bytes (a whole number, 0 or more), but is {_shown(value)}")
+    return value
+
+
+def check_descriptor(value: Any, what: str, *, media_type_required: bool = False) -> _Json:
+    """An OCI content descriptor: ``digest`` (sha256), ``size``, ``mediaType`` (a string;
+    required with ``media_type_required``), optional ``urls``, ``annotations`` and
+    ``platform`` of the right types. Returns it unchanged.
+
+    :raises ImageFormatError: naming ``what`` and the field.
+    """
+    descriptor = _object(value, what)
+    _string(descriptor.get("mediaType"), f"{what}: mediaType", optional=not media_type_required)
+    _sha256(descriptor.get("digest"), f"{what}: digest")
+    _size(descriptor.get("size"), f"{what}: size")
+    _strings(descriptor.get("urls"), f"{what}: urls")
+    _string_map(descriptor.get("annotations"), f"{what}: annotations")
+    if descriptor.get("platform") is not None:
+        platform = _object(descriptor["platform"], f"{what}: platform")
+        for key in ("architecture", "os", "variant", "os.version"):
+            _string(platform.get(key), f"{what}: platform: {key}")
+        _strings(platform.get("os.features"), f"{what}: platform: os.features")
+        _strings(platform.get("features"), f"{what}: platform: features")
+    return descriptor
+
+
+def parse_image_config(data: bytes, what: str = "the image config") -> _Json:
+    """An image config (OCI or Docker), its shape checked where dtbuild reads it:
+    ``rootfs.diff_ids`` a list of sha256 digests; ``config`` an object whose ``Env``,
+    ``Entrypoint`` and ``Cmd`` are lists of strings, ``User`` and ``WorkingDir``
+    strings, ``Labels`` an object of strings, ``ExposedPorts`` and ``Volumes`` objects
+    (null allowed for each); ``history`` a list of objects with string ``created``,
+    ``created_by``, ``author``, ``comment`` and boolean ``empty_layer``; ``os``,
+    ``architecture``, ``variant``, ``created``, ``author`` strings.
+
+    :raises ImageFormatError: naming ``what`` and the field that is wrong.
+    """
+    config = _object(parse_json_document(data, what), what)
+    rootfs = _object(config.get("rootfs"), f"{what}: rootfs")
+    _string(rootfs.get("type"), f"{what}: rootfs.type")
+    diff_ids = rootfs.get("diff_ids")
+    if not isinstance(diff_ids, list):
+        raise ImageFormatError(f"{what}: rootfs.diff_ids must be a list of the layers' sha256 digests, but is "
+                               f"{_shown(diff_ids)}")
+    for number, diff_id in enumerate(diff_ids):
+        _sha256(diff_id, f"{what}: rootfs.diff_ids[{number}]")
+    for key in ("os", "architecture", "variant", "created", "author", "os.version"):
+        _string(config.get(key), f"{what}: {key}")
+    runtime = config.get("config")
+    if runtime is not None:
+        runtime = _object(runtime, f"{what}: config")
+        for key in ("Env", "Entrypoint", "Cmd"):
+            _strings(runtime.get(key), f"{what}: config.{key}")
+        for key in ("User", "WorkingDir", "StopSignal"):
+            _string(runtime.get(key), f"{what}: config.{key}")
+        _string_map(runtime.get("Labels"), f"{what}: config.Labels")
+        for key in ("ExposedPorts", "Volumes"):
+            if runtime.get(key) is not None:
+                _object(runtime[key], f"{what}: config.{key}")
+    history = config.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise ImageFormatError(f"{what}: history must be a list of objects, but is {_shown(history)}")
+        for number, item in enumerate(history):
+            entry = _object(item, f"{what}: history[{number}]")
+            for key in ("created", "created_by", "author", "comment"):
+                _string(entry.get(key), f"{what}: history[{number}].{key}")
+            if entry.get("empty_layer") is not None and not isinstance(entry["empty_layer"], bool):
+                raise ImageFormatError(f"{what}: history[{number}].empty_layer must be true or false, but is "
+                                       f"{_shown(entry['empty_layer'])}")
+    return config
+
+
+def parse_manifest(data: bytes, what: str = "the manifest") -> _Json:
+    """An image manifest (OCI or Docker schema 2): ``config`` a descriptor, ``layers`` a
+    list of descriptors with a ``mediaType`` each.
+
+    :raises ImageFormatError: naming ``what`` and the field that is wrong.
+    """
+    manifest = _object(parse_json_document(data, what), what)
+    _string(manifest.get("mediaType"), f"{what}: mediaType")
+    check_descriptor(manifest.get("config"), f"{what}: config")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise ImageFormatError(f"{what}: layers must be a list of descriptors, but is {_shown(layers)}")
+    for number, layer in enumerate(layers):
+        check_descriptor(layer, f"{what}: layers[{number}]", media_type_required=True)
+    return manifest
+
+
+def parse_index(data: bytes, what: str = "the index") -> _Json:
+    """An image index (OCI, or a Docker manifest list): ``manifests`` a list of
+    descriptors (absent: none).
+
+    :raises ImageFormatError: naming ``what`` and the field that is wrong.
+    """
+    index = _object(parse_json_document(data, what), what)
+    _string(index.get("mediaType"), f"{what}: mediaType")
+    manifests = index.get("manifests")
+    if manifests is not None and not isinstance(manifests, list):
+        raise ImageFormatError(f"{what}: manifests must be a list of descriptors, but is {_shown(manifests)}")
+    for number, descriptor in enumerate(manifests or []):
+        check_descriptor(descriptor, f"{what}: manifests[{number}]")
+    return index
+
+
+def parse_docker_manifest(data: bytes, what: str = "manifest.json") -> list[_Json]:
+    """A docker-archive's ``manifest.json``: a list of objects, each with ``Config`` (a
+    member name), ``Layers`` (a list of member names) and ``RepoTags`` (a list of
+    strings, or null).
+
+    :raises ImageFormatError: naming the entry and the field that is wrong.
+    """
+    entries = parse_json_document(data, what)
+    if not isinstance(entries, list):
+        raise ImageFormatError(f"{what} must be a list of images, but is {_shown(entries)}")
+    for number, item in enumerate(entries):
+        where = f"{what}: image {number}"
+        entry = _object(item, where)
+        if not isinstance(entry.get("Config"), str) or not entry["Config"]:
+            raise ImageFormatError(f"{where}: Config must be the file name of the image's config in the archive, "
+                                   f"but is {_shown(entry.get('Config'))}")
+        layers = entry.get("Layers")
+        if not isinstance(layers, list) or not all(isinstance(name, str) and name for name in layers):
+            raise ImageFormatError(f"{where}: Layers must be a list of the layers' file names in the archive, but "
+                                   f"is {_shown(layers)}")
+        _strings(entry.get("RepoTags"), f"{where}: RepoTags")
+    return entries
+
+
 def _member_name(name: str) -> str:
     """An archive path normalised: no leading './' or '/', no trailing '/'; never
     outside the archive."""
     norm = posixpath.normpath("/" + name).lstrip("/")
-    if not norm or norm == ".":
-        raise ValueError(f"{name!r} does not name a file of the archive")
+    if not norm or norm == "." or "\x00" in norm:
+        raise ImageFormatError(f"{name!r} does not name a file of the archive")
     return norm
 
 
@@ -556,6 +769,7 @@ class _Source:
         raise NotImplementedError
 
     def read(self, name: str) -> bytes:
+        """A document's bytes (at most :data:`MAX_DOCUMENT_SIZE`)."""
         raise NotImplementedError
 
     def open(self, name: str) -> IO[bytes]:
@@ -576,22 +790,31 @@ class _DirSource(_Source):
         # of the host outside the layout.
         real, root = os.path.realpath(path), os.path.realpath(self.root)
         if os.path.commonpath([real, root]) != root:
-            raise ValueError(f"{name} in the OCI layout {self.root} is a symbolic link to {real}, outside the layout")
+            raise ImageFormatError(f"{name} in the OCI layout {self.root} is a symbolic link to {real}, outside the "
+                                   "layout")
         return path
 
     def has(self, name: str) -> bool:
         return os.path.isfile(self.path(name))
 
     def read(self, name: str) -> bytes:
-        with open(self.path(name), "rb") as f:
-            return f.read()
+        with self.open(name) as f:
+            data = f.read(MAX_DOCUMENT_SIZE + 1)
+        if len(data) > MAX_DOCUMENT_SIZE:
+            raise ImageFormatError(f"{name} is larger than {MAX_DOCUMENT_SIZE} bytes: it is no image document")
+        return data
 
     def open(self, name: str) -> IO[bytes]:
-        return open(self.path(name), "rb")
+        path = self.path(name)
+        try:
+            return open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ImageFormatError(f"the OCI layout has no file {name}") from None
 
 
 @dataclass(slots=True)
 class _ScannedMember:
+    entry: tar_extract.ArchiveEntry
     head: bytes
     size: int
     data: bytes | None  # small members
@@ -600,16 +823,22 @@ class _ScannedMember:
 
 
 def _unreadable_archive_errors() -> tuple[type[Exception], ...]:
-    import zstandard
+    """What a damaged tar or compressed stream raises (isal's IsalError included)."""
+    return tar_extract.read_errors()
 
-    return (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile)
+
+#: Small members kept in memory while scanning, in all (more are read again when needed).
+_SMALL_MEMBERS_TOTAL = 64 << 20
+#: Members an archive's names may hold only once: which copy counts would be a guess.
+_SINGLE_MEMBERS = ("manifest.json", "index.json", "oci-layout", "repositories")
 
 
 class _ScannedTar(_Source):
-    """A tar archive read in one pass (compressed or not): small members kept in memory,
+    """A tar archive read in one pass (compressed or not) through tar_extract (names and
+    links checked, no path of the archive used twice): small members kept in memory,
     every member's first bytes and, when ``copy_dir`` is given, every regular member
-    copied there with its sha256. Random access afterwards: from the copies, by seeking
-    in a plain tar, or by decompressing from the start again."""
+    copied there with its sha256. Random access afterwards: from the copies, at the
+    member's offset in a plain tar, or by decompressing from the start again."""
 
     def __init__(self, path: str, copy_dir: str | None) -> None:
         self.archive = path
@@ -617,65 +846,64 @@ class _ScannedTar(_Source):
             self.compression = detect_compressor(f.read(4))
         self.members: dict[str, _ScannedMember] = {}
         self.links: dict[str, str] = {}
+        kept = 0
         try:
-            with self._open_tar() as tar:
-                for number, info in enumerate(tar):
-                    name = _member_name(info.name) if info.name.strip("./") else ""
-                    if not name:
-                        continue
-                    if info.issym():
-                        self.links[name] = _member_name(posixpath.join(posixpath.dirname(name), info.linkname))
-                    elif info.islnk():
-                        self.links[name] = _member_name(info.linkname)
-                    elif info.isreg():
-                        self.members[name] = self._scan(tar, info, copy_dir, number)
+            with self._open_stream() as stream:
+                for number, (entry, content) in enumerate(tar_extract.read_entries(stream, compressed=False)):
+                    name = entry.path
+                    if entry.kind != "dir" and (name in self.members or name in self.links):
+                        which = "" if name in _SINGLE_MEMBERS else " (a member stored twice)"
+                        raise ImageFormatError(f"the archive holds {name} twice{which}: which one counts is "
+                                               "ambiguous; write the archive again with each member once")
+                    if entry.kind == "symlink":
+                        self.links[name] = _member_name(posixpath.join(posixpath.dirname(name), entry.target))
+                    elif entry.kind == "hardlink":
+                        self.links[name] = entry.target
+                    elif entry.kind == "file":
+                        assert content is not None
+                        member = self._scan(entry, content, copy_dir, number, keep=kept < _SMALL_MEMBERS_TOTAL)
+                        kept += len(member.data or b"")
+                        self.members[name] = member
+        except tar_extract.UnsafeArchive as e:
+            if e.damaged:
+                raise ImageFormatError(f"{path} is not a readable {self.compression} tar archive: {e}") from None
+            raise ImageFormatError(e.message(path)) from None
         except _unreadable_archive_errors() as e:
-            raise ValueError(f"{path} is not a readable {self.compression} tar archive: {e}") from None
+            raise ImageFormatError(f"{path} is not a readable {self.compression} tar archive: "
+                                   f"{e or type(e).__name__}") from None
 
-    def _open_tar(self) -> tarfile.TarFile:
-        raw = open(self.archive, "rb")  # noqa: SIM115 (closed with the tar below)
-        try:
+    @contextlib.contextmanager
+    def _open_stream(self) -> Iterator[IO[bytes]]:
+        """The archive's tar stream, decompressed."""
+        with open(self.archive, "rb") as raw:
             stream = compressor_named(self.compression).decompress_from(raw)
-            tar = tarfile.open(fileobj=stream, mode="r|",  # noqa: SIM115 (closed by the caller)
-                               tarinfo=BoundedTarInfo)
-        except BaseException:
-            raw.close()
-            raise
-        original_close = tar.close
-
-        def close() -> None:
             try:
-                original_close()
+                yield stream
             finally:
                 stream.close()
-                raw.close()
-
-        tar.close = close  # type: ignore[method-assign]
-        return tar
 
     @staticmethod
-    def _scan(tar: tarfile.TarFile, info: tarfile.TarInfo, copy_dir: str | None, number: int) -> _ScannedMember:
-        src = tar.extractfile(info)
-        assert src is not None
-        with src:
-            if copy_dir is None:
-                head = src.read(4)
-                data = head + src.read() if info.size <= _SMALL_MEMBER else None
-                return _ScannedMember(head, info.size, data, None, None)
-            path = os.path.join(copy_dir, str(number))
-            digest = hashlib.sha256()
-            head = b""
-            small = bytearray() if info.size <= _SMALL_MEMBER else None
-            with open(path, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    if len(head) < 4:
-                        head = (head + chunk)[:4]
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if small is not None:
-                        small += chunk
-            return _ScannedMember(head, info.size, bytes(small) if small is not None else None, path,
-                                  "sha256:" + digest.hexdigest())
+    def _scan(entry: tar_extract.ArchiveEntry, src: IO[bytes], copy_dir: str | None, number: int,
+              keep: bool) -> _ScannedMember:
+        small = bytearray() if keep and entry.size <= _SMALL_MEMBER else None
+        if copy_dir is None:
+            head = src.read(4)
+            if small is None:
+                return _ScannedMember(entry, head, entry.size, None, None, None)
+            return _ScannedMember(entry, head, entry.size, head + src.read(), None, None)
+        path = os.path.join(copy_dir, str(number))
+        digest = hashlib.sha256()
+        head = b""
+        with open(path, "wb") as out:
+            while chunk := src.read(_CHUNK):
+                if len(head) < 4:
+                    head = (head + chunk)[:4]
+                digest.update(chunk)
+                out.write(chunk)
+                if small is not None:
+                    small += chunk
+        return _ScannedMember(entry, head, entry.size, bytes(small) if small is not None else None, path,
+                              "sha256:" + digest.hexdigest())
 
     def _resolve(self, name: str) -> str:
         name = _member_name(name)
@@ -691,7 +919,7 @@ class _ScannedTar(_Source):
         try:
             return self.members[self._resolve(name)]
         except KeyError:
-            raise ValueError(f"the archive has no file {name}") from None
+            raise ImageFormatError(f"the archive has no file {name}") from None
 
     def has(self, name: str) -> bool:
         try:
@@ -704,6 +932,9 @@ class _ScannedTar(_Source):
         member = self.member(name)
         if member.data is not None:
             return member.data
+        if member.size > MAX_DOCUMENT_SIZE:
+            raise ImageFormatError(f"{name} is {member.size} bytes, more than the {MAX_DOCUMENT_SIZE} an image "
+                                   "document may have")
         with self.open(name) as f:
             return f.read()
 
@@ -716,26 +947,34 @@ class _ScannedTar(_Source):
             return open(member.path, "rb")
         if member.data is not None:
             return io.BytesIO(member.data)
-        target = self._resolve(name)
-        if self.compression == NoneCompressor.NAME:
-            tar = tarfile.open(self.archive, mode="r:",  # noqa: SIM115 (closed with the member stream)
-                               tarinfo=BoundedTarInfo)
-            src = tar.extractfile(target)
-        else:  # no random access into a compressed stream: read up to the member
-            tar = self._open_tar()
-            src = next((tar.extractfile(i) for i in tar if i.isreg() and _member_name(i.name) == target), None)
-        if src is None:
-            tar.close()
-            raise ValueError(f"the archive has no file {name}")
-        return _Closing(src, tar)  # type: ignore[return-value]
+        if self.compression == NoneCompressor.NAME and member.entry.offset >= 0:
+            return tar_extract.open_content(open(self.archive, "rb"), member.entry)
+        # No random access into a compressed stream: read up to the member.
+        raw = open(self.archive, "rb")  # noqa: SIM115 (closed with the member stream)
+        closers: list[Any] = [raw]
+        try:
+            stream = compressor_named(self.compression).decompress_from(raw)
+            closers.insert(0, stream)
+            entries = tar_extract.read_entries(stream, compressed=False)
+            closers.insert(0, entries)
+            for entry, content in entries:
+                if entry.path == member.entry.path and content is not None:
+                    return _Closing(content, closers)  # type: ignore[return-value]
+        except BaseException:
+            for closer in closers:
+                closer.close()
+            raise
+        for closer in closers:
+            closer.close()
+        raise ImageFormatError(f"the archive has no file {name}")
 
 
 class _Closing(io.RawIOBase):
-    """Reads ``stream``; closing also closes ``owner`` (the tar it comes from)."""
+    """Reads ``stream``; closing also closes ``owners`` (what it comes from)."""
 
-    def __init__(self, stream: IO[bytes], owner: tarfile.TarFile) -> None:
+    def __init__(self, stream: IO[bytes], owners: Sequence[Any]) -> None:
         self._stream = stream
-        self._owner = owner
+        self._owners = owners
 
     def readable(self) -> bool:
         return True
@@ -750,12 +989,14 @@ class _Closing(io.RawIOBase):
             try:
                 self._stream.close()
             finally:
-                self._owner.close()
+                for owner in self._owners:
+                    owner.close()
         super().close()
 
 
 class _Verifying(io.RawIOBase):
-    """Reads ``stream`` and, at its end, checks its sha256 against ``diff_id``."""
+    """Reads ``stream`` and, at its end, checks its sha256 against ``diff_id``; a stream
+    that does not decompress is an :class:`ImageFormatError` naming the layer."""
 
     def __init__(self, stream: IO[bytes], diff_id: str, closers: Sequence[IO[bytes]]) -> None:
         self._stream = stream
@@ -768,7 +1009,11 @@ class _Verifying(io.RawIOBase):
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self._stream.read(len(buffer))
+        try:
+            data = self._stream.read(len(buffer))
+        except _unreadable_archive_errors() as e:
+            raise ImageFormatError(f"layer {self._diff_id}: its blob does not decompress: "
+                                   f"{e or type(e).__name__}") from None
         if not data:
             if not self._checked:
                 self._checked = True
@@ -787,7 +1032,8 @@ class _Verifying(io.RawIOBase):
 
 def _check_diff_id(diff_id: str, actual: str) -> None:
     if actual != diff_id:
-        raise ValueError(f"layer {diff_id}: its uncompressed content has digest {actual}; the archive is corrupt")
+        raise ImageFormatError(f"layer {diff_id}: its uncompressed content has digest {actual}; the archive is "
+                               "corrupt")
 
 
 def _repo_tags(annotations: dict[str, str]) -> tuple[str, ...]:
@@ -804,27 +1050,31 @@ def _repo_tags(annotations: dict[str, str]) -> tuple[str, ...]:
 def _read_checked(source: _Source, name: str, digest: str) -> bytes:
     data = source.read(name)
     if sha256_digest(data) != digest:
-        raise ValueError(f"{name} does not have its digest {digest}")
+        raise ImageFormatError(f"{name} does not have its digest {digest}")
     return data
 
 
 def _images(source: _Source) -> list[_ImageRef]:
     """The images of a docker-archive (manifest.json) or OCI layout (index.json)."""
+    if source.has("oci-layout"):
+        layout = _object(parse_json_document(source.read("oci-layout"), "oci-layout"), "oci-layout")
+        _string(layout.get("imageLayoutVersion"), "oci-layout: imageLayoutVersion")
     if source.has("manifest.json"):
         return _docker_images(source)
     if source.has("index.json"):
         return _oci_images(source)
-    raise ValueError("this is neither a docker-archive (no manifest.json) nor an OCI layout (no index.json)")
+    raise ImageFormatError("this is neither a docker-archive (no manifest.json) nor an OCI layout (no index.json)")
 
 
 def _docker_images(source: _Source) -> list[_ImageRef]:
     images = []
-    for entry in json.loads(source.read("manifest.json")):
+    for number, entry in enumerate(parse_docker_manifest(source.read("manifest.json"))):
         config = source.read(entry["Config"])
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        config_json = parse_image_config(config, f"{entry['Config']} (the config of manifest.json's image {number})")
+        diff_ids = config_json["rootfs"]["diff_ids"]
         if len(diff_ids) != len(entry["Layers"]):
-            raise ValueError(f"manifest.json lists {len(entry['Layers'])} layers for {entry['Config']}, "
-                             f"whose config has {len(diff_ids)}")
+            raise ImageFormatError(f"manifest.json lists {len(entry['Layers'])} layers for {entry['Config']}, "
+                                   f"whose config has {len(diff_ids)}")
         layers = tuple(_LayerRef(name, diff_id, None, None) for name, diff_id in zip(entry["Layers"], diff_ids,
                                                                                      strict=True))
         images.append(_ImageRef(config, tuple(entry.get("RepoTags") or ()), layers))
@@ -839,7 +1089,8 @@ def _oci_images(source: _Source) -> list[_ImageRef]:
         digest = descriptor["digest"]
         name = "blobs/sha256/" + _hex(digest)
         if media_type in _INDEX_TYPES and depth < 4:
-            for child in json.loads(_read_checked(source, name, digest)).get("manifests", []):
+            index = parse_index(_read_checked(source, name, digest), f"the index {name}")
+            for child in index.get("manifests") or []:
                 visit(child, tags, depth + 1)
             return
         if media_type not in _MANIFEST_TYPES:
@@ -850,19 +1101,25 @@ def _oci_images(source: _Source) -> list[_ImageRef]:
                                                                              if t not in image.repo_tags),
                                       image.layers)
             return
-        manifest = json.loads(_read_checked(source, name, digest))
+        manifest = parse_manifest(_read_checked(source, name, digest), f"the manifest {name}")
         config_digest = manifest["config"]["digest"]
-        config = _read_checked(source, "blobs/sha256/" + _hex(config_digest), config_digest)
-        diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+        config_name = "blobs/sha256/" + _hex(config_digest)
+        config = _read_checked(source, config_name, config_digest)
+        diff_ids = parse_image_config(config, f"the config {config_name}")["rootfs"]["diff_ids"]
         if len(diff_ids) != len(manifest["layers"]):
-            raise ValueError(f"manifest {digest} lists {len(manifest['layers'])} layers but its config has "
-                             f"{len(diff_ids)}")
+            raise ImageFormatError(f"manifest {digest} lists {len(manifest['layers'])} layers but its config has "
+                                   f"{len(diff_ids)}")
+        for number, d in enumerate(manifest["layers"]):
+            try:
+                layer_compressor_name(d["mediaType"])
+            except ValueError as e:
+                raise ImageFormatError(f"the manifest {name}: layers[{number}]: {e}") from None
         layers = tuple(_LayerRef("blobs/sha256/" + _hex(d["digest"]), diff_id, d["mediaType"], d["digest"])
                        for d, diff_id in zip(manifest["layers"], diff_ids, strict=True))
         found[digest] = _ImageRef(config, tags, layers)
 
-    index = json.loads(source.read("index.json"))
-    for descriptor in index.get("manifests", []):
+    index = parse_index(source.read("index.json"), "index.json")
+    for descriptor in index.get("manifests") or []:
         visit(descriptor, _repo_tags(descriptor.get("annotations") or {}), 0)
     return list(found.values())
 
@@ -900,6 +1157,10 @@ def read_image_archive(path: str) -> list[ArchiveImageInfo]:
                 try:
                     compression = detect_compressor(source.head(ref.name))
                     stream = compressor_named(compression).decompress_from(raw)
+                except _unreadable_archive_errors() as e:
+                    raw.close()
+                    raise ImageFormatError(f"layer {ref.diff_id}: its blob does not decompress: "
+                                           f"{e or type(e).__name__}") from None
                 except BaseException:
                     raw.close()
                     raise
@@ -965,7 +1226,7 @@ def _extract_layer(source: _Source, ref: _LayerRef, layers_dir: str, blobs_dir: 
         if copied is not None and copied.path is not None and copied.sha256 is not None:
             _check_diff_id(ref.diff_id, copied.sha256)
             if ref.digest is not None and ref.digest != copied.sha256:
-                raise ValueError(f"blob {ref.digest} of layer {ref.diff_id} has digest {copied.sha256}")
+                raise ImageFormatError(f"blob {ref.digest} of layer {ref.diff_id} has digest {copied.sha256}")
             os.replace(copied.path, tar_path)
             return ExtractedLayer(ref.diff_id, tar_path, copied.size, None, None, None,
                                   NoneCompressor.OCI_LAYER_MEDIA_TYPE)
@@ -985,12 +1246,13 @@ def _extract_layer(source: _Source, ref: _LayerRef, layers_dir: str, blobs_dir: 
         blob_path = os.path.join(blobs_dir, _hex(blob_digest))
         os.replace(staging, blob_path)
     if ref.digest is not None and ref.digest != blob_digest:
-        raise ValueError(f"blob {ref.digest} of layer {ref.diff_id} has digest {blob_digest}")
+        raise ImageFormatError(f"blob {ref.digest} of layer {ref.diff_id} has digest {blob_digest}")
     try:
         with open(blob_path, "rb") as raw, compressor_named(compression).decompress_from(raw) as src:
             digest, size = _copy_hashing(src, tar_path)
     except _unreadable_archive_errors() as e:
-        raise ValueError(f"layer {ref.diff_id}: its {compression} blob does not decompress: {e}") from None
+        raise ImageFormatError(f"layer {ref.diff_id}: its {compression} blob does not decompress: "
+                               f"{e or type(e).__name__}") from None
     _check_diff_id(ref.diff_id, digest)
     return ExtractedLayer(ref.diff_id, tar_path, size, blob_path, blob_digest, blob_size, media_type)
 

@@ -9,12 +9,12 @@ leading '/'.
 from __future__ import annotations
 
 import posixpath
-import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import IO
 
-from dtbuild.plugins.builtin.tar_extract import BoundedTarInfo
+from dtbuild.plugins.builtin import tar_extract
+from dtbuild.plugins.interfaces import ActionFailed
 
 
 class ContentConflict(ValueError):
@@ -118,29 +118,33 @@ class DirAttrs:
 
 def base_directories(layer_streams: Iterable[IO[bytes]]) -> dict[str, DirAttrs]:
     """The directories of an image's root file system (layers applied in order, whiteouts
-    honoured), with their modes and owners."""
+    honoured), with their modes and owners.
+
+    :raises ActionFailed: for a layer tar_extract refuses (base layers come from images
+        of unknown origin).
+    """
     dirs: dict[str, DirAttrs] = {}
-    for stream in layer_streams:
-        # Base layers come from images of unknown origin: PAX headers are bounded.
-        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=BoundedTarInfo) as tar:
-            for member in tar:
-                name = posixpath.normpath(member.name.lstrip("/")).removeprefix("./")
-                if name in (".", ""):
-                    continue
-                base = posixpath.basename(name)
-                parent = posixpath.dirname(name)
-                if base == ".wh..wh..opq":
-                    for p in [p for p in dirs if p.startswith(parent + "/")]:
-                        del dirs[p]
-                    continue
-                if base.startswith(".wh."):
-                    gone = posixpath.join(parent, base[4:])
-                    for p in [p for p in dirs if p == gone or p.startswith(gone + "/")]:
-                        del dirs[p]
-                    continue
-                if member.isdir():
-                    dirs[name] = DirAttrs(member.mode & 0o7777, member.uid, member.gid)
-                elif name in dirs:
-                    for p in [p for p in dirs if p == name or p.startswith(name + "/")]:
-                        del dirs[p]
+    for number, stream in enumerate(layer_streams):
+        try:
+            with stream:
+                for member, _ in tar_extract.read_entries(stream, lower_files=lambda _path: True):
+                    name = member.path
+                    base = posixpath.basename(name)
+                    parent = posixpath.dirname(name)
+                    if base == ".wh..wh..opq":
+                        for p in [p for p in dirs if p.startswith(parent + "/")]:
+                            del dirs[p]
+                        continue
+                    if base.startswith(".wh."):
+                        gone = posixpath.join(parent, base[4:])
+                        for p in [p for p in dirs if p == gone or p.startswith(gone + "/")]:
+                            del dirs[p]
+                        continue
+                    if member.kind == "dir":
+                        dirs[name] = DirAttrs(member.mode, member.uid, member.gid)
+                    elif name in dirs:
+                        for p in [p for p in dirs if p == name or p.startswith(name + "/")]:
+                            del dirs[p]
+        except tar_extract.UnsafeArchive as e:
+            raise ActionFailed("cannot read the base image: " + e.message(f"layer {number + 1}")) from None
     return dirs

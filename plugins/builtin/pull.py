@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from dtbuild.plugins.builtin import imageformat
+from dtbuild.plugins.builtin import imageformat, tar_extract
 from dtbuild.plugins.builtin.image_actions import image_tree_entries
 from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind
 
@@ -54,12 +55,18 @@ class ImagePull(ActionKind):
     VERSION = "1"
 
     def run(self, ctx: ActionContext) -> None:
+        from dtbuild.plugins.builtin.network_limits import NetworkSettingError, configured_limits
         from dtbuild.plugins.builtin.registry_client import RegistryClient, RegistryError, parse_reference
 
         p = ctx.params
         ref = parse_reference(p["image_name"])
         source = f"{ref.name}@{p['image_digest']}"
-        client = RegistryClient(ref.registry, tls_verify=p["tls_verify"], max_connections=PARALLEL_LAYERS + 2)
+        try:
+            limits = configured_limits()
+        except NetworkSettingError as e:
+            raise ActionFailed(e.message + (f" (hint: {e.hint})" if e.hint else "")) from None
+        client = RegistryClient(ref.registry, tls_verify=p["tls_verify"], max_connections=PARALLEL_LAYERS + 2,
+                                limits=limits)
         try:
             manifest = self._resolve(ctx, client, ref.repository, p["image_digest"], source)
             self._pull(ctx, client, ref.repository, manifest, source)
@@ -93,6 +100,7 @@ class ImagePull(ActionKind):
             raise
         document = self._json(top, source)
         if top.media_type in INDEX_MEDIA_TYPES or "manifests" in document:
+            document = self._checked(imageformat.parse_index, top.data, f"the index {top.digest} of {source}")
             wanted = f"{ctx.params['os']}/{ctx.params['arch']}"
             entry = select_platform(document, ctx.params["os"], ctx.params["arch"])
             if entry is None:
@@ -100,36 +108,44 @@ class ImagePull(ActionKind):
                 raise ActionFailed(f"{source} is an image index without a {wanted} image (it has: {available}); set "
                                    "os and arch to one of these")
             ctx.log(f"{wanted} image of the index: {entry['digest']}")
-            return client.get_manifest(repository, entry["digest"])
+            return client.get_manifest(repository, entry["digest"], size=entry.get("size"))
         return top
+
+    @staticmethod
+    def _checked(parse: Callable[[bytes, str], dict[str, Any]], data: bytes, what: str) -> dict[str, Any]:
+        """A registry's document parsed and its shape checked by imageformat."""
+        try:
+            return parse(data, what)
+        except imageformat.ImageFormatError as e:
+            raise ActionFailed(f"{e}; the registry serves a malformed document, nothing was cached") from None
 
     @staticmethod
     def _json(manifest: Manifest, source: str) -> dict[str, Any]:
         if manifest.media_type in _DOCKER_SCHEMA1:
             raise ActionFailed(f"{source} is a Docker schema 1 manifest, which dtbuild does not read; pull the image "
                                "by the digest of a schema 2 or OCI manifest")
-        try:
-            return manifest.json()
-        except ValueError:
-            raise ActionFailed(f"the manifest of {source} is not a JSON object") from None
+        try:  # not Manifest.json(): imageformat's parser also refuses JSON nested too deeply to read
+            document = imageformat.parse_json_document(manifest.data, f"the manifest of {source}")
+        except imageformat.ImageFormatError as e:
+            raise ActionFailed(str(e)) from None
+        if not isinstance(document, dict):
+            raise ActionFailed(f"the manifest of {source} is not a JSON object")
+        return document
 
     # ------------------------------------------------------------------ blobs
 
     def _pull(self, ctx: ActionContext, client: RegistryClient, repository: str, manifest: Manifest,
               source: str) -> None:
         p = ctx.params
-        document = self._json(manifest, source)
-        try:
-            config_desc = document["config"]
-            layer_descs = list(document["layers"])
-        except (KeyError, TypeError):
-            raise ActionFailed(f"the manifest {manifest.digest} of {source} has no config or layers") from None
+        self._json(manifest, source)
+        document = self._checked(imageformat.parse_manifest, manifest.data,
+                                 f"the manifest {manifest.digest} of {source}")
+        config_desc = document["config"]
+        layer_descs = list(document["layers"])
         config = client.fetch_document(repository, config_desc["digest"], size=config_desc.get("size"))
-        try:
-            config_json = json.loads(config)
-            diff_ids = list(config_json["rootfs"]["diff_ids"])
-        except (ValueError, KeyError, TypeError):
-            raise ActionFailed(f"the config {config_desc['digest']} of {source} is not an image config") from None
+        config_json = self._checked(imageformat.parse_image_config, config,
+                                    f"the config {config_desc['digest']} of {source}")
+        diff_ids = list(config_json["rootfs"]["diff_ids"])
         if len(diff_ids) != len(layer_descs):
             raise ActionFailed(f"the manifest of {source} lists {len(layer_descs)} layers but its config has "
                                f"{len(diff_ids)} diff_ids")
@@ -215,9 +231,9 @@ class ImagePull(ActionKind):
                         while chunk := src.read(_CHUNK):
                             h.update(chunk)
                             out.write(chunk)
-                except (OSError, EOFError, ValueError) as e:
-                    raise ActionFailed(f"layer {digest} of {source} does not decompress as {compression}: {e}") \
-                        from None
+                except (*tar_extract.read_errors(), ValueError) as e:
+                    raise ActionFailed(f"layer {digest} of {source} does not decompress as {compression}: "
+                                       f"{e or type(e).__name__}") from None
                 if "sha256:" + h.hexdigest() != diff_id:
                     raise ActionFailed(f"layer {digest} of {source} decompresses to content with digest "
                                        f"sha256:{h.hexdigest()}, not the config's diff_id {diff_id}; refusing it")

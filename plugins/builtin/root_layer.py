@@ -38,14 +38,15 @@ import posixpath
 import shutil
 import stat
 import sys
-import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any, Protocol
 
+from dtbuild.plugins.builtin import tar_extract
 from dtbuild.plugins.builtin.image_actions import materialize_nodes, place_artifact
 from dtbuild.plugins.builtin.layer_contents import ContentConflict, MergedTree
 from dtbuild.plugins.builtin.layertar import LayerDigests, LayerEntry, sorted_entries, write_layer
+from dtbuild.plugins.builtin.tar_extract import ArchiveEntry
 from dtbuild.plugins.interfaces import (
     ActionContext,
     ActionFailed,
@@ -243,12 +244,11 @@ class RootfsState:
         for p in missing:
             self.nodes[p] = RootfsNode("dir", 0o755, layer=layer)
 
-    def apply(self, member: tarfile.TarInfo, layer: int, content: Callable[[], tuple[str, int]]) -> None:
-        """Apply one member of layer number ``layer``; ``content`` stores a regular
-        file's bytes and returns (digest, size)."""
-        path = _member_path(member.name)
-        if path is None:
-            return
+    def apply(self, entry: ArchiveEntry, layer: int, content: Callable[[], tuple[str, int]]) -> None:
+        """Apply one entry of layer number ``layer`` (validated by tar_extract, which
+        leaves whiteouts to us); ``content`` stores a regular file's bytes and returns
+        (digest, size)."""
+        path = entry.path
         parent, base = posixpath.split(path)
         if base == OPAQUE_MARKER:
             if parent:
@@ -261,31 +261,32 @@ class RootfsState:
             return
         self._parents(path, layer)
         existing = self.nodes.get(path)
-        mode = member.mode & 0o7777
-        if member.isdir():
+        if entry.kind == "dir":
             if existing is not None and existing.kind != "dir":
                 del self.nodes[path]
-            self.nodes[path] = RootfsNode("dir", mode, member.uid, member.gid, layer=layer)
+            self.nodes[path] = RootfsNode("dir", entry.mode, entry.uid, entry.gid, layer=layer)
             return
         if existing is not None and existing.kind == "dir":
             self._remove(path)
-        if member.islnk():
-            target = _member_path(member.linkname)
-            source = self.nodes.get(target) if target else None
-            if source is None or source.kind == "dir":
-                raise ActionFailed(f"base image layer {layer}: /{path} is a hard link to /{member.linkname}, "
+        if entry.kind == "hardlink":
+            source = self.nodes.get(entry.target)
+            if source is None or source.kind != "file":
+                raise ActionFailed(f"base image layer {layer}: /{path} is a hard link to /{entry.target}, "
                                    "which is not a file of the image")
             self.nodes[path] = replace(source, layer=layer)
-        elif member.issym():
-            self.nodes[path] = RootfsNode("symlink", 0o777, member.uid, member.gid, target=member.linkname,
-                                          layer=layer)
-        elif member.isreg():
+        elif entry.kind == "symlink":
+            self.nodes[path] = RootfsNode("symlink", 0o777, entry.uid, entry.gid, target=entry.target, layer=layer)
+        elif entry.kind == "file":
             digest, size = content()
-            self.nodes[path] = RootfsNode("file", mode, member.uid, member.gid, digest, size, layer=layer)
-        elif member.ischr() or member.isblk() or member.isfifo():
-            kind = "char" if member.ischr() else "block" if member.isblk() else "fifo"
-            self.nodes[path] = RootfsNode(kind, mode, member.uid, member.gid, major=member.devmajor,
-                                          minor=member.devminor, layer=layer)
+            self.nodes[path] = RootfsNode("file", entry.mode, entry.uid, entry.gid, digest, size, layer=layer)
+        else:  # char, block, fifo: metadata of the owners sidecar, never made on the host here
+            self.nodes[path] = RootfsNode(entry.kind, entry.mode, entry.uid, entry.gid, major=entry.devmajor,
+                                          minor=entry.devminor, layer=layer)
+
+    def holds_file(self, path: str) -> bool:
+        """Whether a regular file is at ``path`` (what a later layer's hard link may share)."""
+        node = self.nodes.get(path)
+        return node is not None and node.kind == "file"
 
     def tree_entries(self) -> list[TreeEntry]:
         out = []
@@ -329,21 +330,25 @@ class RootfsUnpack(ActionKind):
         state = RootfsState()
         spill = os.path.join(ctx.scratch_dir, "file")
         for number, opener in enumerate(openers):
-            with opener() as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for member in tar:
-                    def content(m: tarfile.TarInfo = member, t: tarfile.TarFile = tar) -> tuple[str, int]:
-                        source = t.extractfile(m)
-                        assert source is not None
-                        if m.size <= _SMALL_FILE:
-                            data = source.read()
-                            return ctx.put_blob(data), len(data)
-                        with open(spill, "wb") as f:
-                            shutil.copyfileobj(source, f, 1 << 20)
-                        try:
-                            return ctx.put_file(spill)
-                        finally:
-                            os.unlink(spill)
-                    state.apply(member, number, content)
+            try:
+                with opener() as stream:
+                    for entry, source in tar_extract.archive_entries(stream, lower_files=state.holds_file):
+                        def content(e: ArchiveEntry = entry, src: IO[bytes] | None = source) -> tuple[str, int]:
+                            assert src is not None
+                            if e.size <= _SMALL_FILE:
+                                data = src.read()
+                                return ctx.put_blob(data), len(data)
+                            fd = os.open(spill, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                         0o600)
+                            with os.fdopen(fd, "wb") as f:
+                                shutil.copyfileobj(src, f, 1 << 20)
+                            try:
+                                return ctx.put_file(spill)
+                            finally:
+                                os.unlink(spill)
+                        state.apply(entry, number, content)
+            except tar_extract.UnsafeArchive as e:
+                raise ActionFailed("cannot flatten the base: " + e.message(f"layer {number + 1}")) from None
         ctx.output_tree("rootfs", state.tree_entries())
         with open(ctx.output_path("owners"), "w") as f:
             json.dump(state.owners(), f, sort_keys=True, separators=(",", ":"))
@@ -764,29 +769,32 @@ def upper_entries_from_directory(root: str) -> Iterator[UpperEntry]:
     yield from walk(root, "")
 
 
-def upper_entries_from_tar(tar: tarfile.TarFile, opaque_dirs: Iterable[str]) -> Iterator[UpperEntry]:
-    """Read a tar of an upper directory (as busybox tar writes it in the VM) with the
-    list of its opaque directories. ``tar`` must be opened on a seekable file."""
+def upper_entries_from_tar(upper_tar: str, opaque_dirs: Iterable[str]) -> Iterator[UpperEntry]:
+    """Read a plain tar of an upper directory (as busybox tar writes it in the VM: from
+    a guest, so checked by tar_extract like any archive) with the list of its opaque
+    directories. ``upper_tar`` is opened again for each file's bytes, read at its offset.
+
+    :raises UpperDirError: for a member tar_extract refuses.
+    """
     opaque = {_member_path(d) for d in opaque_dirs} - {None}
-    for member in tar.getmembers():
-        path = _member_path(member.name)
-        if path is None:
-            continue
-        mode, uid, gid = member.mode & 0o7777, member.uid, member.gid
-        if member.isdir():
+    try:
+        with open(upper_tar, "rb") as f:
+            entries = [entry for entry, _ in tar_extract.read_entries(f, compressed=False)]
+    except tar_extract.UnsafeArchive as e:
+        raise UpperDirError(e.message("the upper directory's tar")) from None
+    for entry in entries:
+        path, mode, uid, gid = entry.path, entry.mode, entry.uid, entry.gid
+        if entry.kind == "dir":
             yield UpperEntry(path, "dir", mode, uid, gid, opaque=path in opaque)
-        elif member.issym():
-            yield UpperEntry(path, "symlink", mode, uid, gid, linkname=member.linkname)
-        elif member.islnk():
-            yield UpperEntry(path, "hardlink", mode, uid, gid, linkname=_member_path(member.linkname) or "")
-        elif member.isreg():
-            yield UpperEntry(path, "file", mode, uid, gid, size=member.size,
-                             open=lambda m=member: tar.extractfile(m))  # type: ignore[misc,return-value]
-        elif member.ischr() or member.isblk():
-            yield UpperEntry(path, "char" if member.ischr() else "block", mode, uid, gid, major=member.devmajor,
-                             minor=member.devminor)
-        elif member.isfifo():
-            yield UpperEntry(path, "fifo", mode, uid, gid)
+        elif entry.kind == "symlink":
+            yield UpperEntry(path, "symlink", mode, uid, gid, linkname=entry.target)
+        elif entry.kind == "hardlink":
+            yield UpperEntry(path, "hardlink", mode, uid, gid, linkname=entry.target)
+        elif entry.kind == "file":
+            yield UpperEntry(path, "file", mode, uid, gid, size=entry.size,
+                             open=lambda e=entry: tar_extract.open_content(open(upper_tar, "rb"), e))  # noqa: SIM115
+        else:  # char, block, fifo: upper_layer_entries turns 0/0 devices into whiteouts, refuses the rest
+            yield UpperEntry(path, entry.kind, mode, uid, gid, major=entry.devmajor, minor=entry.devminor)
 
 
 def _write(entries: list[LayerEntry], layer_tar: str, layer_meta: str) -> LayerDigests:
@@ -809,9 +817,11 @@ def pack_upper_tar(upper_tar: str, opaque_list: str, lower: str, layer_tar: str,
     directories (what the VM's guest writes) into a layer tar."""
     with open(opaque_list, "rb") as f:
         opaque = [os.fsdecode(p) for p in f.read().split(b"\0") if p]
-    with tarfile.open(upper_tar, "r:") as tar:
-        entries = upper_layer_entries(upper_entries_from_tar(tar, opaque), LowerDirectory(lower))
+    entries = upper_layer_entries(upper_entries_from_tar(upper_tar, opaque), LowerDirectory(lower))
+    try:
         return _write(entries, layer_tar, layer_meta)
+    except tar_extract.UnsafeArchive as e:  # a member's bytes not there when packed
+        raise UpperDirError(e.message("the upper directory's tar")) from None
 
 
 def pack_vm_result(job: RootLayerJob) -> LayerDigests:

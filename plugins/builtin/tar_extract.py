@@ -1,5 +1,6 @@
 """Reading tar archives dtbuild did not write: ``fetch_url(extract = True)`` downloads,
-the tarballs ``merge_trees`` extracts, and the members of image archives.
+the tarballs ``merge_trees`` extracts, image archives and their layers (base images,
+``root_layer``'s flattening and upper directories, ``export_image``, ``inspect``).
 
 This module owns what a member of such an archive must be before anything is made of
 it. :func:`read_entries` streams an archive and yields validated entries:
@@ -7,7 +8,8 @@ it. :func:`read_entries` streams an archive and yields validated entries:
 * names normalised as GNU tar does (leading ``/`` and ``./`` removed); a name that is
   empty, holds a NUL, or has a ``..`` component is refused;
 * a hard link is accepted only to an earlier entry of the same archive that holds file
-  content (so it resolves to that entry's bytes, never to a path of the host);
+  content (so it resolves to that entry's bytes, never to a path of the host), or, for a
+  layer, to a file the layers below hold (``lower_files``);
 * a symbolic link stays a symlink entry and is never followed: a member below a path
   the archive made a symlink (or a file) is refused;
 * devices and fifos are reported as such (kind, major, minor) for callers to keep as
@@ -15,10 +17,12 @@ it. :func:`read_entries` streams an archive and yields validated entries:
   carried as metadata.
 
 Nothing here writes a file: entries are data, and a regular file's bytes come as a
-stream that callers put into the store. ``extract``/``extractall`` are never used: on
-Python 3.11.2 (Debian 12's) they have no ``filter`` and follow hard links to host files.
-Every problem is one exception type, :class:`UnsafeArchive`, which names the member and
-says how to fix the archive.
+stream that callers put into the store, or, from a seekable plain tar, are read later
+at their offset (:func:`open_content`). Whiteouts (``.wh.NAME``, ``.wh..wh..opq``) are
+ordinary file entries here: applying them is the job of whoever flattens layers.
+``extract``/``extractall`` are never used: on Python 3.11.2 (Debian 12's) they have no
+``filter`` and follow hard links to host files. Every problem is one exception type,
+:class:`UnsafeArchive`, which names the member and says how to fix the archive.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import io
 import lzma
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
@@ -47,11 +51,14 @@ _LINK_HINT = "repack the archive without the link, or with its target stored bef
 class UnsafeArchive(ValueError):
     """A member of an archive that dtbuild refuses to read (or an archive it cannot read)."""
 
-    def __init__(self, reason: str, *, member: str | None = None, hint: str = "") -> None:
+    def __init__(self, reason: str, *, member: str | None = None, hint: str = "", damaged: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.member = member
         self.hint = hint
+        #: The archive cannot be read (truncated, corrupt, not a tar), as opposed to a
+        #: member refused by a check.
+        self.damaged = damaged
 
     def __str__(self) -> str:
         where = f"the member {self.member!r} " if self.member is not None else ""
@@ -85,6 +92,9 @@ class ArchiveEntry:
     devminor: int = 0
     #: The member's name exactly as stored (for messages).
     member: str = ""
+    #: Where a regular file's bytes start in the (uncompressed) archive, for
+    #: :func:`open_content`; -1 when they are not stored in one piece (a sparse member).
+    offset: int = -1
 
 
 class BoundedTarInfo(tarfile.TarInfo):
@@ -99,14 +109,20 @@ class BoundedTarInfo(tarfile.TarInfo):
         return super()._proc_member(tarfile_)  # type: ignore[misc]
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """What decompressing and parsing a damaged archive raises."""
-    errors: list[type[BaseException]] = [tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError]
+def read_errors() -> tuple[type[Exception], ...]:
+    """What decompressing (gzip through isal or zlib, zstd, bzip2, xz) and parsing a
+    damaged archive raises; isal's ``IsalError`` is no OSError or ValueError."""
+    errors: list[type[Exception]] = [tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError]
     with contextlib.suppress(ImportError):
         import zstandard
 
         errors.append(zstandard.ZstdError)
+    with contextlib.suppress(ImportError):
+        from isal import isal_zlib
+
+        errors.append(isal_zlib.error)
     return tuple(errors)
+
 
 
 def normalize_name(name: str, *, what: str = "name", member: str | None = None) -> str:
@@ -130,8 +146,9 @@ def normalize_name(name: str, *, what: str = "name", member: str | None = None) 
 class _Checker:
     """The state of one archive's walk: what kind each path has so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, lower_files: Callable[[str], bool] | None = None) -> None:
         self.kinds: dict[str, str] = {}
+        self.lower_files = lower_files
 
     def check(self, info: tarfile.TarInfo) -> ArchiveEntry | None:
         raw = info.name
@@ -158,7 +175,9 @@ class _Checker:
                                   "member": raw}
         entry: ArchiveEntry
         if info.isreg():
-            entry = ArchiveEntry(path, "file", mode, size=info.size, **common)
+            contiguous = info.sparse is None and info.type != tarfile.GNUTYPE_SPARSE
+            entry = ArchiveEntry(path, "file", mode, size=info.size, offset=info.offset_data if contiguous else -1,
+                                 **common)
         elif info.isdir():
             entry = ArchiveEntry(path, "dir", mode, **common)
         elif info.issym():
@@ -169,7 +188,10 @@ class _Checker:
             entry = ArchiveEntry(path, "symlink", 0o777, target=target, **common)
         elif info.islnk():
             linked = normalize_name(info.linkname, what="hard link target", member=raw) if info.linkname else ""
-            if self.kinds.get(linked) not in ("file", "hardlink"):
+            have_target = self.kinds.get(linked)
+            in_lower = (have_target is None and bool(linked) and self.lower_files is not None
+                        and self.lower_files(linked))
+            if have_target not in ("file", "hardlink") and not in_lower:
                 raise UnsafeArchive(f"is a hard link to {info.linkname!r}, which is not a file stored earlier in the "
                                     "archive: a hard link may only share the content of an earlier member",
                                     member=raw, hint=_LINK_HINT)
@@ -208,25 +230,29 @@ class _Content(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         try:
             data = self._stream.read(len(buffer))
-        except _read_errors() as e:
-            raise UnsafeArchive(f"cannot be read: the archive is truncated or corrupt ({e})",
-                                member=self._member, hint="download or build the archive again") from None
+        except read_errors() as e:
+            raise UnsafeArchive(f"cannot be read: the archive is truncated or corrupt ({e or type(e).__name__})",
+                                member=self._member, hint="download or build the archive again", damaged=True) from None
         buffer[: len(data)] = data
         return len(data)
 
 
-def read_entries(stream: IO[bytes]) -> Iterator[tuple[ArchiveEntry, IO[bytes] | None]]:
-    """The validated entries of the tar archive in ``stream`` (plain, gzip, bzip2 or xz,
-    told by tarfile; read front to back, never seeking), in archive order. A regular
-    file comes with a stream of its bytes, valid until the next entry is asked for;
-    every other kind with None.
+def read_entries(stream: IO[bytes], *, compressed: bool = True,
+                 lower_files: Callable[[str], bool] | None = None) -> Iterator[tuple[ArchiveEntry, IO[bytes] | None]]:
+    """The validated entries of the tar archive in ``stream`` (plain, or with
+    ``compressed`` also gzip, bzip2 or xz, told by tarfile; read front to back, never
+    seeking), in archive order. A regular file comes with a stream of its bytes, valid
+    until the next entry is asked for (bytes not read are skipped); every other kind
+    with None. Entries' offsets are positions in the uncompressed stream.
 
+    :param lower_files: for a layer, whether the layers below hold a file at a path: a
+        hard link may then share its content (as the OCI image spec lets layers do).
     :raises UnsafeArchive: at the first member that fails a check, or when the archive
         cannot be read.
     """
-    checker = _Checker()
+    checker = _Checker(lower_files)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=BoundedTarInfo) as tar:
+        with tarfile.open(fileobj=stream, mode="r|*" if compressed else "r|", tarinfo=BoundedTarInfo) as tar:
             for info in tar:
                 entry = checker.check(info)
                 if entry is None:
@@ -239,9 +265,54 @@ def read_entries(stream: IO[bytes]) -> Iterator[tuple[ArchiveEntry, IO[bytes] | 
                     yield entry, None
     except UnsafeArchive:
         raise
-    except _read_errors() as e:
-        raise UnsafeArchive(f"is not a readable tar archive ({e})",
-                            hint="check that the file is a tar archive (plain, gzip, zstd, bzip2 or xz)") from None
+    except read_errors() as e:
+        raise UnsafeArchive(f"is not a readable tar archive ({e or type(e).__name__})",
+                            hint="check that the file is a tar archive (plain, gzip, zstd, bzip2 or xz)",
+                            damaged=True) from None
+
+
+class _Slice(io.RawIOBase):
+    """``size`` bytes at ``offset`` of a seekable stream; closing closes the stream. Too
+    few bytes there (the file changed or is truncated) is an :class:`UnsafeArchive`."""
+
+    def __init__(self, stream: IO[bytes], entry: ArchiveEntry) -> None:
+        self._stream = stream
+        self._remaining = entry.size
+        self._member = entry.member or entry.path
+        stream.seek(entry.offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._remaining <= 0:
+            return 0
+        data = self._stream.read(min(len(buffer), self._remaining))
+        if not data:
+            raise UnsafeArchive("ends before its content does: the archive is truncated", member=self._member,
+                                hint="download or build the archive again", damaged=True)
+        self._remaining -= len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
+
+
+def open_content(stream: IO[bytes], entry: ArchiveEntry) -> IO[bytes]:
+    """The bytes of a regular file ``entry`` that :func:`read_entries` found in a plain
+    (uncompressed) tar, read from ``stream`` (the same archive, opened again and
+    seekable) at the entry's offset; closing the result closes ``stream``.
+
+    :raises UnsafeArchive: for an entry whose bytes are not stored in one piece.
+    """
+    if entry.kind != "file" or entry.offset < 0:
+        stream.close()
+        raise UnsafeArchive("is a sparse file, which dtbuild reads only front to back", member=entry.member,
+                            hint="repack the archive without --sparse")
+    return io.BufferedReader(_Slice(stream, entry), 1 << 20)  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -251,8 +322,12 @@ def decompressed(raw: IO[bytes]) -> Iterator[IO[bytes]]:
     :func:`read_entries` (tarfile tells bzip2 and xz itself)."""
     from dtbuild.plugins.builtin.compressors import compressor_named, detect_compressor
 
-    head = raw.read(4)
-    raw.seek(0)
+    if not raw.seekable():
+        raw = io.BufferedReader(raw, 1 << 16)  # type: ignore[arg-type, type-var]
+        head = raw.peek(4)[:4]  # type: ignore[attr-defined]
+    else:
+        head = raw.read(4)
+        raw.seek(0)
     compression = detect_compressor(head)
     if compression == "none":
         yield raw
@@ -264,7 +339,18 @@ def decompressed(raw: IO[bytes]) -> Iterator[IO[bytes]]:
         stream.close()
 
 
-def archive_entries(raw: IO[bytes]) -> Iterator[tuple[ArchiveEntry, IO[bytes] | None]]:
-    """:func:`read_entries` of ``raw`` decompressed (gzip, zstd, bzip2, xz or none)."""
-    with decompressed(raw) as stream:
-        yield from read_entries(stream)
+def archive_entries(raw: IO[bytes], *, lower_files: Callable[[str], bool] | None = None,
+                    ) -> Iterator[tuple[ArchiveEntry, IO[bytes] | None]]:
+    """:func:`read_entries` of ``raw`` decompressed (gzip, zstd, bzip2, xz or none).
+
+    :raises UnsafeArchive: as :func:`read_entries`, also when decompressing fails.
+    """
+    try:
+        with decompressed(raw) as stream:
+            yield from read_entries(stream, lower_files=lower_files)
+    except UnsafeArchive:
+        raise
+    except read_errors() as e:  # the decompressor's own errors, at its first read or close
+        raise UnsafeArchive(f"is not a readable tar archive ({e or type(e).__name__})",
+                            hint="check that the file is a tar archive (plain, gzip, zstd, bzip2 or xz)",
+                            damaged=True) from None

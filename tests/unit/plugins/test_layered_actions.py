@@ -4,11 +4,13 @@ customisation layer) and finding the binary a helper links to (bin_sh, usr_bin_e
 
 from __future__ import annotations
 
+import io
 import tarfile
 
 import pytest
 from dtbuild.plugins.builtin.layer_contents import ContentConflict, DirAttrs, MergedTree, Node
 from dtbuild.plugins.builtin.layered_actions import FlatEntry, apply_layer, resolve_binary, union_of_packages
+from dtbuild.plugins.builtin.tar_extract import read_entries
 from dtbuild.plugins.interfaces import ActionFailed, TreeEntry
 
 
@@ -23,9 +25,16 @@ D = tarfile.DIRTYPE
 
 
 def _flatten(*layers: list[tarfile.TarInfo]) -> dict[str, FlatEntry]:
+    """Each layer written as a tar and read back through tar_extract, as ImageExport does."""
     tree: dict[str, FlatEntry] = {}
     for number, members in enumerate(layers):
-        apply_layer(tree, members, number)
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for info in members:
+                tar.addfile(info, io.BytesIO(bytes(info.size)) if info.isreg() else None)
+        out.seek(0)
+        entries = [entry for entry, _ in read_entries(out, lower_files=lambda p: p in tree)]
+        apply_layer(tree, entries, number)
     return tree
 
 

@@ -25,6 +25,7 @@ from dtbuild.plugins.builtin.root_layer import (
     upper_entries_from_directory,
     upper_layer_entries,
 )
+from dtbuild.plugins.builtin.tar_extract import read_entries
 
 
 class FakeLower:
@@ -244,10 +245,17 @@ def _layer(members: list[tuple[str, str, dict]]) -> list[tuple[tarfile.TarInfo, 
 
 
 def _flatten(*layers: list[tuple[tarfile.TarInfo, bytes]]) -> RootfsState:
+    """Each layer written as a tar and read back through tar_extract, as RootfsUnpack does."""
     state = RootfsState()
     for number, layer in enumerate(layers):
-        for info, data in layer:
-            state.apply(info, number, lambda d=data: (f"digest-of-{d.decode()}", len(d)))
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for info, data in layer:
+                tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+        out.seek(0)
+        for entry, content in read_entries(out, lower_files=state.holds_file):
+            data = content.read() if content is not None else b""
+            state.apply(entry, number, lambda d=data: (f"digest-of-{d.decode()}", len(d)))
     return state
 
 
