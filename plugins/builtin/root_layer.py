@@ -26,7 +26,7 @@ How a root layer is built (docs/root-layers.md tells the whole story):
    implementation gives the same bytes.
 
 This module also runs as a program (``python -m dtbuild.plugins.builtin.root_layer
-prepare|pack-vm-result|remove ...``) so that executors can run these steps inside a user
+prepare|remove ...``) so that executors can run these steps inside a user
 namespace, where the owners the script set are visible as they are in the image.
 """
 
@@ -824,19 +824,12 @@ def pack_upper_tar(upper_tar: str, opaque_list: str, lower: str, layer_tar: str,
         raise UpperDirError(e.message("the upper directory's tar")) from None
 
 
-def pack_vm_result(job: RootLayerJob) -> LayerDigests:
-    """The layer from what the VM left in its job share (``<job_dir>/vm``)."""
-    share = os.path.join(job.job_dir, "vm")
-    return pack_upper_tar(os.path.join(share, "upper.tar"), os.path.join(share, "opaque"), job.lower,
-                          job.layer_tar, job.layer_meta)
-
-
 # --------------------------------------------------------------------------- as a program
 
 
 def main(argv: list[str]) -> int:
-    """``prepare JOB.json``, ``pack-vm-result JOB.json``, ``remove PATH...``: steps an
-    executor runs inside a user namespace."""
+    """``prepare JOB.json``, ``remove PATH...``: steps an executor runs inside a user
+    namespace."""
     if len(argv) >= 2 and argv[0] == "prepare":
         with open(argv[1]) as f:
             job = RootLayerJob.from_json(json.load(f))
@@ -847,21 +840,11 @@ def main(argv: list[str]) -> int:
             print(f"dtbuild: preparing the base's owners failed: {e}", file=sys.stderr)
             return 1
         return 0
-    if len(argv) >= 2 and argv[0] == "pack-vm-result":
-        with open(argv[1]) as f:
-            job = RootLayerJob.from_json(json.load(f))
-        try:
-            pack_vm_result(job)
-        except (UpperDirError, OSError, ValueError) as e:
-            write_status(job.job_dir, "pack", 1, f"packing the layer failed: {e}")
-            print(f"dtbuild: packing the layer failed: {e}", file=sys.stderr)
-            return 1
-        return 0
     if argv and argv[0] == "remove":
         for path in argv[1:]:
             remove_tree_as_owner(path)
         return 0
-    print("usage: python -m dtbuild.plugins.builtin.root_layer prepare|pack-vm-result JOB.json | remove PATH...",
+    print("usage: python -m dtbuild.plugins.builtin.root_layer prepare JOB.json | remove PATH...",
           file=sys.stderr)
     return 2
 
