@@ -273,6 +273,16 @@ class ActionContextImpl:
     def put_file(self, path: str) -> tuple[str, int]:
         return self._store.put_file(path)
 
+    def put_stream(self, source: IO[bytes]) -> tuple[str, int]:
+        writer = self._store.writer()
+        try:
+            while chunk := source.read(1 << 20):
+                writer.write(chunk)
+            return writer.commit(), writer.size
+        except BaseException:
+            writer.abort()
+            raise
+
     def open_input(self, artifact: InputArtifact) -> IO[bytes]:
         if artifact.is_tree:
             raise ActionFailed(f"{artifact.path} is a directory; walk it with walk_tree()")

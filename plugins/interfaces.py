@@ -96,6 +96,11 @@ class ActionContext(Protocol):
         """Copy a file the action wrote (in its scratch directory) into the store and
         return (sha256 hex digest, size), for use in :meth:`output_tree`."""
 
+    def put_stream(self, source: IO[bytes]) -> tuple[str, int]:
+        """Store the bytes read from ``source`` (to its end) straight into the store,
+        hashing as they go, and return (sha256 hex digest, size): a tar member's content,
+        for use in :meth:`output_tree`, with no copy on disk."""
+
     def store_file(self, artifact: InputArtifact) -> None:
         """Make sure a file input's bytes are in the store under ``artifact.digest``."""
 

@@ -186,7 +186,7 @@ def _extracted_tree(ctx: ActionContext, raw: IO[bytes]) -> list[TreeEntry]:
     directories and owner-executable files, 0644 for other files), so setuid bits and
     owners of the archive never reach the tree."""
     tree: dict[str, TreeEntry] = {}
-    for number, (entry, content) in enumerate(tar_extract.archive_entries(raw)):
+    for entry, content in tar_extract.archive_entries(raw):
         path = entry.path
         if entry.kind == "dir":
             tree[path] = TreeEntry(path, "dir", 0o755)
@@ -196,14 +196,7 @@ def _extracted_tree(ctx: ActionContext, raw: IO[bytes]) -> list[TreeEntry]:
             tree[path] = replace(tree[entry.target], path=path)
         elif entry.kind == "file":
             assert content is not None
-            spill = os.path.join(ctx.scratch_dir, f"member-{number}")
-            fd = os.open(spill, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    shutil.copyfileobj(content, f, _CHUNK)
-                digest, size = ctx.put_file(spill)
-            finally:
-                os.unlink(spill)
+            digest, size = ctx.put_stream(content)
             tree[path] = TreeEntry(path, "file", 0o755 if entry.mode & 0o100 else 0o644, digest, size)
         else:
             raise tar_extract.UnsafeArchive(

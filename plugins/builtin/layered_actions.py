@@ -574,7 +574,7 @@ class ImageExport(ActionKind):
                     for entry, content in tar_extract.read_entries(f, compressed=False,
                                                                    lower_files=lambda p: _flat_file(tree, p)):
                         if content is not None and entry.offset < 0:
-                            stored[entry.path] = _store_content(ctx, content)
+                            stored[entry.path] = ctx.put_stream(content)[0]
                         entries.append(entry)
                 apply_layer(tree, entries, number, stored)
             except tar_extract.UnsafeArchive as e:
@@ -603,19 +603,6 @@ class ImageExport(ActionKind):
 def _flat_file(tree: Mapping[str, FlatEntry], path: str) -> bool:
     entry = tree.get(path)
     return entry is not None and entry.kind == "file"
-
-
-def _store_content(ctx: ActionContext, content: IO[bytes]) -> str:
-    """Put a member's bytes into the store; their store digest."""
-    spill = os.path.join(ctx.scratch_dir, "member")
-    fd = os.open(spill, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(content, out, 1 << 20)
-        digest, _ = ctx.put_file(spill)
-    finally:
-        os.unlink(spill)
-    return digest
 
 
 # --------------------------------------------------------------------------- merge_trees
@@ -689,7 +676,7 @@ class MergeTrees(ActionKind):
         files: dict[str, TreeEntry] = {}  # by member path: what a later hard link shares
         try:
             with ctx.open_input(art) as raw:
-                for number, (member, content) in enumerate(tar_extract.archive_entries(raw)):
+                for member, content in tar_extract.archive_entries(raw):
                     path = f"{dest}/{member.path}" if dest else member.path
                     if member.kind == "dir":
                         entry = TreeEntry(path, "dir", member.mode)
@@ -700,15 +687,7 @@ class MergeTrees(ActionKind):
                         files[member.path] = entry
                     elif member.kind == "file":
                         assert content is not None
-                        spill = os.path.join(ctx.scratch_dir, f"member-{number}")
-                        fd = os.open(spill, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                     0o600)
-                        try:
-                            with os.fdopen(fd, "wb") as out:
-                                shutil.copyfileobj(content, out, 1 << 20)
-                            digest, size = ctx.put_file(spill)
-                        finally:
-                            os.unlink(spill)
+                        digest, size = ctx.put_stream(content)
                         entry = TreeEntry(path, "file", member.mode, digest, size)
                         files[member.path] = entry
                     else:

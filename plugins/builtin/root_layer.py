@@ -328,7 +328,6 @@ class RootfsUnpack(ActionKind):
         for art in ctx.inputs("layers"):
             openers.append(lambda a=art: ctx.open_input(a))
         state = RootfsState()
-        spill = os.path.join(ctx.scratch_dir, "file")
         for number, opener in enumerate(openers):
             try:
                 with opener() as stream:
@@ -338,14 +337,7 @@ class RootfsUnpack(ActionKind):
                             if e.size <= _SMALL_FILE:
                                 data = src.read()
                                 return ctx.put_blob(data), len(data)
-                            fd = os.open(spill, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                         0o600)
-                            with os.fdopen(fd, "wb") as f:
-                                shutil.copyfileobj(src, f, 1 << 20)
-                            try:
-                                return ctx.put_file(spill)
-                            finally:
-                                os.unlink(spill)
+                            return ctx.put_stream(src)
                         state.apply(entry, number, content)
             except tar_extract.UnsafeArchive as e:
                 raise ActionFailed("cannot flatten the base: " + e.message(f"layer {number + 1}")) from None

@@ -198,6 +198,10 @@ class FakeContext:
     def put_file(self, path: str) -> tuple[str, int]:
         return self.store.put_file(path)
 
+    def put_stream(self, source: IO[bytes]) -> tuple[str, int]:
+        data = source.read()
+        return self.store.put_bytes(data), len(data)
+
     def output_path(self, name: str) -> str:
         return os.path.join(self.scratch_dir, "..", f"out-{name}")
 
