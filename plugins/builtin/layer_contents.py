@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import IO
 
 from dtbuild.plugins.builtin import tar_extract
+from dtbuild.plugins.builtin.flatten import Flattener
 from dtbuild.plugins.interfaces import ActionFailed
 
 
@@ -117,34 +118,22 @@ class DirAttrs:
 
 
 def base_directories(layer_streams: Iterable[IO[bytes]]) -> dict[str, DirAttrs]:
-    """The directories of an image's root file system (layers applied in order, whiteouts
-    honoured), with their modes and owners.
+    """The directories of an image's root file system (layers applied in order by
+    :class:`~dtbuild.plugins.builtin.flatten.Flattener`, whiteouts honoured), with their
+    modes and owners: the directories the layers hold entries for (not the parents an
+    extractor would make for them).
 
     :raises ActionFailed: for a layer tar_extract refuses (base layers come from images
         of unknown origin).
     """
-    dirs: dict[str, DirAttrs] = {}
+    # Only directories matter here: a hard link's target is not checked.
+    flat = Flattener(keep_unresolved_links=True)
     for number, stream in enumerate(layer_streams):
+        flat.begin_layer(number)
         try:
             with stream:
-                for member, _ in tar_extract.read_entries(stream, lower_files=lambda _path: True):
-                    name = member.path
-                    base = posixpath.basename(name)
-                    parent = posixpath.dirname(name)
-                    if base == ".wh..wh..opq":
-                        for p in [p for p in dirs if p.startswith(parent + "/")]:
-                            del dirs[p]
-                        continue
-                    if base.startswith(".wh."):
-                        gone = posixpath.join(parent, base[4:])
-                        for p in [p for p in dirs if p == gone or p.startswith(gone + "/")]:
-                            del dirs[p]
-                        continue
-                    if member.kind == "dir":
-                        dirs[name] = DirAttrs(member.mode, member.uid, member.gid)
-                    elif name in dirs:
-                        for p in [p for p in dirs if p == name or p.startswith(name + "/")]:
-                            del dirs[p]
+                flat.apply_layer(tar_extract.read_entries(stream, lower_files=lambda _path: True), number)
         except tar_extract.UnsafeArchive as e:
             raise ActionFailed("cannot read the base image: " + e.message(f"layer {number + 1}")) from None
-    return dirs
+    return {path: DirAttrs(node.mode, node.uid, node.gid) for path, node in flat.sorted_entries()
+            if node.kind == "dir" and not node.implicit}

@@ -16,11 +16,12 @@ import os
 import posixpath
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from dtbuild.plugins.builtin import imageformat, tar_extract
+from dtbuild.plugins.builtin.flatten import WHITEOUT_PREFIX, FlatEntry, Flattener
 from dtbuild.plugins.builtin.image_actions import (
     ImageAssemble,
     ImageTree,
@@ -200,49 +201,11 @@ class _Seen:
     nlink: int = 1
 
 
-# Walks a tree and writes [path, kind, mode, uid, gid, size, target, dev, ino, nlink]
-# for each entry as JSON. Run as a separate process so that, under fakeroot, it sees
-# owners as fakeroot records them.
-_WALKER = r"""
-import json, os, stat, sys
-root, out = sys.argv[1], sys.argv[2]
-found = []
-def walk(directory, prefix):
-    for name in sorted(os.listdir(directory)):
-        full = os.path.join(directory, name)
-        st = os.lstat(full)
-        mode = st.st_mode
-        kind = ("dir" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode)
-                else "file" if stat.S_ISREG(mode) else "other")
-        found.append([prefix + name, kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_size,
-                      os.readlink(full) if kind == "symlink" else "", st.st_dev, st.st_ino, st.st_nlink])
-        if kind == "dir":
-            walk(full, prefix + name + "/")
-walk(root, "")
-with open(out, "w") as f:
-    json.dump(found, f)
-"""
-
-# Under fakeroot, before fakeroot_commands: gives every entry of the root (the working
-# directory) the owner it has in the packages' layers, keeping setuid/setgid bits that
-# chown clears, then runs the commands (after "--") in the same fakeroot session.
-_PROLOGUE = r"""
-import json, os, stat, sys
-with open(sys.argv[1]) as f:
-    spec = json.load(f)
-default, owners = spec["default"], spec["owners"]
-for dirpath, dirnames, filenames in os.walk("."):
-    for name in dirnames + filenames:
-        full = os.path.join(dirpath, name)
-        rel = os.path.normpath(full)
-        st = os.lstat(full)
-        uid, gid = owners.get(rel, default) if stat.S_ISDIR(st.st_mode) else default
-        os.lchown(full, uid, gid)
-        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o6000:
-            os.chmod(full, stat.S_IMODE(st.st_mode))
-argv = sys.argv[sys.argv.index("--") + 1:]
-os.execvp(argv[0], argv)
-"""
+#: The programs CustomisationLayer runs as processes of their own (see each module):
+#: the walk of the root (under fakeroot, it sees owners as fakeroot recorded them) and
+#: the start of fakeroot_commands (owners of the packages' layers, then the commands).
+_WALKER = (sys.executable, "-I", "-m", "dtbuild.plugins.builtin.tree_walk")
+_PROLOGUE = (sys.executable, "-I", "-m", "dtbuild.plugins.builtin.fakeroot_prologue")
 
 
 def _sha256_file(path: str) -> str:
@@ -316,7 +279,7 @@ class CustomisationLayer(ActionKind):
         if p["fakeroot_commands"]:
             state = self._run_fakeroot(ctx, root, env, base_dirs)
         walk_json = os.path.join(ctx.scratch_dir, "walk.json")
-        walker = [sys.executable, "-I", "-c", _WALKER, root, walk_json]
+        walker = [*_WALKER, root, walk_json]
         if state is not None and os.geteuid() != 0:
             # Owners as fakeroot recorded them. (As root, fakeroot also changes the real
             # owners, and only the real file system knows what proot's commands did:
@@ -377,8 +340,8 @@ class CustomisationLayer(ActionKind):
             # owner fails with EINVAL, which fakeroot passes on (it ignores only EPERM):
             # owners are then fakeroot's alone, as the walk below reads them.
             env = {**env, "FAKEROOTDONTTRYCHOWN": "1"}
-        self._run(ctx, ["fakeroot", "-s", state, "--", sys.executable, "-I", "-c", _PROLOGUE, owners, "--",
-                        *command], root, env, "fakeroot_commands", commands, readonly=interpreter_paths())
+        self._run(ctx, ["fakeroot", "-s", state, "--", *_PROLOGUE, owners, "--", *command], root, env,
+                  "fakeroot_commands", commands, readonly=interpreter_paths())
         return state
 
     # ------------------------------------------------------------------ the difference
@@ -478,79 +441,43 @@ class MergeImages(ActionKind):
 
 
 @dataclass(frozen=True, slots=True)
-class FlatEntry:
-    """An entry of a flattened root file system. A file's bytes are ``size`` bytes at
-    ``offset`` in layer ``layer``, or the store's blob ``blob`` when the layer did not
-    hold them in one piece (a sparse member)."""
+class _LayerBytes:
+    """Where an exported file's bytes are: ``size`` bytes at ``offset`` in layer
+    ``layer``, or the store's blob ``blob`` when the layer did not hold them in one piece
+    (a sparse member)."""
 
-    kind: str  # file | dir | symlink | char
-    mode: int
-    uid: int
-    gid: int
-    size: int = 0
-    layer: int = -1
-    offset: int = 0
-    linkname: str = ""
+    layer: int
+    offset: int
     blob: str = ""
+
+
+def _exportable(entries: Iterable[tuple[tar_extract.ArchiveEntry, IO[bytes] | None]],
+                ) -> Iterator[tuple[tar_extract.ArchiveEntry, IO[bytes] | None]]:
+    """``entries``, refusing what an exported root file system cannot hold (markers,
+    whatever their kind, are the flattener's)."""
+    for member, source in entries:
+        marker = posixpath.basename(member.path).startswith(WHITEOUT_PREFIX)
+        if member.kind in tar_extract.SPECIAL_KINDS and not marker and not (
+                member.kind == "char" and member.devmajor == 0 and member.devminor == 0):
+            raise ValueError(f"/{member.path} is a {tar_extract.kind_text(member.kind)}; an exported root file "
+                             "system holds only files, directories, symlinks and 0/0 character devices")
+        yield member, source
 
 
 def apply_layer(tree: dict[str, FlatEntry], entries: Sequence[tar_extract.ArchiveEntry], layer: int,
                 stored: Mapping[str, str] | None = None) -> None:
     """Apply one layer, read by :func:`tar_extract.read_entries` (names validated, hard
-    links to earlier files), to a flattened tree (path -> entry), as OCI image-spec
-    "Applying Changesets" says: the layer's whiteouts (``.wh.NAME``) and opaque
-    markers (``.wh..wh..opq``) first, removing what lower layers had, then its
-    entries. Hard links become copies of their targets. ``stored``: the store blobs of
+    links to earlier files), to a flattened tree (path -> entry), as
+    :class:`~dtbuild.plugins.builtin.flatten.Flattener` applies layers (the OCI image
+    spec's whiteouts and opaque markers hide what lower layers had; hard links become
+    copies). A file's content is a :class:`_LayerBytes`; ``stored``: the store blobs of
     files whose bytes are not at one offset of the layer, by path.
 
     :raises ValueError: for entries a root file system export cannot hold.
     """
-
-    def remove_below(path: str) -> None:
-        prefix = path + "/" if path else ""
-        for key in [k for k in tree if k.startswith(prefix)]:
-            del tree[key]
-
-    changes = []
-    for member in entries:
-        path = member.path
-        parent, base = posixpath.split(path)
-        if base == ".wh..wh..opq":
-            remove_below(parent)
-        elif base.startswith(".wh."):
-            gone = posixpath.join(parent, base[4:])
-            tree.pop(gone, None)
-            remove_below(gone)
-        else:
-            changes.append(member)
-    for member in changes:
-        path = member.path
-        if member.kind == "hardlink":
-            target = tree.get(member.target)
-            if target is None or target.kind != "file":
-                raise ValueError(f"/{path} is a hard link to /{member.target}, which is not a file")
-            entry = target
-        elif member.kind == "dir":
-            entry = FlatEntry("dir", member.mode, member.uid, member.gid)
-        elif member.kind == "symlink":
-            entry = FlatEntry("symlink", 0o777, member.uid, member.gid, linkname=member.target)
-        elif member.kind == "file":
-            entry = FlatEntry("file", member.mode, member.uid, member.gid, member.size, layer, member.offset,
-                              blob=(stored or {}).get(path, ""))
-        elif member.kind == "char" and member.devmajor == 0 and member.devminor == 0:
-            entry = FlatEntry("char", member.mode, member.uid, member.gid)
-        else:
-            raise ValueError(f"/{path} is a {tar_extract.kind_text(member.kind)}; an exported root file system "
-                             "holds only files, directories, symlinks and 0/0 character devices")
-        parent = posixpath.dirname(path)
-        while parent and (parent not in tree or tree[parent].kind != "dir"):
-            tree.pop(parent, None)  # a non-directory in the way is replaced, as extraction does
-            tree[parent] = FlatEntry("dir", 0o755, 0, 0)
-            parent = posixpath.dirname(parent)
-        existing = tree.get(path)
-        if existing is not None and existing.kind == "dir" and entry.kind != "dir":
-            remove_below(path)
-        tree[path] = entry
+    stored = stored or {}
+    Flattener(tree).apply_layer(_exportable((member, None) for member in entries), layer,
+                                lambda e, _: _LayerBytes(layer, e.offset, stored.get(e.path, "")))
 
 
 class ImageExport(ActionKind):
@@ -563,46 +490,42 @@ class ImageExport(ActionKind):
         image = ImageTree(ctx, ctx.inputs("image")[0])
         diff_ids = image.config["rootfs"]["diff_ids"]
         blobs = [image.entry("layers/" + d.removeprefix("sha256:")).digest for d in diff_ids]
-        tree: dict[str, FlatEntry] = {}
+        flat = Flattener()
         for number, digest in enumerate(blobs):
-            stored: dict[str, str] = {}
+            def content(entry: tar_extract.ArchiveEntry, source: IO[bytes] | None, n: int = number) -> _LayerBytes:
+                if source is not None and entry.offset < 0:
+                    return _LayerBytes(n, entry.offset, ctx.put_stream(source)[0])
+                return _LayerBytes(n, entry.offset)
+
+            flat.begin_layer(number)
             try:
                 # Layers of an image tree are plain tars (checked against their diff_ids):
                 # offsets are positions in the blob.
                 with ctx.open_blob(digest) as f:
-                    entries = []
-                    for entry, content in tar_extract.read_entries(f, compressed=False,
-                                                                   lower_files=lambda p: _flat_file(tree, p)):
-                        if content is not None and entry.offset < 0:
-                            stored[entry.path] = ctx.put_stream(content)[0]
-                        entries.append(entry)
-                apply_layer(tree, entries, number, stored)
+                    flat.apply_layer(_exportable(tar_extract.read_entries(f, compressed=False,
+                                                                          lower_files=flat.holds_file)),
+                                     number, content)
             except tar_extract.UnsafeArchive as e:
                 raise ActionFailed(e.message(f"layer {number + 1} ({diff_ids[number]})")) from None
             except ValueError as e:
                 raise ActionFailed(f"layer {number + 1} ({diff_ids[number]}): {e}") from None
 
-        def opener(e: FlatEntry) -> Callable[[], IO[bytes]]:
-            if e.blob:
-                return lambda: ctx.open_blob(e.blob)
-            entry = tar_extract.ArchiveEntry("", "file", 0, size=e.size, offset=e.offset)
-            return lambda: tar_extract.open_content(ctx.open_blob(blobs[e.layer]), entry)
+        def opener(where: _LayerBytes, size: int) -> Callable[[], IO[bytes]]:
+            if where.blob:
+                return lambda: ctx.open_blob(where.blob)
+            entry = tar_extract.ArchiveEntry("", "file", 0, size=size, offset=where.offset)
+            return lambda: tar_extract.open_content(ctx.open_blob(blobs[where.layer]), entry)
 
         entries = []
-        for path, e in tree.items():
-            if e.kind == "file":
-                entries.append(LayerEntry(path=path, kind="file", mode=e.mode, uid=e.uid, gid=e.gid, size=e.size,
-                                          open=opener(e)))
+        for path, node in flat.nodes.items():
+            if node.kind == "file":
+                entries.append(LayerEntry(path=path, kind="file", mode=node.mode, uid=node.uid, gid=node.gid,
+                                          size=node.size, open=opener(node.content, node.size)))
             else:
-                entries.append(LayerEntry(path=path, kind=e.kind, mode=e.mode, uid=e.uid, gid=e.gid,  # type: ignore[arg-type]
-                                          linkname=e.linkname))
+                entries.append(LayerEntry(path=path, kind=node.kind, mode=node.mode, uid=node.uid,  # type: ignore[arg-type]
+                                          gid=node.gid, linkname=node.target))
         with ctx.output_writer("tar") as out:
             write_layer(sorted_entries(entries), tar_out=out)
-
-
-def _flat_file(tree: Mapping[str, FlatEntry], path: str) -> bool:
-    entry = tree.get(path)
-    return entry is not None and entry.kind == "file"
 
 
 # --------------------------------------------------------------------------- merge_trees

@@ -39,10 +39,11 @@ import shutil
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Protocol
 
 from dtbuild.plugins.builtin import tar_extract
+from dtbuild.plugins.builtin.flatten import OPAQUE_MARKER, WHITEOUT_PREFIX, Flattener, FlattenError
 from dtbuild.plugins.builtin.image_actions import materialize_nodes, place_artifact
 from dtbuild.plugins.builtin.layer_contents import ContentConflict, MergedTree
 from dtbuild.plugins.builtin.layertar import LayerDigests, LayerEntry, sorted_entries, write_layer
@@ -68,8 +69,6 @@ OWNERS_FORMAT = "dtbuild-rootfs-owners/1"
 
 #: The xattrs overlayfs (and fuse-overlayfs) mark an opaque directory with.
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 
 #: The environment of the run_as_root script (inside the chroot).
 SCRIPT_ENV = {
@@ -197,103 +196,43 @@ def cache_root(root: str | None, config: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- flattening a base
 
 
-@dataclass(slots=True)
-class RootfsNode:
-    kind: str  # file | dir | symlink | char | block | fifo
-    mode: int
-    uid: int = 0
-    gid: int = 0
-    digest: str = ""
-    size: int = 0
-    target: str = ""
-    major: int = 0
-    minor: int = 0
-    layer: int = 0  # which layer last set it (whiteouts only hide lower layers)
-
-
 def _member_path(name: str) -> str | None:
     path = posixpath.normpath("/" + name).lstrip("/")
     return path or None
 
 
 class RootfsState:
-    """A root file system being built from layer tars, applied in order with the
-    whiteout rules of the OCI image spec (and overlayfs' rule that a directory hides a
-    non-directory below it)."""
+    """A root file system being built from layer tars, applied in order by
+    :class:`~dtbuild.plugins.builtin.flatten.Flattener` (the OCI image spec's whiteout
+    rules, overlayfs' rule that a directory hides a non-directory below it), kept as a
+    tree plus the owners sidecar."""
 
     def __init__(self) -> None:
-        self.nodes: dict[str, RootfsNode] = {}
+        self.flat = Flattener()
 
-    def _remove(self, path: str, *, below_layer: int | None = None, children_only: bool = False) -> None:
-        prefix = path + "/"
-        for p in [p for p in self.nodes if p.startswith(prefix) or (p == path and not children_only)]:
-            if below_layer is None or self.nodes[p].layer < below_layer:
-                del self.nodes[p]
-
-    def _parents(self, path: str, layer: int) -> None:
-        parent = posixpath.dirname(path)
-        missing = []
-        while parent:
-            node = self.nodes.get(parent)
-            if node is not None and node.kind == "dir":
-                break
-            if node is not None:
-                self._remove(parent)
-            missing.append(parent)
-            parent = posixpath.dirname(parent)
-        for p in missing:
-            self.nodes[p] = RootfsNode("dir", 0o755, layer=layer)
+    def begin_layer(self, layer: int) -> None:
+        """Start layer ``layer``, so that :meth:`holds_file` answers for it."""
+        self.flat.begin_layer(layer)
 
     def apply(self, entry: ArchiveEntry, layer: int, content: Callable[[], tuple[str, int]]) -> None:
         """Apply one entry of layer number ``layer`` (validated by tar_extract, which
-        leaves whiteouts to us); ``content`` stores a regular file's bytes and returns
-        (digest, size)."""
-        path = entry.path
-        parent, base = posixpath.split(path)
-        if base == OPAQUE_MARKER:
-            if parent:
-                self._remove(parent, below_layer=layer, children_only=True)
-            else:
-                self.nodes = {p: n for p, n in self.nodes.items() if n.layer >= layer}
-            return
-        if base.startswith(WHITEOUT_PREFIX):
-            self._remove(posixpath.join(parent, base[len(WHITEOUT_PREFIX):]), below_layer=layer)
-            return
-        self._parents(path, layer)
-        existing = self.nodes.get(path)
-        if entry.kind == "dir":
-            if existing is not None and existing.kind != "dir":
-                del self.nodes[path]
-            self.nodes[path] = RootfsNode("dir", entry.mode, entry.uid, entry.gid, layer=layer)
-            return
-        if existing is not None and existing.kind == "dir":
-            self._remove(path)
-        if entry.kind == "hardlink":
-            source = self.nodes.get(entry.target)
-            if source is None or source.kind != "file":
-                raise ActionFailed(f"base image layer {layer}: /{path} is a hard link to /{entry.target}, "
-                                   "which is not a file of the image")
-            self.nodes[path] = replace(source, layer=layer)
-        elif entry.kind == "symlink":
-            self.nodes[path] = RootfsNode("symlink", 0o777, entry.uid, entry.gid, target=entry.target, layer=layer)
-        elif entry.kind == "file":
-            digest, size = content()
-            self.nodes[path] = RootfsNode("file", entry.mode, entry.uid, entry.gid, digest, size, layer=layer)
-        else:  # char, block, fifo: metadata of the owners sidecar, never made on the host here
-            self.nodes[path] = RootfsNode(entry.kind, entry.mode, entry.uid, entry.gid, major=entry.devmajor,
-                                          minor=entry.devminor, layer=layer)
+        leaves whiteouts to the flattener); ``content`` stores a regular file's bytes
+        and returns (digest, size)."""
+        try:
+            self.flat.apply(entry, layer, content)
+        except FlattenError as e:
+            raise ActionFailed(f"base image layer {layer}: {e}") from None
 
     def holds_file(self, path: str) -> bool:
-        """Whether a regular file is at ``path`` (what a later layer's hard link may share)."""
-        node = self.nodes.get(path)
-        return node is not None and node.kind == "file"
+        """Whether a hard link of the layer being applied may share ``path``."""
+        return self.flat.holds_file(path)
 
     def tree_entries(self) -> list[TreeEntry]:
         out = []
-        for path in sorted(self.nodes, key=lambda p: p.split("/")):
-            n = self.nodes[path]
+        for path, n in self.flat.sorted_entries():
             if n.kind == "file":
-                out.append(TreeEntry(path, "file", n.mode, n.digest, n.size))
+                digest, size = n.content
+                out.append(TreeEntry(path, "file", n.mode, digest, size))
             elif n.kind == "dir":
                 out.append(TreeEntry(path, "dir", n.mode))
             elif n.kind == "symlink":
@@ -302,10 +241,9 @@ class RootfsState:
 
     def owners(self) -> dict[str, Any]:
         owners, specials = [], []
-        for path in sorted(self.nodes, key=lambda p: p.split("/")):
-            n = self.nodes[path]
-            if n.kind in ("char", "block", "fifo"):
-                specials.append([path, n.kind, n.mode, n.uid, n.gid, n.major, n.minor])
+        for path, n in self.flat.sorted_entries():
+            if n.kind in tar_extract.SPECIAL_KINDS:
+                specials.append([path, n.kind, n.mode, n.uid, n.gid, n.devmajor, n.devminor])
             elif (n.uid, n.gid) != (0, 0):
                 owners.append([path, n.uid, n.gid])
         return {"format": OWNERS_FORMAT, "owners": owners, "specials": specials}
@@ -327,20 +265,25 @@ class RootfsUnpack(ActionKind):
             openers.extend(base.layer_opener(d) for d in base.config["rootfs"]["diff_ids"])
         for art in ctx.inputs("layers"):
             openers.append(lambda a=art: ctx.open_input(a))
+
+        def content(entry: ArchiveEntry, source: IO[bytes] | None) -> tuple[str, int]:
+            assert source is not None
+            if entry.size <= _SMALL_FILE:
+                data = source.read()
+                return ctx.put_blob(data), len(data)
+            return ctx.put_stream(source)
+
         state = RootfsState()
         for number, opener in enumerate(openers):
+            state.begin_layer(number)
             try:
                 with opener() as stream:
-                    for entry, source in tar_extract.archive_entries(stream, lower_files=state.holds_file):
-                        def content(e: ArchiveEntry = entry, src: IO[bytes] | None = source) -> tuple[str, int]:
-                            assert src is not None
-                            if e.size <= _SMALL_FILE:
-                                data = src.read()
-                                return ctx.put_blob(data), len(data)
-                            return ctx.put_stream(src)
-                        state.apply(entry, number, content)
+                    state.flat.apply_layer(tar_extract.archive_entries(stream, lower_files=state.holds_file),
+                                           number, content)
             except tar_extract.UnsafeArchive as e:
                 raise ActionFailed("cannot flatten the base: " + e.message(f"layer {number + 1}")) from None
+            except FlattenError as e:
+                raise ActionFailed(f"base image layer {number}: {e}") from None
         ctx.output_tree("rootfs", state.tree_entries())
         with open(ctx.output_path("owners"), "w") as f:
             json.dump(state.owners(), f, sort_keys=True, separators=(",", ":"))

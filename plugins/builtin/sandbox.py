@@ -26,6 +26,7 @@ for one run (the CLI exports the setting there): ``bwrap`` (the default) or ``no
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import shutil
 import stat
@@ -81,16 +82,33 @@ def confine_argv(argv: Sequence[str], *, writable: Sequence[str], readonly: Sequ
 
 
 def interpreter_paths() -> tuple[str, ...]:
-    """The directories the running Python needs (its installation and virtualenv) that
-    the host tools' view lacks: give them as ``readonly`` to run ``sys.executable``
-    confined."""
+    """The directories the running Python needs (its installation and virtualenv) and
+    dtbuild's own package directories, where the host tools' view lacks them: give them
+    as ``readonly`` to run ``sys.executable -I -m dtbuild...`` confined. Only the
+    packages' directories are shown, never what holds them (for an editable install,
+    the source checkout)."""
     paths: list[str] = []
     for prefix in (sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix,
-                   os.path.dirname(os.path.realpath(sys.executable))):
+                   os.path.dirname(os.path.realpath(sys.executable)), *_package_dirs()):
         path = os.path.abspath(prefix)
         if not _under_host_tools(path) and path not in paths:
             paths.append(path)
     return tuple(p for p in paths if not any(p.startswith(q + "/") for q in paths))
+
+
+#: dtbuild's top-level packages: what a ``python -I -m dtbuild...`` program may import.
+_PACKAGES = ("dtbuild.engine", "dtbuild.rules", "dtbuild.plugins")
+
+
+def _package_dirs() -> list[str]:
+    # Found, not imported: an installed wheel has them in site-packages (inside the
+    # prefixes already), an editable install wherever its source is.
+    dirs: list[str] = []
+    for name in _PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            dirs += [d for d in spec.submodule_search_locations if os.path.isdir(d)]
+    return dirs
 
 
 @functools.cache

@@ -5,7 +5,7 @@ hostile: nothing it does may reach the host's files or the host's privileges.
 The guest is the host's Linux kernel (or ``[vm] kernel`` in dtbuild.toml) booted with a
 small initramfs this module writes: static busybox, the kernel modules for virtio, 9p,
 ext4 and overlayfs (copied, decompressed, from ``/lib/modules/<version>``, loaded in
-dependency order) and an ``/init`` script (:data:`GUEST_INIT`). Four host directories
+dependency order) and an ``/init`` script (``vm_init.sh``). Four host directories
 are shared with virtio-9p: the base's root file system, copy_to_root and the job's inputs
 (the scripts), all three read-only (``readonly=on``: QEMU refuses every write), and an
 output directory, the only writable share. The guest:
@@ -66,6 +66,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import resources
 from typing import IO, Any
 
 from dtbuild.plugins.builtin.executors import run_supervised
@@ -95,88 +96,15 @@ KVM_PROBE_TIMEOUT = 10.0
 KVM_PROBE_MARKER = "DTBUILD-KVM-PROBE-OK"
 _KERNEL_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1"
 
-#: The guest's /init. ``@SCRIPT_ENV@`` is replaced by the script's environment.
-GUEST_INIT = r"""#!/bin/busybox sh
-# dtbuild's VM init (plugins/builtin/vm_executor.py): build one root layer, power off.
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-off() { sync; umount /out 2>/dev/null; umount /job 2>/dev/null; poweroff -f; sleep 60; }
-say() { echo "dtbuild-vm: $*"; }
-while read -r module; do
-  insmod "/modules/$module.ko" || say "cannot load the module $module"
-done < /modules/order
-P9="trans=virtio,version=9p2000.L,msize=262144"
-# /out is the only writable share: the host reads from it only what it expects, as plain files.
-mount -t 9p -o "$P9" out /out || { say "cannot mount the output directory (9p)"; off; }
-status() { echo "$1 $2" > /out/status; }
-fail() { say "$2"; echo "$2" > /out/message; status "$1" 1; off; }
-mount -t 9p -o "$P9,ro" job /job || fail mount "cannot mount the job directory (9p)"
-mount -t 9p -o "$P9,ro" lower /lower || fail mount "cannot mount the base's root file system (9p)"
-mount -t 9p -o "$P9,ro" seed /seed || fail mount "cannot mount copy_to_root (9p)"
-mke2fs -q -F /dev/vda >/dev/null 2>&1 || fail mount "cannot format the VM's disk /dev/vda"
-mount -t ext4 /dev/vda /disk || fail mount "cannot mount the VM's disk"
-mkdir /disk/upper /disk/work /disk/merged /disk/probe /disk/check
-cp -a /seed/. /disk/upper/ || fail prepare "cannot copy copy_to_root into the layer (is disk_size large enough?)"
-OVERLAY="lowerdir=/lower,upperdir=/disk/upper,workdir=/disk/work,redirect_dir=nofollow,metacopy=off,index=off"
-mount -t overlay overlay -o "$OVERLAY,xino=off,volatile" /disk/merged 2>/dev/null \
-  || mount -t overlay overlay -o "$OVERLAY,xino=off" /disk/merged || fail mount "cannot mount the overlay"
-M=/disk/merged
-created=""
-for d in dev proc sys; do
-  if [ ! -e "$M/$d" ] && [ ! -L "$M/$d" ]; then mkdir "$M/$d"; created="$created $d"; fi
-done
-[ -d "$M/dev" ] && [ ! -L "$M/dev" ] && mount --bind /dev "$M/dev"
-[ -d "$M/proc" ] && [ ! -L "$M/proc" ] && mount -t proc proc "$M/proc"
-[ -d "$M/sys" ] && [ ! -L "$M/sys" ] && mount -t sysfs -o ro sysfs "$M/sys"
-if [ -f /job/network ]; then
-  ip link set lo up
-  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
-    || say "cannot configure the network"
-fi
-: > /out/log
-if [ -e "$M/bin/sh" ] || [ -L "$M/bin/sh" ]; then
-  env -i @SCRIPT_ENV@ chroot "$M" /bin/sh -c "set -e
-$(cat /job/run_as_root.sh)" < /dev/null >> /out/log 2>&1
-  rc=$?
-else
-  echo "dtbuild: the base image has no /bin/sh: run_as_root runs with the image's /bin/sh" >> /out/log
-  rc=127
-fi
-for p in /proc/[0-9]*; do
-  pid=${p#/proc/}
-  [ "$pid" = 1 ] && continue
-  [ -n "$(cat "$p/cmdline" 2>/dev/null)" ] && kill -9 "$pid" 2>/dev/null
-done
-sleep 0.2
-for d in dev proc sys; do umount "$M/$d" 2>/dev/null; done
-for d in $created; do rmdir "$M/$d"; done
-umount "$M" || fail run_as_root "cannot unmount the overlay"
-[ "$rc" = 0 ] || { status run_as_root "$rc"; off; }
-if [ -s /job/extra_commands.sh ]; then
-  mkdir -p /tmp/home
-  (cd /disk/upper && env -i PATH=/bin HOME=/tmp/home TMPDIR=/tmp out=/disk/upper SOURCE_DATE_EPOCH=1 TZ=UTC \
-    LANG=C.UTF-8 /bin/sh -c "set -e
-$(cat /job/extra_commands.sh)") < /dev/null >> /out/log 2>&1
-  rc=$?
-  [ "$rc" = 0 ] || { status extra_commands "$rc"; off; }
-fi
-cd /disk/upper
-find . -mindepth 1 -type d -exec sh -c \
-  'for d; do mkdir -p "/disk/probe/$d" && : > "/disk/probe/$d/.dtbuild-opaque-probe" || exit 1; done' sh {} + \
-  || fail pack "cannot make the opaque-directory probe"
-mount -t overlay overlay -o ro,lowerdir=/disk/upper:/disk/probe /disk/check || fail pack "cannot mount the probe"
-find . -mindepth 1 -type d -exec sh -c \
-  'for d; do [ -e "/disk/check/$d/.dtbuild-opaque-probe" ] || printf "%s\0" "$d"; done' sh {} + > /out/opaque \
-  || fail pack "cannot list the opaque directories"
-umount /disk/check
-cd /
-tar -cf /out/upper.tar -C /disk/upper . || fail pack "cannot write the layer's directory as a tar"
-status done 0
-off
-"""
+#: The guest's /init, shipped as package data (busybox sh). ``@SCRIPT_ENV@`` in it is
+#: replaced by the script's environment.
+GUEST_INIT_RESOURCE = "vm_init.sh"
+
+
+@functools.cache
+def guest_init() -> str:
+    """The text of the guest's /init (:data:`GUEST_INIT_RESOURCE`)."""
+    return resources.files("dtbuild.plugins.builtin").joinpath(GUEST_INIT_RESOURCE).read_text(encoding="utf-8")
 
 _PROBE_INIT = f"#!/bin/busybox sh\n/bin/busybox echo {KVM_PROBE_MARKER}\n/bin/busybox poweroff -f\n"
 
@@ -777,7 +705,7 @@ class VmExecutor(Executor):
             with open(os.path.join(inputs, "network"), "w"):
                 pass
         model = output_security_model(outputs)
-        init = GUEST_INIT.replace("@SCRIPT_ENV@", " ".join(shlex.quote(f"{k}={v}") for k, v in SCRIPT_ENV.items()))
+        init = guest_init().replace("@SCRIPT_ENV@", " ".join(shlex.quote(f"{k}={v}") for k, v in SCRIPT_ENV.items()))
         initramfs = os.path.join(job.job_dir, "initramfs.cpio")
         write_initramfs(initramfs, setup, init, GUEST_MODULES + (NETWORK_MODULES if job.network else ()))
         disk = os.path.join(job.job_dir, "disk.img")
