@@ -125,12 +125,13 @@ class Analyzer:
             label = parse_label(item)
         else:
             # A package-relative path: the target of that name if there is one, else a source file.
+            relative: Label | None
             try:
-                label = parse_label(item, pkg_name)
+                relative = parse_label(item, pkg_name)
             except LabelError:
-                label = None
-            if label is not None and self._has_target(label):
-                return label
+                relative = None
+            if relative is not None and self._has_target(relative):
+                return relative
             if not allow_source:
                 self.loader.target(Label(pkg_name, item), referrer=decl, attr=attr)  # raises
             return self._source(decl, attr, f"{pkg_name}/{item}" if pkg_name else item, pkg_name)

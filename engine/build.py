@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import sys
@@ -169,7 +170,7 @@ class Session:
                     paths = []
                     for art in target.default_outputs:
                         # A blob found corrupt while it is copied is rebuilt, then copied again.
-                        runner.read_output(art.path, lambda value, path=art.path: tree.materialize(path, value))
+                        runner.read_output(art.path, functools.partial(tree.materialize, art.path))
                         paths.append(art.path)
                     result.outputs[str(label)] = paths
                     image = target.providers.get(ImageInfo)
@@ -268,7 +269,8 @@ class Session:
     def _changes(action: ActionDecl, kind_version: str, inputs: dict[str, list[Any]],
                  uses: dict[str, dict[str, str]], last: dict[str, Any]) -> str:
         reasons = []
-        last_uses = last.get("uses") if isinstance(last.get("uses"), dict) else {}
+        uses_before = last.get("uses")
+        last_uses: dict[str, Any] = uses_before if isinstance(uses_before, dict) else {}
         for registry, names in sorted(uses.items()):
             for name, version in sorted(names.items()):
                 before = (last_uses.get(registry) or {}).get(name)
@@ -276,8 +278,8 @@ class Session:
                     reasons.append(f"{registry.removesuffix('s').replace('_', ' ')} '{name}' changed "
                                    f"(version {before} -> {version})")
         if last["version"] != [kind_version, action.rule_version]:
-            now = [kind_version, action.rule_version]
-            reasons.append(f"the implementation changed (version {last['version']} -> {now})")
+            version_now = [kind_version, action.rule_version]
+            reasons.append(f"the implementation changed (version {last['version']} -> {version_now})")
         if last["params"] != json.loads(json.dumps(dict(action.params))):
             changed = sorted(k for k in set(last["params"]) | set(action.params)
                              if last["params"].get(k) != action.params.get(k))

@@ -349,7 +349,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return f"{n} B" if n < 1000 else f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
 
     _, reader, artifact, _ = _single_image(args)
-    tree = ImageTree(reader, artifact)  # type: ignore[arg-type]
+    tree = ImageTree(reader, artifact)
     desc = tree.description
     print(f"image: {shown(desc['label'])}")
     print(f"tags: {', '.join(shown(t) for t in desc['repo_tags'])}")
@@ -469,7 +469,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     argv = _load_command(args.tool)  # before building: a missing tool fails fast
     _, reader, artifact, _ = _single_image(args)
     tool = os.path.basename(argv[0])
-    tags = ImageTree(reader, artifact).description.get("repo_tags") or []  # type: ignore[arg-type]
+    tags = ImageTree(reader, artifact).description.get("repo_tags") or []
     # Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
     # and a local pipe gains nothing from compression.
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sys.stderr)
@@ -526,22 +526,41 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    from dtbuild.engine.plugin_manager import plugin_origins
+
     session = _session(args)
     registry = session.registry
     pm = session.pm
+    origins = plugin_origins(pm)
+    registries = ("rules", "action_kinds", "compressors", "layer_kinds", "executors", "output_formats")
     print("plugins:")
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda np: np[0] or ""):
+        if plugin is None:  # blocked
+            continue
         where = getattr(plugin, "__file__", None) or type(plugin).__module__
-        print(f"  {name}  ({where})")
-    for reg in ("rules", "action_kinds", "compressors", "layer_kinds", "executors", "output_formats"):
+        built_in = "builtin, " if name in origins.builtin else ""
+        dist = origins.dists.get(name)
+        print(f"  {name}  ({built_in}{dist + ', ' if dist else ''}{where})")
+        for reg in registries:
+            names = sorted(n for n, owner in registry.owners.get(reg, {}).items() if owner == name)
+            if names:
+                print(f"      {reg.replace('_', ' ')}: {', '.join(names)}")
+    for name, why in sorted(origins.unavailable.items()):
+        print(f"  {name}  (builtin, {origins.dists.get(name, 'dtbuild')}; {why})")
+    for reg in registries:
         items = registry.get(reg)
         print(f"{reg.replace('_', ' ')}:")
         if not items:
             print("  (none)")
         for name in sorted(items):
-            print(f"  {name}  [{registry.owners[reg][name]}]")
+            owner = registry.owners[reg][name]
+            notes = ["builtin"] if owner in origins.builtin else []
+            if name in registry.replaced.get(reg, {}):
+                notes.append(f"replaces the one of '{registry.replaced[reg][name]}'")
+            if reg == "rules" and name in registry.unavailable_rules:
+                notes.append(f"unavailable: {registry.unavailable_rules[name]}")
+            print(f"  {name}  [{owner}{': ' + '; '.join(notes) if notes else ''}]")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
@@ -289,7 +289,7 @@ class ActionContextImpl:
         self.store_file(artifact)
         return self._reader(artifact.digest)
 
-    def walk_tree(self, artifact: InputArtifact) -> Iterable[TreeEntry]:
+    def walk_tree(self, artifact: InputArtifact) -> Iterator[TreeEntry]:
         try:
             yield from self._store.walk_tree(artifact.digest)
         except LostBlobError as e:
@@ -345,6 +345,9 @@ class ActionContextImpl:
         found = self._runner.plugins.compressor(name)
         self.used.setdefault("compressors", {})[name] = self._runner.plugins.fingerprint("compressors", name)
         return found
+
+    def compressors(self) -> Mapping[str, type[Compressor]]:
+        return dict(self._runner.plugins.compressors)
 
     def log(self, message: str) -> None:
         self._runner.report("dtbuild_action_log", label=self.action.owner, mnemonic=self.action.mnemonic,

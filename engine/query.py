@@ -158,7 +158,7 @@ class QueryGraph:
         import networkx as nx
 
         closure = sorted(self._reachable(roots))
-        graph = nx.DiGraph()
+        graph: networkx.DiGraph[str] = nx.DiGraph()
         for label in closure:
             graph.add_node(label, kind=self._node(label).kind)
         for label in closure:

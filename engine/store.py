@@ -440,7 +440,7 @@ class Store:
             raw = _VerifyingRaw(self, digest, path)
         except FileNotFoundError:
             raise self.missing(digest) from None
-        return VerifiedBlobReader(raw)  # type: ignore[return-value]
+        return VerifiedBlobReader(raw)
 
     def read_blob(self, digest: str) -> bytes:
         with self.open_blob(digest) as f:
@@ -926,7 +926,7 @@ class VerifiedBlobReader(io.BufferedReader):
     Exception (Ctrl-C) closes without reading the rest."""
 
     def __init__(self, raw: _VerifyingRaw) -> None:
-        super().__init__(raw, buffer_size=1 << 16)  # type: ignore[arg-type]
+        super().__init__(raw, buffer_size=1 << 16)
         self.verifier = raw
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:

@@ -110,6 +110,11 @@ class ActionContext(Protocol):
     def compressor(self, name: str) -> Compressor:
         """The registered compressor called ``name``."""
 
+    def compressors(self) -> Mapping[str, type[Compressor]]:
+        """Every registered compressor class by NAME, to tell a stream's compression by
+        its first bytes (``MAGIC``) or a layer's by its media type. Get the instance that
+        reads or writes with :meth:`compressor`, which records the use."""
+
     def log(self, message: str) -> None:
         """A progress line shown to the user under this action."""
 

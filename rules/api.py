@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from dtbuild.rules.artifacts import Artifact
 from dtbuild.rules.attrs import Attr
@@ -255,7 +255,7 @@ class RuleContext:
                 out.extend(item.files)
         return out
 
-    def fail(self, message: str, *, attr: str | None = None, hint: str | None = None) -> None:
+    def fail(self, message: str, *, attr: str | None = None, hint: str | None = None) -> NoReturn:
         """Stop analysis of this target with an error (``attr`` names the culprit)."""
         raise RuleFailure(message, attr=attr, hint=hint)
 

@@ -10,6 +10,7 @@ package-relative path, resolved to a target or a source file during analysis.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,8 @@ class Attr:
     #: ``None`` is accepted (and is the default when no other is given).
     allow_none: bool = False
     #: For label types: the provider classes a dependency must return.
-    providers: tuple[type, ...] = ()
+    # builtins.type: inside this class body, `type` is the field above.
+    providers: tuple[builtins.type, ...] = ()
 
     @property
     def mandatory(self) -> bool:

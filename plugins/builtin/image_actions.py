@@ -520,7 +520,7 @@ class ImageImport(ActionKind):
         dest = os.path.join(ctx.scratch_dir, "extracted")
         os.mkdir(dest)
         try:
-            images = imageformat.extract_image_archive(path, dest)
+            images = imageformat.extract_image_archive(path, dest, imageformat.Compressors.of(ctx))
         except (ValueError, OSError) as e:
             raise ActionFailed(f"cannot read {src.path} as a docker-archive or OCI image: {e}") from None
         index = ctx.params["index"]

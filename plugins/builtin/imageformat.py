@@ -25,7 +25,7 @@ import json
 import os
 import posixpath
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -35,7 +35,6 @@ from dtbuild.plugins.builtin.compressors import (
     GzipCompressor,
     NoneCompressor,
     compressor_named,
-    detect_compressor,
 )
 from dtbuild.plugins.builtin.layertar import (
     BLOCK_SIZE,
@@ -123,15 +122,59 @@ LAYER_MEDIA_TYPES: tuple[tuple[str, str | None, str], ...] = tuple(
     (cls.OCI_LAYER_MEDIA_TYPE, cls.DOCKER_LAYER_MEDIA_TYPE, cls.NAME) for cls in BUILTIN_COMPRESSORS)
 
 
-def layer_compressor_name(media_type: str) -> str:
-    """The compressor NAME (``none``, ``gz``, ``zstd``) of a layer media type, OCI or
-    Docker (also the non-distributable/foreign variants).
+@dataclass(frozen=True)
+class Compressors:
+    """The compressors an archive is read with: the registered ones (an action's
+    ``ctx.compressors()``), each told by its ``MAGIC`` or its layer media types, and a
+    way to get one by NAME (an action's ``ctx.compressor``, which records the use).
+    :meth:`builtin` gives dtbuild's own, for code that runs outside the engine."""
 
+    classes: Mapping[str, type[Compressor]]
+    named: Callable[[str], Compressor]
+
+    @classmethod
+    def builtin(cls) -> Compressors:
+        return cls({c.NAME: c for c in BUILTIN_COMPRESSORS}, compressor_named)
+
+    @classmethod
+    def of(cls, ctx: Any) -> Compressors:
+        """The compressors registered with the engine, through an ActionContext."""
+        return cls(ctx.compressors(), ctx.compressor)
+
+    def detect(self, head: bytes) -> str:
+        """The NAME of the compressor whose magic starts ``head`` (the longest magic
+        wins), else ``"none"``. Give at least :data:`HEAD_SIZE` bytes."""
+        found = [c for c in self.classes.values() if c.MAGIC and head.startswith(c.MAGIC)]
+        if not found:
+            return NoneCompressor.NAME
+        return max(found, key=lambda c: len(c.MAGIC)).NAME
+
+    def layer_media_type_name(self, media_type: str) -> str | None:
+        """The NAME of the compressor whose OCI or Docker layer media type this is."""
+        for c in self.classes.values():
+            if media_type in (c.OCI_LAYER_MEDIA_TYPE, c.DOCKER_LAYER_MEDIA_TYPE):
+                return c.NAME
+        return None
+
+
+#: Bytes of a stream read to tell its compression (at least the longest MAGIC).
+HEAD_SIZE = 16
+
+
+def layer_compressor_name(media_type: str, compressors: Compressors | None = None) -> str:
+    """The compressor NAME (``none``, ``gz``, ``zstd``, or a plugin's) of a layer media
+    type, OCI or Docker (also the non-distributable/foreign variants).
+
+    :param compressors: the registered compressors (default: the built-in ones).
     :raises ValueError: for a media type that is not a layer's.
     """
     for oci, docker, name in LAYER_MEDIA_TYPES:
         if media_type in (oci, docker):
             return name
+    if compressors is not None:
+        found = compressors.layer_media_type_name(media_type)
+        if found is not None:
+            return found
     if "nondistributable" in media_type or "foreign" in media_type:
         if media_type.endswith(("gzip", "+gzip")):
             return "gz"
@@ -326,7 +369,8 @@ def _reusable_blob(layer: ArchiveLayer, compressor: Compressor) -> tuple[IO[byte
     if not compressor.MAGIC or layer.open_blob is None or layer.blob_media_type is None:
         return None
     try:
-        if layer_compressor_name(layer.blob_media_type) != compressor.NAME:
+        if (layer.blob_media_type not in (compressor.OCI_LAYER_MEDIA_TYPE, compressor.DOCKER_LAYER_MEDIA_TYPE)
+                and layer_compressor_name(layer.blob_media_type) != compressor.NAME):
             return None
     except ValueError:
         return None
@@ -777,7 +821,7 @@ class _Source:
 
     def head(self, name: str) -> bytes:
         with self.open(name) as f:
-            return f.read(4)
+            return f.read(HEAD_SIZE)
 
 
 class _DirSource(_Source):
@@ -840,10 +884,11 @@ class _ScannedTar(_Source):
     copied there with its sha256. Random access afterwards: from the copies, at the
     member's offset in a plain tar, or by decompressing from the start again."""
 
-    def __init__(self, path: str, copy_dir: str | None) -> None:
+    def __init__(self, path: str, copy_dir: str | None, compressors: Compressors) -> None:
         self.archive = path
+        self.compressors = compressors
         with open(path, "rb") as f:
-            self.compression = detect_compressor(f.read(4))
+            self.compression = compressors.detect(f.read(HEAD_SIZE))
         self.members: dict[str, _ScannedMember] = {}
         self.links: dict[str, str] = {}
         kept = 0
@@ -876,7 +921,7 @@ class _ScannedTar(_Source):
     def _open_stream(self) -> Iterator[IO[bytes]]:
         """The archive's tar stream, decompressed."""
         with open(self.archive, "rb") as raw:
-            stream = compressor_named(self.compression).decompress_from(raw)
+            stream = self.compressors.named(self.compression).decompress_from(raw)
             try:
                 yield stream
             finally:
@@ -887,7 +932,7 @@ class _ScannedTar(_Source):
               keep: bool) -> _ScannedMember:
         small = bytearray() if keep and entry.size <= _SMALL_MEMBER else None
         if copy_dir is None:
-            head = src.read(4)
+            head = src.read(HEAD_SIZE)
             if small is None:
                 return _ScannedMember(entry, head, entry.size, None, None, None)
             return _ScannedMember(entry, head, entry.size, head + src.read(), None, None)
@@ -896,8 +941,8 @@ class _ScannedTar(_Source):
         head = b""
         with open(path, "wb") as out:
             while chunk := src.read(_CHUNK):
-                if len(head) < 4:
-                    head = (head + chunk)[:4]
+                if len(head) < HEAD_SIZE:
+                    head = (head + chunk)[:HEAD_SIZE]
                 digest.update(chunk)
                 out.write(chunk)
                 if small is not None:
@@ -953,7 +998,7 @@ class _ScannedTar(_Source):
         raw = open(self.archive, "rb")  # noqa: SIM115 (closed with the member stream)
         closers: list[Any] = [raw]
         try:
-            stream = compressor_named(self.compression).decompress_from(raw)
+            stream = self.compressors.named(self.compression).decompress_from(raw)
             closers.insert(0, stream)
             entries = tar_extract.read_entries(stream, compressed=False)
             closers.insert(0, entries)
@@ -1054,7 +1099,7 @@ def _read_checked(source: _Source, name: str, digest: str) -> bytes:
     return data
 
 
-def _images(source: _Source) -> list[_ImageRef]:
+def _images(source: _Source, compressors: Compressors) -> list[_ImageRef]:
     """The images of a docker-archive (manifest.json) or OCI layout (index.json)."""
     if source.has("oci-layout"):
         layout = _object(parse_json_document(source.read("oci-layout"), "oci-layout"), "oci-layout")
@@ -1062,7 +1107,7 @@ def _images(source: _Source) -> list[_ImageRef]:
     if source.has("manifest.json"):
         return _docker_images(source)
     if source.has("index.json"):
-        return _oci_images(source)
+        return _oci_images(source, compressors)
     raise ImageFormatError("this is neither a docker-archive (no manifest.json) nor an OCI layout (no index.json)")
 
 
@@ -1081,7 +1126,7 @@ def _docker_images(source: _Source) -> list[_ImageRef]:
     return images
 
 
-def _oci_images(source: _Source) -> list[_ImageRef]:
+def _oci_images(source: _Source, compressors: Compressors) -> list[_ImageRef]:
     found: dict[str, _ImageRef] = {}  # manifest digest -> image; tags of repeated entries merged
 
     def visit(descriptor: dict[str, Any], tags: tuple[str, ...], depth: int) -> None:
@@ -1111,7 +1156,7 @@ def _oci_images(source: _Source) -> list[_ImageRef]:
                                    f"{len(diff_ids)}")
         for number, d in enumerate(manifest["layers"]):
             try:
-                layer_compressor_name(d["mediaType"])
+                layer_compressor_name(d["mediaType"], compressors)
             except ValueError as e:
                 raise ImageFormatError(f"the manifest {name}: layers[{number}]: {e}") from None
         layers = tuple(_LayerRef("blobs/sha256/" + _hex(d["digest"]), diff_id, d["mediaType"], d["digest"])
@@ -1124,39 +1169,41 @@ def _oci_images(source: _Source) -> list[_ImageRef]:
     return list(found.values())
 
 
-def _source(path: str, copy_dir: str | None) -> _Source:
+def _source(path: str, copy_dir: str | None, compressors: Compressors) -> _Source:
     if os.path.isdir(path):
         return _DirSource(path)
-    return _ScannedTar(path, copy_dir)
+    return _ScannedTar(path, copy_dir, compressors)
 
 
-def _stored_media_type(source: _Source, ref: _LayerRef) -> str:
+def _stored_media_type(source: _Source, ref: _LayerRef, compressors: Compressors) -> str:
     if ref.media_type is not None:
         return ref.media_type
-    return compressor_named(detect_compressor(source.head(ref.name))).OCI_LAYER_MEDIA_TYPE
+    return compressors.named(compressors.detect(source.head(ref.name))).OCI_LAYER_MEDIA_TYPE
 
 
-def read_image_archive(path: str) -> list[ArchiveImageInfo]:
+def read_image_archive(path: str, compressors: Compressors | None = None) -> list[ArchiveImageInfo]:
     """The images of a docker-archive (plain, gzip or zstd: told by the magic bytes), an
     OCI archive (a tar of an OCI layout) or an OCI layout directory.
 
     Reads the metadata now and each layer when its ``open`` is called; a layer's stream
     raises ValueError at its end when the content does not match the diff_id. For a
     compressed archive each ``open`` decompresses the archive up to the layer, so prefer
-    :func:`extract_image_archive` to read every layer.
+    :func:`extract_image_archive` to read every layer. ``compressors``: the registered
+    ones (default: the built-in ones).
     """
-    source = _source(path, None)
+    compressors = compressors or Compressors.builtin()
+    source = _source(path, None, compressors)
     out = []
-    for image in _images(source):
+    for image in _images(source, compressors):
         layers = []
         for ref in image.layers:
-            media_type = _stored_media_type(source, ref)
+            media_type = _stored_media_type(source, ref, compressors)
 
             def opener(ref: _LayerRef = ref, media_type: str = media_type) -> IO[bytes]:
                 raw = source.open(ref.name)
                 try:
-                    compression = detect_compressor(source.head(ref.name))
-                    stream = compressor_named(compression).decompress_from(raw)
+                    compression = compressors.detect(source.head(ref.name))
+                    stream = compressors.named(compression).decompress_from(raw)
                 except _unreadable_archive_errors() as e:
                     raw.close()
                     raise ImageFormatError(f"layer {ref.diff_id}: its blob does not decompress: "
@@ -1183,7 +1230,8 @@ def _copy_hashing(src: IO[bytes], dest: str) -> tuple[str, int]:
     return "sha256:" + digest.hexdigest(), size
 
 
-def extract_image_archive(path: str, dest_dir: str) -> list[ExtractedImage]:
+def extract_image_archive(path: str, dest_dir: str, compressors: Compressors | None = None,
+                          ) -> list[ExtractedImage]:
     """Copy the images of an archive (the kinds :func:`read_image_archive` reads) into
     ``dest_dir`` (an existing, empty directory): ``layers/<diff_id hex>`` (uncompressed
     tars) and ``blobs/<digest hex>`` (compressed blobs as the archive held them).
@@ -1193,23 +1241,26 @@ def extract_image_archive(path: str, dest_dir: str) -> list[ExtractedImage]:
     Every layer is checked against its diff_id, every OCI blob, manifest and config
     against its digest.
 
+    ``compressors``: the registered ones (default: the built-in ones).
+
     :raises ValueError: for an archive of another kind, or content that does not match
         its digest (the message names the layer).
     """
+    compressors = compressors or Compressors.builtin()
     members_dir = os.path.join(dest_dir, "members")
     layers_dir = os.path.join(dest_dir, "layers")
     blobs_dir = os.path.join(dest_dir, "blobs")
     for directory in (members_dir, layers_dir, blobs_dir):
         os.makedirs(directory, exist_ok=True)
-    source = _source(path, members_dir)
+    source = _source(path, members_dir, compressors)
     done: dict[str, ExtractedLayer] = {}
     images = []
     try:
-        for image in _images(source):
+        for image in _images(source, compressors):
             layers = []
             for ref in image.layers:
                 if ref.diff_id not in done:
-                    done[ref.diff_id] = _extract_layer(source, ref, layers_dir, blobs_dir)
+                    done[ref.diff_id] = _extract_layer(source, ref, layers_dir, blobs_dir, compressors)
                 layers.append(done[ref.diff_id])
             images.append(ExtractedImage(image.config, image.repo_tags, tuple(layers)))
     finally:
@@ -1217,9 +1268,10 @@ def extract_image_archive(path: str, dest_dir: str) -> list[ExtractedImage]:
     return images
 
 
-def _extract_layer(source: _Source, ref: _LayerRef, layers_dir: str, blobs_dir: str) -> ExtractedLayer:
-    media_type = _stored_media_type(source, ref)
-    compression = detect_compressor(source.head(ref.name))
+def _extract_layer(source: _Source, ref: _LayerRef, layers_dir: str, blobs_dir: str,
+                   compressors: Compressors) -> ExtractedLayer:
+    media_type = _stored_media_type(source, ref, compressors)
+    compression = compressors.detect(source.head(ref.name))
     tar_path = os.path.join(layers_dir, _hex(ref.diff_id))
     copied = source.member(ref.name) if isinstance(source, _ScannedTar) else None
     if compression == NoneCompressor.NAME:
@@ -1248,7 +1300,7 @@ def _extract_layer(source: _Source, ref: _LayerRef, layers_dir: str, blobs_dir: 
     if ref.digest is not None and ref.digest != blob_digest:
         raise ImageFormatError(f"blob {ref.digest} of layer {ref.diff_id} has digest {blob_digest}")
     try:
-        with open(blob_path, "rb") as raw, compressor_named(compression).decompress_from(raw) as src:
+        with open(blob_path, "rb") as raw, compressors.named(compression).decompress_from(raw) as src:
             digest, size = _copy_hashing(src, tar_path)
     except _unreadable_archive_errors() as e:
         raise ImageFormatError(f"layer {ref.diff_id}: its {compression} blob does not decompress: "

@@ -24,7 +24,7 @@ _REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?
 ARCHITECTURES = ("amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64", "mips64le")
 
 #: The image config fields users may set, with the JSON type each takes.
-CONFIG_FIELDS: dict[str, type] = {
+CONFIG_FIELDS: dict[str, type[Any]] = {
     "Env": list, "Cmd": list, "Entrypoint": list, "ExposedPorts": dict, "WorkingDir": str, "User": str,
     "Labels": dict, "Volumes": dict, "StopSignal": str, "Healthcheck": dict, "OnBuild": list, "Shell": list,
     "ArgsEscaped": bool,
@@ -89,7 +89,7 @@ def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: 
         params["compressor"] = compressor
     ctx.actions.declare(mnemonic, inputs=inputs, outputs=outputs, params=params,
                         description=description or f"{mnemonic} {ctx.label}",
-                        uses={"compressors": [compressor]} if blob is not None else None)
+                        uses={"compressors": [compressor]} if compressor is not None and blob is not None else None)
     return LayerInfo(label=ctx.label, tar=tar, meta=meta, blob=blob, blob_meta=blob_meta,
                      blob_compressor=compressor if blob is not None else None)
 
