@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtbuild.engine.analysis import AnalysisResult, Analyzer
-from dtbuild.engine.errors import DtbuildError
+from dtbuild.engine.errors import BuildFailure, DtbuildError
 from dtbuild.engine.execution import ActionRunner, ExecutionStats, PluginItems, action_key
 from dtbuild.engine.labels import Label, parse_pattern
 from dtbuild.engine.load import Loader
@@ -23,6 +23,7 @@ from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager,
 from dtbuild.engine.sources import SourceDigests
 from dtbuild.engine.store import Store
 from dtbuild.engine.workspace import Workspace
+from dtbuild.plugins.image_description import ImageDescription, ImageDescriptionError
 from dtbuild.rules.api import ActionDecl
 from dtbuild.rules.providers import ImageInfo
 
@@ -44,12 +45,16 @@ class BuildResult:
     labels: list[Label]
     stats: ExecutionStats
     outputs: dict[str, list[str]] = field(default_factory=dict)  # label -> workspace-relative paths
-    images: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> name.json content
+    images: dict[str, ImageDescription] = field(default_factory=dict)  # label -> its name.json
     error: DtbuildError | None = None
+
+    def _manifest_digest(self, label: str) -> str | None:
+        image = self.images.get(label)
+        return image.manifest_digest if image is not None else None
 
     def summary(self) -> dict[str, Any]:
         return {
-            "targets": {label: {"outputs": paths, "manifest_digest": self.images.get(label, {}).get("manifest_digest")}
+            "targets": {label: {"outputs": paths, "manifest_digest": self._manifest_digest(label)}
                         for label, paths in sorted(self.outputs.items())},
             "actions": {"executed": self.stats.executed, "cached": self.stats.cached,
                         "remote_cached": self.stats.remote_cached, "failed": self.stats.failed,
@@ -108,7 +113,9 @@ class Session:
             cls = kinds[name]
             kinds[name] = type(cls.__name__, (cls,), {"VERSION": f"{cls.VERSION}+{digest}"})
         return PluginItems(kinds, dict(self.registry.get("executors")), dict(self.registry.get("compressors")),
-                           self.pm.hook, fingerprints=self.registry.fingerprints(plugin_distributions(self.pm)))
+                           self.pm.hook, fingerprints=self.registry.fingerprints(plugin_distributions(self.pm)),
+                           workspace_root=self.workspace.root, cache_dir=self.workspace.cache_dir(),
+                           settings=self.workspace.settings())
 
     def _results_index_path(self) -> str:
         return os.path.join(self.workspace.state_dir, RESULTS_INDEX_FILE)
@@ -175,8 +182,11 @@ class Session:
                     result.outputs[str(label)] = paths
                     image = target.providers.get(ImageInfo)
                     if isinstance(image, ImageInfo) and image.description is not None:
-                        result.images[str(label)] = json.loads(runner.read_output(
-                            image.description.path, lambda value: store.read_blob(value.digest)))
+                        data = runner.read_output(image.description.path, lambda value: store.read_blob(value.digest))
+                        try:
+                            result.images[str(label)] = ImageDescription.from_json(data, image.description.path)
+                        except ImageDescriptionError as e:
+                            raise BuildFailure(str(e), target=str(label)) from None
             except DtbuildError as e:  # a full disk, a blob wrong again after its rebuild
                 result.error = result.error or e
             finally:

@@ -160,12 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
     from dtbuild.engine.build import Session
     from dtbuild.engine.workspace import find_workspace
-    from dtbuild.plugins.interfaces import SANDBOX_ENV
 
     extra = [("reporter", reporter)] if reporter is not None else []
     workspace = find_workspace()
-    # Executors read the command sandbox from the environment (they get no settings).
-    os.environ[SANDBOX_ENV] = workspace.sandbox_commands()
+    # Bad settings (and environment overrides) fail here, before any BUILD file is read.
+    workspace.settings()
     return Session(workspace, blocked=_blocked(args.plugin_flags), extra_plugins=extra)
 
 
@@ -351,10 +350,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     _, reader, artifact, _ = _single_image(args)
     tree = ImageTree(reader, artifact)
     desc = tree.description
-    print(f"image: {shown(desc['label'])}")
-    print(f"tags: {', '.join(shown(t) for t in desc['repo_tags'])}")
-    print(f"manifest: {shown(desc['manifest_digest'])}")
-    print(f"config: {shown(desc['config_digest'])}")
+    print(f"image: {shown(desc.label)}")
+    print(f"tags: {', '.join(shown(t) for t in desc.repo_tags)}")
+    print(f"manifest: {shown(desc.manifest_digest)}")
+    print(f"config: {shown(desc.config_digest)}")
     config = tree.config
     print(f"platform: {shown(config.get('os'))}/{shown(config.get('architecture'))}  "
           f"created: {shown(config.get('created'))}")
@@ -363,14 +362,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for line in json.dumps(config.get("config") or {}, indent=2, sort_keys=True).splitlines():
         print("  " + shown(line))
     history = [h for h in config.get("history", []) if not h.get("empty_layer")]
-    print(f"layers ({len(desc['layers'])}):")
-    for i, layer in enumerate(desc["layers"]):
+    print(f"layers ({len(desc.layers)}):")
+    for i, layer in enumerate(desc.layers):
         files = dirs = 0
         top: dict[str, int] = {}
         # Read as every untrusted tar is (names normalised and checked): layers of
         # imported and pulled images come from anywhere.
         try:
-            with tree.layer_opener(layer["diff_id"])() as f:
+            with tree.layer_opener(layer.diff_id)() as f:
                 for member, _ in tar_extract.read_entries(f, compressed=False, lower_files=lambda _path: True):
                     if member.kind == "dir":
                         dirs += 1
@@ -379,12 +378,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                         head = "/" + member.path.split("/", 1)[0]
                         top[head] = top.get(head, 0) + 1
         except tar_extract.UnsafeArchive as e:
-            where = f"layer {i + 1} ({layer['diff_id']})"
+            where = f"layer {i + 1} ({layer.diff_id})"
             raise BuildFailure(f"cannot list the files of {where}: {e}", hint=e.hint or None) from None
         created_by = history[i].get("created_by", "") if i < len(history) else ""
-        tar_size = tree.entry("layers/" + layer["diff_id"].removeprefix("sha256:")).size
-        print(f"  {i + 1}. {shown(layer['digest'])}  {size(layer['size'])}  {shown(layer['media_type'])}")
-        print(f"     diff_id {shown(layer['diff_id'])}; {size(tar_size)} uncompressed; {files} files, "
+        tar_size = tree.entry("layers/" + layer.diff_id.removeprefix("sha256:")).size
+        print(f"  {i + 1}. {shown(layer.digest)}  {size(layer.size)}  {shown(layer.media_type)}")
+        print(f"     diff_id {shown(layer.diff_id)}; {size(tar_size)} uncompressed; {files} files, "
               f"{dirs} directories")
         # Layers dtbuild wrote say which packages they hold: "dtbuild LABEL (p1, p2)".
         made = re.fullmatch(r"dtbuild (\S+)(?: customisation)? \((.*)\)", created_by)
@@ -469,7 +468,7 @@ def _cmd_load(args: argparse.Namespace) -> int:
     argv = _load_command(args.tool)  # before building: a missing tool fails fast
     _, reader, artifact, _ = _single_image(args)
     tool = os.path.basename(argv[0])
-    tags = ImageTree(reader, artifact).description.get("repo_tags") or []
+    tags = list(ImageTree(reader, artifact).description.repo_tags)
     # Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
     # and a local pipe gains nothing from compression.
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sys.stderr)

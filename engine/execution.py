@@ -22,6 +22,7 @@ outputs enter the cache, so bad bytes never become a cached result.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import queue
 import threading
@@ -52,7 +53,9 @@ from dtbuild.plugins.interfaces import (
     CommandResult,
     Compressor,
     Executor,
+    ExecutorContext,
     InputArtifact,
+    Settings,
     TreeEntry,
 )
 from dtbuild.rules.api import ActionDecl
@@ -95,7 +98,13 @@ class PluginItems:
     #: Version text of every registered object by registry and name (its ``VERSION``,
     #: plus the source digest of a workspace module or the version of its distribution).
     fingerprints: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: The workspace's root, cache directory and settings, handed to executors in their
+    #: :class:`ExecutorContext` and to actions as ``ctx.settings``.
+    workspace_root: str = ""
+    cache_dir: str = ""
+    settings: Settings = field(default_factory=Settings)
     _instances: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fingerprint(self, registry: str, name: str) -> str:
         """The version text of a registered object; "unregistered" for a name no plugin
@@ -121,21 +130,49 @@ class PluginItems:
             inst = self._instances["c:" + name] = cls()
         return inst
 
+    def executor_context(self, name: str) -> ExecutorContext:
+        """The context executor ``name`` is made with."""
+
+        def log(message: str) -> None:
+            self.hook.dtbuild_action_log(label=f"{name} executor", mnemonic=name, message=message)
+
+        return ExecutorContext(self.workspace_root, self.cache_dir, self.settings, log)
+
+    def executor_instance(self, name: str) -> Executor:
+        """The build's one instance of executor ``name``, made with its context:
+        ``cls(context)``, or ``cls()`` (then given ``context``) for a class whose
+        constructor takes no argument."""
+        with self._lock:
+            inst = self._instances.get("e:" + name)
+            if inst is None:
+                cls = self.executors[name]
+                context = self.executor_context(name)
+                try:
+                    inspect.signature(cls).bind(context)
+                    takes_context = True
+                except (TypeError, ValueError):
+                    takes_context = False
+                if takes_context:
+                    inst = cls(context)
+                else:
+                    inst = cls()
+                    inst.context = context
+                self._instances["e:" + name] = inst
+            return inst
+
     def executor(self, mnemonic: str, requested: str) -> Executor:
-        available = [name for name, cls in sorted(self.executors.items()) if cls.unavailable_reason() is None]
+        available = [name for name in sorted(self.executors)
+                     if self.executor_instance(name).unavailable_reason() is None]
         chosen = self.hook.dtbuild_select_executor(mnemonic=mnemonic, requested=requested, available=available)
         if chosen is None:
             chosen = requested if requested != "auto" else (available[0] if available else None)
         if chosen is None or chosen not in self.executors:
             raise ActionFailed(f"no executor {requested!r} is registered "
                                f"(registered: {', '.join(sorted(self.executors)) or 'none'})")
-        cls = self.executors[chosen]
-        reason = cls.unavailable_reason()
+        inst = self.executor_instance(chosen)
+        reason = inst.unavailable_reason()
         if reason is not None:
             raise ActionFailed(f"the {chosen} executor cannot run here: {reason}")
-        inst = self._instances.get("e:" + chosen)
-        if inst is None:
-            inst = self._instances["e:" + chosen] = cls()
         return inst
 
 
@@ -208,6 +245,7 @@ class ActionContextImpl:
         self._store = runner.store
         self.action = action
         self.params = action.params
+        self.settings = runner.plugins.settings
         self._inputs = inputs
         self.work_dir = work_dir
         self.scratch_dir = os.path.join(work_dir, "scratch")

@@ -178,31 +178,33 @@ def push_image(reader: Any, artifact: Any, refs: Sequence[tuple[str, str, str | 
     """Push the image tree ``artifact`` (read through ``reader``, a StoreReader) to
     ``refs`` (from :func:`parse_targets`). Returns one outcome per repository.
     ``limits`` (a ``NetworkLimits``) default to the ``[network]`` settings of the
-    workspace around the working directory and the ``DTBUILD_NETWORK_*`` variables.
+    workspace around the working directory (with the ``DTBUILD_NETWORK_*`` overrides), as
+    :class:`~dtbuild.engine.workspace.Workspace` gives them.
 
     :raises UsageError: when the image cannot have the asked manifest format.
     :raises WorkspaceError: when a ``[network]`` setting is malformed.
     :raises PushFailed: when a registry fails, with what failed and how to go on.
     """
-    from dtbuild.plugins.builtin.network_limits import NetworkSettingError, configured_limits
+    from dtbuild.engine.workspace import find_workspace
+    from dtbuild.plugins.builtin.network_limits import NetworkSettingError, limits_from
     from dtbuild.plugins.builtin.registry_client import RegistryClient, RegistryError
 
     if limits is None:
         try:
-            limits = configured_limits()
+            limits = limits_from(find_workspace().settings())
         except NetworkSettingError as e:
             raise WorkspaceError(e.message, hint=e.hint) from None
     cancel = cancel or threading.Event()
     tree = ImageTree(reader, artifact)
     description = tree.description
-    repo_tag = (description.get("repo_tags") or ["image:latest"])[0]
+    repo_tag = (description.repo_tags or ("image:latest",))[0]
     targets = group_targets(refs, imageformat.split_repo_tag(repo_tag)[1])
     manifest, media_type = _manifest(tree, manifest_format)
     config = tree.entry("config.json")
-    blobs = {description["config_digest"]: _Blob(description["config_digest"], config.size, config.digest)}
-    for layer in description["layers"]:
-        entry = tree.entry("blobs/" + layer["digest"].removeprefix("sha256:"))
-        blobs.setdefault(layer["digest"], _Blob(layer["digest"], entry.size, entry.digest))
+    blobs = {description.config_digest: _Blob(description.config_digest, config.size, config.digest)}
+    for layer in description.layers:
+        entry = tree.entry("blobs/" + layer.digest.removeprefix("sha256:"))
+        blobs.setdefault(layer.digest, _Blob(layer.digest, entry.size, entry.digest))
     # Largest first: long uploads start early, and run side by side with the small ones.
     ordered = sorted(blobs.values(), key=lambda b: (-b.size, b.digest))
     record = MountRecord(os.path.join(state_dir, MOUNT_RECORD_FILE))
@@ -214,7 +216,7 @@ def push_image(reader: Any, artifact: Any, refs: Sequence[tuple[str, str, str | 
             if client is None:
                 client = clients[target.registry] = RegistryClient(target.registry, tls_verify=not insecure,
                                                                    max_connections=transfers, limits=limits)
-            report(f"pushing {description['label']} to {target.name} ({', '.join(target.tags)}): "
+            report(f"pushing {description.label} to {target.name} ({', '.join(target.tags)}): "
                    f"{len(ordered)} blob(s)")
             try:
                 outcome = _push_to(client, target, ordered, reader, record, transfers, cancel, report)
@@ -241,10 +243,10 @@ def _manifest(tree: ImageTree, manifest_format: str) -> tuple[bytes, str]:
     description = tree.description
     try:
         manifest = imageformat.make_manifest(
-            description["config_digest"], len(tree.config_bytes),
-            [(d["digest"], d["size"], d["media_type"]) for d in description["layers"]], oci=False)
+            description.config_digest, len(tree.config_bytes),
+            [(d.digest, d.size, d.media_type) for d in description.layers], oci=False)
     except ValueError as e:
-        raise UsageError(f"{description['label']} cannot be pushed with Docker media types: {e}",
+        raise UsageError(f"{description.label} cannot be pushed with Docker media types: {e}",
                          hint="push it with --format oci, or build it with compressor = \"gz\"") from None
     return manifest, imageformat.DOCKER_MANIFEST_MEDIA_TYPE
 

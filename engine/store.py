@@ -57,17 +57,13 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from dtbuild.engine.errors import StoreError
+from dtbuild.plugins.canonical import canonical_json
 from dtbuild.plugins.interfaces import TreeEntry
 
 #: mtime of every blob in the store: any later write to a blob changes it.
 SENTINEL_MTIME_NS = 1_000_000_000 * 1_000_000_000
 _CHUNK = 1 << 20
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no insignificant white space, UTF-8: the same value gives the same bytes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 _buffers = threading.local()

@@ -1,14 +1,30 @@
 """The workspace: its root (the directory holding ``dtbuild.toml``), its settings, and
-where outputs and the cache go."""
+where outputs and the cache go.
+
+This module is the one owner of settings: it finds ``dtbuild.toml`` (walking up from the
+working directory), parses it (invalid TOML is an error with file:line), checks every
+section and key against :data:`SETTINGS` (unknown ones are errors with a did-you-mean),
+applies the environment overrides (``DTBUILD_SANDBOX``, ``DTBUILD_NETWORK_*``,
+``DTBUILD_VM_ACCEL``) once, and hands the result to plugins as a read-only
+:class:`~dtbuild.plugins.interfaces.Settings` (executors in their ``ExecutorContext``,
+action kinds as ``ctx.settings``). Values a plugin owns the meaning of (``[network]``
+sizes, ``[vm]`` paths) are checked by that plugin when it uses them.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
-from dtbuild.engine.errors import WorkspaceError
+from dtbuild.engine.errors import Location, WorkspaceError, did_you_mean
 from dtbuild.engine.labels import STATE_DIR_NAME
+
+if TYPE_CHECKING:
+    from dtbuild.plugins.interfaces import Settings
 
 WORKSPACE_FILE = "dtbuild.toml"
 BUILD_FILE_NAMES = ("BUILD", "BUILD.dtbuild")
@@ -25,10 +41,58 @@ SANDBOX_COMMANDS_DOC = (
 SANDBOX_COMMANDS = ("bwrap", "none")
 
 
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    """One key of dtbuild.toml."""
+
+    doc: str
+    #: The environment variable that overrides it for one run (it wins over the file).
+    env: str | None = None
+
+
+def _network(name: str, doc: str) -> SettingSpec:
+    return SettingSpec(doc, "DTBUILD_NETWORK_" + name.upper())
+
+
+#: Every section and key dtbuild.toml may hold. A plugin that reads a setting reads it
+#: from the Settings the engine hands it; tests keep this table and the plugins in step.
+SETTINGS: Mapping[str, Mapping[str, SettingSpec]] = {
+    "cache": {"dir": SettingSpec("the cache directory, relative to the workspace root; $DTBUILD_CACHE_DIR "
+                                 "wins over it, the XDG cache directory is the default")},
+    "plugins": {"modules": SettingSpec("workspace plugins: Python files (relative to the workspace root) or "
+                                       "importable module names")},
+    # SPEC.md's remote settings; the remote cache and executor are not built yet, so
+    # they are accepted (a workspace written for them loads) and not used.
+    "remote": {"cache": SettingSpec("the URL of a remote cache (not used yet)"),
+               "executor": SettingSpec("the URL of a remote executor (not used yet)"),
+               "upload": SettingSpec("whether to upload results to the remote cache (not used yet)"),
+               "instance_name": SettingSpec("the REAPI instance name (not used yet)"),
+               "headers": SettingSpec("extra headers for remote requests (not used yet)")},
+    "sandbox": {"commands": SettingSpec(SANDBOX_COMMANDS_DOC, "DTBUILD_SANDBOX")},
+    "network": {
+        "connect_timeout": _network("connect_timeout", "seconds to open a connection (TCP and TLS)"),
+        "timeout": _network("timeout", "seconds a server may take to start answering or stay silent"),
+        "min_rate": _network("min_rate", "bytes per second a transfer must average over every timeout window"),
+        "deadline": _network("deadline", "seconds one operation, with all its retries, may take"),
+        "max_document": _network("max_document", "bytes a manifest, index, config or token answer may have"),
+        "max_download": _network("max_download", "bytes a fetch_url download may have"),
+    },
+    "vm": {
+        "qemu": SettingSpec("the qemu-system-x86_64 to run (default: the one on PATH)"),
+        "kernel": SettingSpec("the guest kernel (default: the newest readable /boot/vmlinuz-*)"),
+        "modules": SettingSpec("the guest kernel's modules directory (default: /lib/modules/<version>)"),
+        "busybox": SettingSpec("a static busybox for the initramfs (default: /bin/busybox and the like)"),
+        "accel": SettingSpec("auto, kvm or tcg", "DTBUILD_VM_ACCEL"),
+        "kvm_probe_timeout": SettingSpec("seconds a KVM boot of the probe may take before KVM counts as unusable"),
+    },
+}
+
+
 @dataclass
 class Workspace:
     root: str
     config: dict[str, Any] = field(default_factory=dict)
+    _settings: Settings | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def out_dir(self) -> str:
@@ -49,6 +113,36 @@ class Workspace:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         return os.path.join(xdg, "dtbuild")
 
+    def settings(self, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings plugins see: dtbuild.toml's sections with the environment
+        overrides of :data:`SETTINGS` applied (a non-empty variable wins over the file),
+        read-only. Computed once (for ``os.environ``).
+
+        :raises WorkspaceError: for a bad ``[sandbox] commands`` or ``DTBUILD_SANDBOX``.
+        """
+        if environ is None and self._settings is not None:
+            return self._settings
+        from dtbuild.plugins.interfaces import Settings
+
+        env = os.environ if environ is None else environ
+        sections: dict[str, Mapping[str, Any]] = {}
+        origins: dict[str, str] = {}
+        for name, keys in SETTINGS.items():
+            table = self.config.get(name)
+            values = {k: _frozen(v) for k, v in table.items()} if isinstance(table, dict) else {}
+            for key, spec in keys.items():
+                override = env.get(spec.env, "").strip() if spec.env else ""
+                if spec.env and override:
+                    values[key] = override
+                    origins[f"{name}.{key}"] = spec.env
+            if values or isinstance(table, dict):
+                sections[name] = MappingProxyType(values)
+        settings = Settings(MappingProxyType(sections), MappingProxyType(origins))
+        self._check_sandbox(settings)
+        if environ is None:
+            self._settings = settings
+        return settings
+
     def remote_cache(self) -> str | None:
         value = self.config.get("remote", {}).get("cache")
         return str(value) if value else None
@@ -56,29 +150,18 @@ class Workspace:
     def sandbox_commands(self) -> str:
         """The command sandbox: ``$DTBUILD_SANDBOX``, else ``[sandbox] commands``, else
         ``bwrap``. See :data:`SANDBOX_COMMANDS_DOC`."""
-        from dtbuild.engine.errors import did_you_mean
-        from dtbuild.plugins.interfaces import SANDBOX_ENV
+        return str(self.settings().setting("sandbox", "commands", "bwrap"))
 
-        env = os.environ.get(SANDBOX_ENV, "").strip()
-        if env:
-            if env not in SANDBOX_COMMANDS:
-                raise WorkspaceError(f"{SANDBOX_ENV} must be one of {', '.join(SANDBOX_COMMANDS)}, but was {env!r}",
-                                     hint=did_you_mean(env, SANDBOX_COMMANDS))
-            return env
-        section = self.config.get("sandbox", {})
-        if not isinstance(section, dict):
-            raise WorkspaceError("[sandbox] must be a table, such as [sandbox] commands = \"bwrap\"",
-                                 location=_config_location(self.root))
-        unknown = sorted(set(section) - {"commands"})
-        if unknown:
-            raise WorkspaceError(f"[sandbox] has no setting {unknown[0]!r} (settings: commands)",
-                                 location=_config_location(self.root), hint=did_you_mean(unknown[0], ["commands"]))
-        value = section.get("commands", "bwrap")
-        if value not in SANDBOX_COMMANDS:
-            raise WorkspaceError(f"[sandbox] commands must be one of {', '.join(SANDBOX_COMMANDS)}, but was {value!r}",
-                                 location=_config_location(self.root),
-                                 hint=did_you_mean(value, SANDBOX_COMMANDS) if isinstance(value, str) else None)
-        return str(value)
+    def _check_sandbox(self, settings: Settings) -> None:
+        value = settings.setting("sandbox", "commands", "bwrap")
+        if value in SANDBOX_COMMANDS:
+            return
+        hint = did_you_mean(value, SANDBOX_COMMANDS) if isinstance(value, str) else None
+        origin = settings.origins.get("sandbox.commands")
+        if origin is not None:
+            raise WorkspaceError(f"{origin} must be one of {', '.join(SANDBOX_COMMANDS)}, but was {value!r}", hint=hint)
+        raise WorkspaceError(f"[sandbox] commands must be one of {', '.join(SANDBOX_COMMANDS)}, but was {value!r}",
+                             location=_key_location(self.root, "sandbox", "commands"), hint=hint)
 
     def plugin_modules(self) -> list[str]:
         modules = self.config.get("plugins", {}).get("modules", [])
@@ -98,10 +181,64 @@ class Workspace:
         return rel.replace(os.sep, "/")
 
 
-def _config_location(root: str):  # -> Location, imported lazily with errors
-    from dtbuild.engine.errors import Location
-
+def _config_location(root: str) -> Location:
     return Location(os.path.join(root, WORKSPACE_FILE))
+
+
+def _frozen(value: Any) -> Any:
+    """A TOML value that plugins cannot change: tables read-only, arrays tuples."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _key_location(root: str, section: str, key: str | None = None) -> Location:
+    """file:line of ``[section]`` (or of ``key`` in it) in dtbuild.toml, best effort:
+    the file without a line where the text is not found (a dotted key, an inline table)."""
+    path = os.path.join(root, WORKSPACE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return Location(path)
+    header = re.compile(r"^\s*\[\s*" + re.escape(section) + r"\s*\]")
+    any_header = re.compile(r"^\s*\[")
+    assignment = re.compile(r"^\s*" + re.escape(key if key is not None else section) + r"\s*[=.]")
+    inside = False
+    for number, line in enumerate(lines, 1):
+        if header.match(line):
+            if key is None:
+                return Location(path, number)
+            inside = True
+        elif any_header.match(line):
+            inside = False
+        elif (inside or key is None) and assignment.match(line):
+            return Location(path, number)
+    return Location(path)
+
+
+def validate_config(root: str, config: Mapping[str, Any]) -> None:
+    """Check that every section and key of a parsed dtbuild.toml is one of
+    :data:`SETTINGS`, and that each section is a table.
+
+    :raises WorkspaceError: naming the first unknown section or key, where it is, the
+        valid names and the closest one.
+    """
+    for name in config:
+        if name not in SETTINGS:
+            raise WorkspaceError(f"{WORKSPACE_FILE} has no section [{name}] (sections: {', '.join(sorted(SETTINGS))})",
+                                 location=_key_location(root, name), hint=did_you_mean(name, sorted(SETTINGS)))
+        table = config[name]
+        keys = sorted(SETTINGS[name])
+        if not isinstance(table, dict):
+            raise WorkspaceError(f"[{name}] in {WORKSPACE_FILE} must be a table, such as [{name}] {keys[0]} = ...",
+                                 location=_key_location(root, name))
+        for key in table:
+            if key not in SETTINGS[name]:
+                raise WorkspaceError(f"[{name}] has no setting {key!r} (settings: {', '.join(keys)})",
+                                     location=_key_location(root, name, key), hint=did_you_mean(key, keys))
 
 
 def find_workspace(start: str | None = None) -> Workspace:
@@ -112,7 +249,9 @@ def find_workspace(start: str | None = None) -> Workspace:
     while True:
         candidate = os.path.join(probe, WORKSPACE_FILE)
         if os.path.isfile(candidate):
-            return Workspace(probe, _read_config(candidate))
+            config = _read_config(candidate)
+            validate_config(probe, config)
+            return Workspace(probe, config)
         parent = os.path.dirname(probe)
         if parent == probe:
             raise WorkspaceError(
@@ -129,8 +268,22 @@ def _read_config(path: str) -> dict[str, Any]:
     import tomllib  # ~25 ms: only when there is something to parse
 
     try:
-        return tomllib.loads(data.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        from dtbuild.engine.errors import Location
-
-        raise WorkspaceError(f"{WORKSPACE_FILE} is not valid TOML: {e}", location=Location(path)) from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise WorkspaceError(f"{WORKSPACE_FILE} is not UTF-8 text: {e}", location=Location(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib says "... (at line 3, column 7)": the location goes in front, as for BUILD files.
+        said = str(e)
+        where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", said)
+        if where is None:
+            where = re.search(r"\s*\(at end of document\)$", said)
+            line = col = None
+            if where is not None:
+                line = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
+        else:
+            line, col = int(where.group(1)), int(where.group(2))
+        message = said[:where.start()] if where is not None else said
+        raise WorkspaceError(f"{WORKSPACE_FILE} is not valid TOML: {message}", location=Location(path, line, col),
+                             hint="see https://toml.io for the syntax") from None

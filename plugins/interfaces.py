@@ -11,9 +11,54 @@ the narrow :class:`ActionContext` protocol below.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import IO, Any, ClassVar, Literal, Protocol
+
+# --------------------------------------------------------------------------- settings
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Settings(Mapping[str, Mapping[str, Any]]):
+    """The workspace's settings: the sections of ``dtbuild.toml`` as the engine parsed and
+    validated them (section -> key -> TOML value), with the environment overrides the
+    settings document (``DTBUILD_SANDBOX``, ``DTBUILD_NETWORK_*``, ``DTBUILD_VM_ACCEL``)
+    already applied. Read-only; the engine builds it once per command, so a plugin never
+    looks for ``dtbuild.toml`` or reads those variables itself.
+
+    ``settings["network"]`` raises KeyError for an absent section; :meth:`section` gives an
+    empty mapping instead, :meth:`setting` one value with a default.
+    """
+
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _EMPTY)
+    #: Where each value came from, by ``"section.key"``: ``"[network] timeout in
+    #: dtbuild.toml"`` or the environment variable's name. For error messages.
+    origins: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    def __getitem__(self, section: str) -> Mapping[str, Any]:
+        return self.sections[section]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sections)
+
+    def __len__(self) -> int:
+        return len(self.sections)
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        """The keys of section ``name`` (empty when dtbuild.toml has none)."""
+        return self.sections.get(name, _EMPTY)
+
+    def setting(self, section: str, key: str, default: Any = None) -> Any:
+        """``[section] key``, or ``default`` when it is not set."""
+        return self.section(section).get(key, default)
+
+    def origin(self, section: str, key: str) -> str:
+        """Where ``[section] key`` came from, for a message that names it."""
+        return self.origins.get(f"{section}.{key}", f"[{section}] {key} in dtbuild.toml")
+
 
 # --------------------------------------------------------------------------- artifacts
 
@@ -58,6 +103,10 @@ class ActionContext(Protocol):
     params: Mapping[str, Any]
     #: A private, empty scratch directory, removed after the action.
     scratch_dir: str
+    #: The workspace's settings (dtbuild.toml with its environment overrides applied),
+    #: read-only: ``ctx.settings.setting("network", "timeout", 30)``. Settings change
+    #: how an action runs, never what it produces, so they are not part of its key.
+    settings: Settings
 
     def inputs(self, name: str) -> Sequence[InputArtifact]:
         """The artifacts bound to input slot ``name`` (empty when the slot is absent)."""
@@ -149,10 +198,32 @@ class ActionFailed(Exception):
 # --------------------------------------------------------------------------- executors
 
 
-#: The environment variable that carries the user's choice of command sandbox to
-#: executors: ``bwrap`` (the default) or ``none``. The CLI exports ``[sandbox] commands``
-#: of dtbuild.toml there; a value the user set for one run wins over the setting.
+#: The environment variable that overrides ``[sandbox] commands`` of dtbuild.toml for one
+#: run (``bwrap`` or ``none``). The engine applies it to :class:`Settings`; executors read
+#: the setting, never the variable.
 SANDBOX_ENV = "DTBUILD_SANDBOX"
+
+
+def _discard(message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorContext:
+    """What the engine gives an :class:`Executor` when it makes one (once per build)."""
+
+    #: The workspace root (the directory holding dtbuild.toml).
+    workspace_root: str
+    #: The cache directory (``$DTBUILD_CACHE_DIR``, ``[cache] dir`` or the XDG one); an
+    #: executor keeps its own files in a subdirectory named after it.
+    cache_dir: str
+    settings: Settings = field(default_factory=Settings)
+    #: A line for the user, not tied to one action (``KVM is not usable ...``).
+    log: Callable[[str], None] = field(default=_discard, compare=False)
+
+    def setting(self, section: str, key: str, default: Any = None) -> Any:
+        """``[section] key`` of the workspace's settings, or ``default``."""
+        return self.settings.setting(section, key, default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,14 +251,29 @@ class CommandResult:
 
 
 class Executor(abc.ABC):
-    """Runs commands for actions: a local sandbox, a namespace, a VM, a remote cluster."""
+    """Runs commands for actions: a local sandbox, a namespace, a VM, a remote cluster.
+
+    The engine makes one instance per build with ``cls(context)``, an
+    :class:`ExecutorContext`; the base ``__init__`` keeps it as ``self.context``. A
+    subclass whose ``__init__`` takes no argument still works: the engine then calls
+    ``cls()`` and sets ``context`` on the instance. ``context`` is None only for an
+    executor made outside a build (a test): it then has no workspace and default settings.
+    """
 
     NAME: ClassVar[str]
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """``None`` when this executor works on this machine, else what is missing and
-        how to get it."""
+    def __init__(self, context: ExecutorContext | None = None) -> None:
+        self.context = context
+
+    @property
+    def settings(self) -> Settings:
+        """The workspace's settings (empty outside a build)."""
+        return self.context.settings if self.context is not None else Settings()
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` when this executor works on this machine (with these settings), else
+        what is missing and how to get it. Called on the instance, so it may read
+        ``self.context``; one that needs no settings may be a classmethod."""
         return None
 
     @abc.abstractmethod

@@ -45,7 +45,7 @@ class LocalExecutor(Executor):
 
     def run(self, request: CommandRequest, cancel: CancelToken) -> CommandResult:
         argv = list(request.argv)
-        if sandbox_mode() == "bwrap":
+        if sandbox_mode(self.settings) == "bwrap":
             argv = confine_argv(argv, writable=[request.cwd, *request.writable], readonly=request.readonly,
                                 network=request.network)
         elif not request.network:

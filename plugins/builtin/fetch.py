@@ -21,8 +21,8 @@ from dtbuild.plugins.builtin.network_limits import (
     Clock,
     LimitExceeded,
     NetworkSettingError,
-    configured_limits,
     headers_within,
+    limits_from,
     pool_manager,
     read_body,
     seconds_text,
@@ -127,7 +127,7 @@ class FetchUrl(ActionKind):
         expected = ctx.params["sha256"]
         extract = ctx.params["extract"]
         try:
-            limits = configured_limits()
+            limits = limits_from(ctx.settings)
         except NetworkSettingError as e:
             raise ActionFailed(e.message + (f" (hint: {e.hint})" if e.hint else "")) from None
         errors: list[str] = []

@@ -4,6 +4,9 @@ DockerArchive, OciLayout and ImageImport.
 An image travels between actions as an *image tree* (docs/image-tree.md) whose files
 are blobs of the store: ``image.json``, ``config.json``, ``manifest.json``,
 ``layers/<diff_id hex>`` and ``blobs/<digest hex>``. Building one copies no layer bytes.
+The documents themselves (config, manifest, index, archives) are written by
+:mod:`dtbuild.plugins.builtin.imageformat`, the description by
+:class:`dtbuild.plugins.image_description.ImageDescription`.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from dtbuild.plugins.builtin import imageformat
 from dtbuild.plugins.builtin.layer_contents import ContentConflict, DirAttrs, MergedTree, Node, base_directories
 from dtbuild.plugins.builtin.layertar import LayerEntry, sorted_entries, write_layer
+from dtbuild.plugins.canonical import canonical_json
+from dtbuild.plugins.image_description import ImageDescription, ImageDescriptionError, LayerDescriptor
 from dtbuild.plugins.interfaces import (
     ActionContext,
     ActionFailed,
@@ -29,13 +34,9 @@ from dtbuild.plugins.interfaces import (
     TreeEntry,
 )
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-
-
-#: Canonical JSON (sorted keys, no spaces, UTF-8): the same value gives the same bytes.
-canonical = imageformat.canonical_json
+#: The one canonical JSON (:mod:`dtbuild.plugins.canonical`), under the name the action
+#: kinds built on these use.
+canonical = canonical_json
 
 
 class _Hashing:
@@ -67,7 +68,10 @@ class ImageTree:
     def __init__(self, ctx: ActionContext, artifact: InputArtifact) -> None:
         self.ctx = ctx
         self.files = {e.path: e for e in ctx.walk_tree(artifact) if e.kind == "file"}
-        self.description = json.loads(self.read("image.json"))
+        try:
+            self.description = ImageDescription.from_json(self.read("image.json"), "the image tree's image.json")
+        except ImageDescriptionError as e:
+            raise ActionFailed(f"{artifact.path}: {e}") from None
         self.config_bytes = self.read("config.json")
         self.config = json.loads(self.config_bytes)
         self.manifest_bytes = self.read("manifest.json")
@@ -94,12 +98,14 @@ class ImageTree:
         return list(self.files.values())
 
 
-def image_tree_entries(ctx: ActionContext, *, description: dict[str, Any], config: bytes, manifest: bytes,
-                       layers: list[tuple[str, str, int]], blobs: list[tuple[str, str, int]]) -> list[TreeEntry]:
+def image_tree_entries(ctx: ActionContext, *, description: ImageDescription, config: bytes, manifest: bytes,
+                       layers: Sequence[tuple[str, str, int]], blobs: Sequence[tuple[str, str, int]]
+                       ) -> list[TreeEntry]:
     """Entries of an image tree. ``layers``: (diff_id, store digest of the tar, size);
     ``blobs``: (digest, store digest, size)."""
     entries = []
-    for name, data in (("image.json", canonical(description)), ("config.json", config), ("manifest.json", manifest)):
+    for name, data in (("image.json", description.to_canonical_json()), ("config.json", config),
+                       ("manifest.json", manifest)):
         entries.append(TreeEntry(name, "file", 0o644, ctx.put_blob(data), len(data)))
     seen = set()
     for diff_id, digest, size in layers:
@@ -113,6 +119,32 @@ def image_tree_entries(ctx: ActionContext, *, description: dict[str, Any], confi
             seen.add(path)
             entries.append(TreeEntry(path, "file", 0o644, digest, size))
     return entries
+
+
+def describe_image(*, label: str, repo_tags: Sequence[str], config: bytes, layers: Sequence[LayerDescriptor],
+                   archive: str | None = None, oci_layout: str | None = None) -> tuple[ImageDescription, bytes]:
+    """The description of an image of ``config`` and ``layers``, and its OCI manifest
+    (written by :func:`imageformat.make_manifest`, whose digest the description holds)."""
+    config_digest = imageformat.sha256_digest(config)
+    try:
+        manifest = imageformat.make_manifest(config_digest, len(config),
+                                             [(d.digest, d.size, d.media_type) for d in layers], oci=True)
+    except ValueError as e:
+        raise ActionFailed(f"cannot write the image's manifest: {e}") from None
+    description = ImageDescription(label=label, repo_tags=tuple(repo_tags),
+                                   manifest_digest=imageformat.sha256_digest(manifest), config_digest=config_digest,
+                                   layers=tuple(layers), archive=archive, oci_layout=oci_layout)
+    return description, manifest
+
+
+def write_image(ctx: ActionContext, *, description: ImageDescription, config: bytes, manifest: bytes,
+                layers: Sequence[tuple[str, str, int]], blobs: Sequence[tuple[str, str, int]]) -> None:
+    """Write an image action's two outputs: the image tree (``image``, see
+    :func:`image_tree_entries`) and NAME.json (``description``)."""
+    ctx.output_tree("image", image_tree_entries(ctx, description=description, config=config, manifest=manifest,
+                                                layers=layers, blobs=blobs))
+    with open(ctx.output_path("description"), "wb") as f:
+        f.write(description.to_json())
 
 
 # --------------------------------------------------------------------------- LayerWrite
@@ -382,15 +414,16 @@ class ImageAssemble(ActionKind):
             # manifest; give each base layer one entry instead.
             history = [{"created": base_config.get("created", created), "created_by": "base image layer"}
                        for _ in diff_ids]
-        descriptors: list[dict[str, Any]] = list(base.description["layers"]) if base else []
+        descriptors: list[LayerDescriptor] = list(base.description.layers) if base else []
         layer_files: list[tuple[str, str, int]] = []
         blob_files: list[tuple[str, str, int]] = []
         if base:
             for d in descriptors:
-                layer_files.append((d["diff_id"], base.entry("layers/" + d["diff_id"][7:]).digest,
-                                    base.entry("layers/" + d["diff_id"][7:]).size))
-                blob_files.append((d["digest"], base.entry("blobs/" + d["digest"][7:]).digest,
-                                   base.entry("blobs/" + d["digest"][7:]).size))
+                layer_files.append((d.diff_id, base.entry("layers/" + d.diff_id[7:]).digest,
+                                    base.entry("layers/" + d.diff_id[7:]).size))
+                blob_files.append((d.digest, base.entry("blobs/" + d.digest[7:]).digest,
+                                   base.entry("blobs/" + d.digest[7:]).size))
+        new_history: list[dict[str, Any]] = []
         tars = ctx.inputs("layer_tars")
         metas = ctx.inputs("layer_metas")
         blobs = ctx.inputs("blobs")
@@ -400,45 +433,31 @@ class ImageAssemble(ActionKind):
                 meta = json.loads(f.read())
             diff_ids.append(meta["diff_id"])
             packages = ", ".join(meta.get("packages", [])) or "no packages"
-            history.append({"created": created, "created_by": f"dtbuild {p['layer_labels'][i]} ({packages})",
-                            "comment": "dtbuild"})
+            new_history.append({"created": created, "created_by": f"dtbuild {p['layer_labels'][i]} ({packages})",
+                                "comment": "dtbuild"})
             layer_files.append((meta["diff_id"], tar.digest, tar.size))
             if blobs:
                 with ctx.open_input(blob_metas[i]) as f:
                     bmeta = json.loads(f.read())
-                descriptors.append({"digest": bmeta["digest"], "diff_id": meta["diff_id"], "size": bmeta["size"],
-                                    "media_type": bmeta["media_type"]})
+                descriptors.append(LayerDescriptor(digest=bmeta["digest"], diff_id=meta["diff_id"],
+                                                   size=bmeta["size"], media_type=bmeta["media_type"]))
                 blob_files.append((bmeta["digest"], blobs[i].digest, blobs[i].size))
             else:
-                descriptors.append({"digest": meta["diff_id"], "diff_id": meta["diff_id"], "size": meta["size"],
-                                    "media_type": "application/vnd.oci.image.layer.v1.tar"})
+                descriptors.append(LayerDescriptor(digest=meta["diff_id"], diff_id=meta["diff_id"], size=meta["size"],
+                                                   media_type=imageformat.PLAIN_LAYER_MEDIA_TYPE))
                 blob_files.append((meta["diff_id"], tar.digest, tar.size))
-        config = {
-            "architecture": p["architecture"], "os": p["os"], "created": created,
-            "config": merge_config(base_config.get("config") or {}, p["config"]),
-            "rootfs": {"type": "layers", "diff_ids": diff_ids}, "history": history,
-        }
-        config_bytes = canonical(config)
-        config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-        manifest = {
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
-            "layers": [{"mediaType": d["media_type"], "digest": d["digest"], "size": d["size"]} for d in descriptors],
-        }
-        manifest_bytes = canonical(manifest)
-        tag = p["tag"] or imageformat.content_tag(config_digest)
-        description = {
-            "label": p["label"], "repo_tags": [f"{p['repository']}:{tag}"],
-            "manifest_digest": "sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
-            "config_digest": config_digest,
-            "layers": [{"digest": d["digest"], "diff_id": d["diff_id"], "size": d["size"],
-                        "media_type": d["media_type"]} for d in descriptors],
-            "archive": p.get("archive"), "oci_layout": p.get("oci_layout"),
-        }
-        ctx.output_tree("image", image_tree_entries(ctx, description=description, config=config_bytes,
-                                                    manifest=manifest_bytes, layers=layer_files, blobs=blob_files))
-        with open(ctx.output_path("description"), "wb") as f:
-            f.write(json.dumps(description, indent=2, sort_keys=True).encode() + b"\n")
+        try:
+            config_bytes = imageformat.make_config(
+                p["architecture"], p["os"], merge_config(base_config.get("config") or {}, p["config"]), diff_ids,
+                new_history, created, inherited_history=history)
+        except ValueError as e:
+            raise ActionFailed(f"cannot write the image config: {e}") from None
+        tag = p["tag"] or imageformat.content_tag(imageformat.sha256_digest(config_bytes))
+        description, manifest_bytes = describe_image(
+            label=p["label"], repo_tags=[f"{p['repository']}:{tag}"], config=config_bytes, layers=descriptors,
+            archive=p.get("archive"), oci_layout=p.get("oci_layout"))
+        write_image(ctx, description=description, config=config_bytes, manifest=manifest_bytes, layers=layer_files,
+                    blobs=blob_files)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -449,15 +468,13 @@ def archive_images(ctx: ActionContext) -> list[imageformat.ArchiveImage]:
     for art in ctx.inputs("images"):
         tree = ImageTree(ctx, art)
         layers = []
-        for d in tree.description["layers"]:
-            entry = tree.entry("layers/" + d["diff_id"][7:])
-            blob = None
-            if d["digest"] != d["diff_id"]:
-                blob = tree.blob_opener(d["digest"])
+        for d in tree.description.layers:
+            entry = tree.entry("layers/" + d.diff_id[7:])
+            blob = tree.blob_opener(d.digest) if d.compressed else None
             layers.append(imageformat.ArchiveLayer(
-                diff_id=d["diff_id"], tar_size=entry.size, open_tar=tree.layer_opener(d["diff_id"]),
-                open_blob=blob, blob_media_type=d["media_type"]))
-        images.append(imageformat.ArchiveImage(config=tree.config_bytes, repo_tags=list(tree.description["repo_tags"]),
+                diff_id=d.diff_id, tar_size=entry.size, open_tar=tree.layer_opener(d.diff_id),
+                open_blob=blob, blob_media_type=d.media_type))
+        images.append(imageformat.ArchiveImage(config=tree.config_bytes, repo_tags=list(tree.description.repo_tags),
                                                layers=layers))
     return images
 
@@ -474,37 +491,30 @@ class DockerArchive(ActionKind):
 
 class OciLayout(ActionKind):
     NAME = "OciLayout"
-    VERSION = "1"
+    #: 2: index.json gives each manifest its platform (layouts cached before are rebuilt).
+    VERSION = "2"
 
     def run(self, ctx: ActionContext) -> None:
-        entries: list[TreeEntry] = []
-        manifests = []
-        seen: set[str] = set()
-
-        def blob(path_digest: str, store_digest: str, size: int) -> None:
-            path = "blobs/sha256/" + path_digest.removeprefix("sha256:")
-            if path not in seen:
-                seen.add(path)
-                entries.append(TreeEntry(path, "file", 0o644, store_digest, size))
-
+        # The layout's files are the image trees' blobs: nothing is copied.
+        images: list[imageformat.OciImage] = []
+        stored: dict[str, TreeEntry] = {}  # blob digest -> the tree entry holding it
         for art in ctx.inputs("images"):
             tree = ImageTree(ctx, art)
-            config = tree.entry("config.json")
-            manifest = tree.entry("manifest.json")
-            blob(config.digest, config.digest, config.size)
-            blob(manifest.digest, manifest.digest, manifest.size)
-            for d in tree.description["layers"]:
-                e = tree.entry("blobs/" + d["digest"][7:])
-                blob(d["digest"], e.digest, e.size)
-            for repo_tag in tree.description["repo_tags"]:
-                manifests.append({
-                    "mediaType": OCI_MANIFEST, "digest": "sha256:" + manifest.digest, "size": manifest.size,
-                    "annotations": {"org.opencontainers.image.ref.name": repo_tag.rsplit(":", 1)[1],
-                                    "io.containerd.image.name": repo_tag}})
-        index = canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
-        layout = canonical({"imageLayoutVersion": "1.0.0"})
-        entries.append(TreeEntry("index.json", "file", 0o644, ctx.put_blob(index), len(index)))
-        entries.append(TreeEntry("oci-layout", "file", 0o644, ctx.put_blob(layout), len(layout)))
+            images.append(imageformat.OciImage(tree.manifest_bytes, tree.config_bytes, tree.description.repo_tags))
+            for name in ("config.json", "manifest.json"):
+                stored.setdefault("sha256:" + tree.entry(name).digest, tree.entry(name))
+            for d in tree.description.layers:
+                stored.setdefault(d.digest, tree.entry("blobs/" + d.digest[7:]))
+        try:
+            plan = imageformat.plan_oci_layout(images)
+        except ValueError as e:
+            raise ActionFailed(f"cannot write the OCI layout: {e}") from None
+        entries = []
+        for digest in [d for d, _ in plan.documents] + list(plan.layer_blobs):
+            entry = stored[digest]
+            entries.append(TreeEntry("blobs/sha256/" + digest[7:], "file", 0o644, entry.digest, entry.size))
+        for name, data in (("index.json", plan.index), ("oci-layout", plan.oci_layout)):
+            entries.append(TreeEntry(name, "file", 0o644, ctx.put_blob(data), len(data)))
         ctx.output_tree("layout", entries)
 
 
@@ -512,7 +522,8 @@ class ImageImport(ActionKind):
     """An image from a docker-archive, OCI archive or OCI layout, as an image tree."""
 
     NAME = "ImageImport"
-    VERSION = "1"
+    #: 2: Docker layer media types of an OCI layout are written as their OCI equivalents.
+    VERSION = "2"
 
     def run(self, ctx: ActionContext) -> None:
         src = ctx.inputs("src")[0]
@@ -527,31 +538,33 @@ class ImageImport(ActionKind):
         if not 0 <= index < len(images):
             raise ActionFailed(f"{src.path} holds {len(images)} image(s); index {index} is out of range")
         image = images[index]
-        layer_files, blob_files, descriptors = [], [], []
+        compressors = imageformat.Compressors.of(ctx)
+        layer_files: list[tuple[str, str, int]] = []
+        blob_files: list[tuple[str, str, int]] = []
+        descriptors: list[LayerDescriptor] = []
         for layer in image.layers:
             digest, size = ctx.put_file(layer.tar_path)
             layer_files.append((layer.diff_id, digest, size))
             if layer.blob_path is not None:
                 bdigest, bsize = ctx.put_file(layer.blob_path)
                 blob_files.append(("sha256:" + bdigest, bdigest, bsize))
-                descriptors.append({"digest": "sha256:" + bdigest, "diff_id": layer.diff_id, "size": bsize,
-                                    "media_type": layer.media_type})
+                # The image's manifest is OCI: a Docker layer type (an OCI layout may list
+                # them) is written as its OCI equivalent, in the manifest and the description.
+                try:
+                    media_type = imageformat.oci_layer_media_type(layer.media_type, compressors)
+                except ValueError as e:
+                    raise ActionFailed(f"{src.path}: layer {layer.diff_id}: {e}") from None
+                descriptors.append(LayerDescriptor(digest="sha256:" + bdigest, diff_id=layer.diff_id, size=bsize,
+                                                   media_type=media_type))
             else:
                 blob_files.append((layer.diff_id, digest, size))
-                descriptors.append({"digest": layer.diff_id, "diff_id": layer.diff_id, "size": size,
-                                    "media_type": "application/vnd.oci.image.layer.v1.tar"})
-        config_digest = "sha256:" + hashlib.sha256(image.config).hexdigest()
-        manifest = canonical({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(image.config)},
-            "layers": [{"mediaType": d["media_type"], "digest": d["digest"], "size": d["size"]} for d in descriptors]})
-        description = {"label": ctx.params["label"], "repo_tags": list(image.repo_tags),
-                       "manifest_digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
-                       "config_digest": config_digest, "layers": descriptors}
-        ctx.output_tree("image", image_tree_entries(ctx, description=description, config=image.config,
-                                                    manifest=manifest, layers=layer_files, blobs=blob_files))
-        with open(ctx.output_path("description"), "wb") as f:
-            f.write(json.dumps(description, indent=2, sort_keys=True).encode() + b"\n")
+                descriptors.append(LayerDescriptor(digest=layer.diff_id, diff_id=layer.diff_id, size=size,
+                                                   media_type=imageformat.PLAIN_LAYER_MEDIA_TYPE))
+        # An imported image writes no archive or layout of its own: its description has neither.
+        description, manifest = describe_image(label=ctx.params["label"], repo_tags=image.repo_tags,
+                                               config=image.config, layers=descriptors)
+        write_image(ctx, description=description, config=image.config, manifest=manifest, layers=layer_files,
+                    blobs=blob_files)
 
 
 IMAGE_ACTION_KINDS = [LayerWrite, LayerCompress, ImageAssemble, DockerArchive, OciLayout, ImageImport]

@@ -2,18 +2,25 @@
 
 This module owns:
 
-* canonical JSON (sorted keys, compact, UTF-8) for configs, manifests and indexes, so
-  their digests are reproducible; image configs and manifests (OCI and Docker schema 2);
-  the tag of an image built with ``tag=None`` (:func:`content_tag`);
+* the media types of image documents (OCI and Docker schema 2; layer media types are
+  the compressors' ``OCI_LAYER_MEDIA_TYPE``/``DOCKER_LAYER_MEDIA_TYPE``);
+* the one writer of each document, in canonical JSON (:mod:`dtbuild.plugins.canonical`)
+  so that digests are reproducible: image configs (:func:`make_config`), manifests (OCI
+  and Docker schema 2, :func:`make_manifest`), the ``index.json`` and ``oci-layout`` of
+  OCI layouts (:func:`oci_index`, :func:`plan_oci_layout`), the ``manifest.json``,
+  ``repositories`` and legacy layer ``json`` of docker-archives; the tag of an image
+  built with ``tag=None`` (:func:`content_tag`);
 * writing docker-archives (:func:`write_docker_archive`, the layout ``docker save``
-  writes) and OCI image layouts (:func:`write_oci_layout`);
+  writes) and OCI image layouts (:func:`write_oci_layout` on disk; the ``OciLayout``
+  action writes the same files as a store tree through :func:`plan_oci_layout`);
 * reading base images from docker-archives (plain, gzip or zstd), OCI archives (a tar
   of an OCI layout) and OCI layout directories (:func:`extract_image_archive`, which
   copies each layer out once, and :func:`read_image_archive`), checking every layer
   against its diff_id.
 
 Pure library: no engine, no store. Layer tars themselves come from
-:mod:`dtbuild.plugins.builtin.layertar`.
+:mod:`dtbuild.plugins.builtin.layertar`; the description of a built image (NAME.json) is
+:class:`dtbuild.plugins.image_description.ImageDescription`.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from dtbuild.plugins.builtin.layertar import (
     entry_header,
     sorted_entries,
 )
+from dtbuild.plugins.canonical import canonical_json
 from dtbuild.plugins.interfaces import Compressor
 
 OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -52,6 +60,8 @@ OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+#: The media type of a layer blob that is the uncompressed tar itself.
+PLAIN_LAYER_MEDIA_TYPE = NoneCompressor.OCI_LAYER_MEDIA_TYPE
 OCI_LAYOUT_VERSION = "1.0.0"
 #: The ``created`` of the legacy per-layer ``json`` files of a docker-archive (the
 #: layers' own mtime, so that a layer directory does not depend on the image).
@@ -67,11 +77,6 @@ _SMALL_MEMBER = 4 << 20
 # --------------------------------------------------------------------------- metadata
 
 
-def canonical_json(value: Any) -> bytes:
-    """``value`` as canonical JSON bytes: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def sha256_digest(data: bytes) -> str:
     """``"sha256:<hex>"`` of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -84,22 +89,25 @@ def _hex(digest: str) -> str:
     return hex_part
 
 
-def make_config(architecture: str, os: str, config: dict[str, Any], diff_ids: list[str],
-                history: list[dict[str, Any]], created: str) -> bytes:
+def make_config(architecture: str, os: str, config: dict[str, Any], diff_ids: Sequence[str],
+                history: Sequence[Mapping[str, Any]], created: str, *,
+                inherited_history: Sequence[Mapping[str, Any]] = ()) -> bytes:
     """An image config (OCI and Docker share it) as canonical JSON bytes.
 
     :param config: the runtime config (``Env``, ``Cmd``, ``Entrypoint``, ...).
-    :param diff_ids: the layers' diff_ids, bottom first.
-    :param history: entries in order; exactly one per layer must not be ``empty_layer``
-        (registries reject a config whose layer-bearing history differs from its
-        layers), and each layer-bearing entry needs a non-empty ``created_by``. An entry
-        without ``created`` gets ``created``.
+    :param diff_ids: the layers' diff_ids, bottom first (a base image's first).
+    :param history: the new entries, in order; each layer-bearing entry (not
+        ``empty_layer``) needs a non-empty ``created_by``, and an entry without
+        ``created`` gets ``created``.
+    :param inherited_history: a base image's entries, kept as they are, before ``history``.
+        Together, exactly one entry per layer must not be ``empty_layer`` (registries
+        reject a config whose layer-bearing history differs from its layers).
     :raises ValueError: when history and layers disagree.
     """
     for diff_id in diff_ids:
         _hex(diff_id)
-    entries = []
-    bearing = 0
+    entries = [dict(item) for item in inherited_history]
+    bearing = sum(1 for item in entries if not item.get("empty_layer"))
     for item in history:
         entry = dict(item)
         entry.setdefault("created", created)
@@ -185,7 +193,28 @@ def layer_compressor_name(media_type: str, compressors: Compressors | None = Non
     raise ValueError(f"{media_type!r} is not a layer media type")
 
 
+_OCI_LAYER_PREFIX = "application/vnd.oci.image.layer."
+
+
+def oci_layer_media_type(media_type: str, compressors: Compressors | None = None) -> str:
+    """The OCI flavour of a layer media type: an OCI type as it is (a plugin compressor's,
+    a non-distributable layer's), a Docker one as the OCI type of its compression (as
+    ``skopeo copy --format oci`` converts).
+
+    :param compressors: the registered compressors (default: the built-in ones).
+    :raises ValueError: for a media type that is not a layer's.
+    """
+    if media_type.startswith(_OCI_LAYER_PREFIX):
+        return media_type
+    name = layer_compressor_name(media_type, compressors)
+    if compressors is not None and name in compressors.classes:
+        return compressors.classes[name].OCI_LAYER_MEDIA_TYPE
+    return _layer_media_type(media_type, oci=True)
+
+
 def _layer_media_type(media_type: str, oci: bool) -> str:
+    if oci and media_type.startswith(_OCI_LAYER_PREFIX):
+        return media_type
     name = layer_compressor_name(media_type)
     for oci_type, docker_type, compressor in LAYER_MEDIA_TYPES:
         if compressor == name:
@@ -199,11 +228,12 @@ def _layer_media_type(media_type: str, oci: bool) -> str:
 
 def make_manifest(config_digest: str, config_size: int, layers: Sequence[tuple[str, int, str]],
                   oci: bool) -> bytes:
-    """An image manifest as canonical JSON bytes: OCI (for OCI layouts, and pushes of
-    zstd layers) or Docker schema 2.
+    """An image manifest as canonical JSON bytes: OCI (image trees, OCI layouts, pushes
+    of zstd layers) or Docker schema 2.
 
     :param layers: (blob digest, blob size, media type) bottom first; the media type may
-        be given in either flavour and is written in the manifest's.
+        be given in either flavour and is written in the manifest's (an OCI layer type
+        goes into an OCI manifest as it is).
     :raises ValueError: for a zstd layer in a Docker manifest (Docker has no such type).
     """
     _hex(config_digest)
@@ -463,48 +493,32 @@ class OciImage:
     repo_tags: Sequence[str]
 
 
-def write_oci_layout(dest_dir: str, images: Sequence[OciImage],
-                     place_blob: Callable[[str, str], None]) -> None:
-    """Write an OCI image layout at ``dest_dir`` (created if needed): ``oci-layout``,
-    ``index.json`` and ``blobs/sha256/<hex>``.
+#: The ``oci-layout`` file of every OCI layout.
+OCI_LAYOUT_FILE = canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION})
 
-    ``index.json`` lists each image once per tag, annotated with
-    ``org.opencontainers.image.ref.name`` = the tag (what ``skopeo oci:DIR:tag`` and
-    ``umoci`` look up) and ``io.containerd.image.name`` = "name:tag" (what ``ctr import``
-    uses), with the platform from the config; an untagged image is listed once without
-    annotations. Manifests and configs are written here; each layer blob is placed by
-    ``place_blob(digest, dest_path)`` (once per digest), so the caller can hard-link it.
+
+def oci_index(images: Sequence[OciImage]) -> bytes:
+    """The ``index.json`` of an OCI layout holding ``images``, in order.
+
+    Each image is listed once per tag, annotated with ``org.opencontainers.image.ref.name``
+    = the tag (what ``skopeo oci:DIR:tag`` and ``umoci`` look up) and
+    ``io.containerd.image.name`` = "name:tag" (what ``ctr import`` uses); an untagged image
+    is listed once without annotations. Each entry has the image's ``platform`` (its
+    config's ``architecture``, ``os`` and ``variant``): the image-spec's index says it
+    SHOULD be present when the manifest is platform-specific, which an image is.
 
     :raises ValueError: when a manifest does not name its config's digest.
     """
-    blobs = os.path.join(dest_dir, "blobs", "sha256")
-    os.makedirs(blobs, exist_ok=True)
-    placed: set[str] = set()
     descriptors = []
-
-    def write_blob(data: bytes) -> str:
-        digest = sha256_digest(data)
-        if digest not in placed:
-            placed.add(digest)
-            with open(os.path.join(blobs, _hex(digest)), "wb") as f:
-                f.write(data)
-        return digest
-
     for number, image in enumerate(images):
         manifest = json.loads(image.manifest)
-        config_digest = write_blob(image.config)
+        config_digest = sha256_digest(image.config)
         if manifest.get("config", {}).get("digest") != config_digest:
             raise ValueError(f"image {number}: its manifest names config {manifest.get('config', {}).get('digest')} "
                              f"but the config's digest is {config_digest}")
-        for layer in manifest.get("layers", []):
-            digest = layer["digest"]
-            if digest not in placed:
-                placed.add(digest)
-                place_blob(digest, os.path.join(blobs, _hex(digest)))
-        manifest_digest = write_blob(image.manifest)
         config = json.loads(image.config)
         descriptor: dict[str, Any] = {
-            "mediaType": manifest.get("mediaType", OCI_MANIFEST_MEDIA_TYPE), "digest": manifest_digest,
+            "mediaType": manifest.get("mediaType", OCI_MANIFEST_MEDIA_TYPE), "digest": sha256_digest(image.manifest),
             "size": len(image.manifest),
             "platform": {key: config[key] for key in ("architecture", "os", "variant") if config.get(key)},
         }
@@ -514,11 +528,69 @@ def write_oci_layout(dest_dir: str, images: Sequence[OciImage],
                                                               "org.opencontainers.image.ref.name": tag}})
         if not image.repo_tags:
             descriptors.append(descriptor)
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX_MEDIA_TYPE, "manifests": descriptors}
+    return canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX_MEDIA_TYPE, "manifests": descriptors})
+
+
+@dataclass(frozen=True, slots=True)
+class OciLayoutPlan:
+    """The files of an OCI layout: ``index.json``, ``oci-layout`` and the blobs, each
+    digest once, in first-use order (an image's config, its layers, its manifest)."""
+
+    index: bytes
+    oci_layout: bytes
+    #: (digest, bytes) of the manifests and configs, written from these bytes.
+    documents: tuple[tuple[str, bytes], ...]
+    #: Digests of the layer blobs, which the caller places (they are not held in memory).
+    layer_blobs: tuple[str, ...]
+
+
+def plan_oci_layout(images: Sequence[OciImage]) -> OciLayoutPlan:
+    """What an OCI layout of ``images`` holds (see :func:`oci_index`).
+
+    :raises ValueError: when a manifest does not name its config's digest.
+    """
+    index = oci_index(images)
+    seen: set[str] = set()
+    documents: list[tuple[str, bytes]] = []
+    layer_blobs: list[str] = []
+    for image in images:
+        config_digest = sha256_digest(image.config)
+        if config_digest not in seen:
+            seen.add(config_digest)
+            documents.append((config_digest, image.config))
+        for layer in json.loads(image.manifest).get("layers", []):
+            if layer["digest"] not in seen:
+                seen.add(layer["digest"])
+                layer_blobs.append(layer["digest"])
+        manifest_digest = sha256_digest(image.manifest)
+        if manifest_digest not in seen:
+            seen.add(manifest_digest)
+            documents.append((manifest_digest, image.manifest))
+    return OciLayoutPlan(index, OCI_LAYOUT_FILE, tuple(documents), tuple(layer_blobs))
+
+
+def write_oci_layout(dest_dir: str, images: Sequence[OciImage],
+                     place_blob: Callable[[str, str], None]) -> None:
+    """Write an OCI image layout at ``dest_dir`` (created if needed): ``oci-layout``,
+    ``index.json`` (:func:`oci_index`) and ``blobs/sha256/<hex>``.
+
+    Manifests and configs are written here; each layer blob is placed by
+    ``place_blob(digest, dest_path)`` (once per digest), so the caller can hard-link it.
+
+    :raises ValueError: when a manifest does not name its config's digest.
+    """
+    plan = plan_oci_layout(images)
+    blobs = os.path.join(dest_dir, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+    for digest, data in plan.documents:
+        with open(os.path.join(blobs, _hex(digest)), "wb") as f:
+            f.write(data)
+    for digest in plan.layer_blobs:
+        place_blob(digest, os.path.join(blobs, _hex(digest)))
     with open(os.path.join(dest_dir, "index.json"), "wb") as f:
-        f.write(canonical_json(index))
+        f.write(plan.index)
     with open(os.path.join(dest_dir, "oci-layout"), "wb") as f:
-        f.write(canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}))
+        f.write(plan.oci_layout)
 
 
 # --------------------------------------------------------------------------- reading

@@ -426,12 +426,12 @@ class MergeImages(ActionKind):
         owners: dict[str, str] = {}
         for art in ctx.inputs("images"):
             description = ImageTree(ctx, art).description
-            for repo_tag in description["repo_tags"]:
+            for repo_tag in description.repo_tags:
                 if repo_tag in owners:
                     raise ActionFailed(f"the tag {repo_tag} names two of the images ({owners[repo_tag]} and "
-                                       f"{description['label']}), so `docker load` would keep only one; give "
+                                       f"{description.label}), so `docker load` would keep only one; give "
                                        "them different tags (tag) or names (image_name)")
-                owners[repo_tag] = description["label"]
+                owners[repo_tag] = description.label
         compressor = ctx.compressor(ctx.params["compressor"])
         with ctx.output_writer("archive") as out:
             imageformat.write_docker_archive(out, archive_images(ctx), compressor)

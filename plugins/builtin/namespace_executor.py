@@ -58,15 +58,12 @@ from dtbuild.plugins.builtin.root_layer import (
     RootLayerJob,
     RootLayerRequest,
     UpperDirError,
-    cache_root,
     pack_upper_directory,
     prepare,
     remove_tree_as_owner,
-    workspace_config,
     write_status,
 )
 from dtbuild.plugins.interfaces import (
-    SANDBOX_ENV,
     ActionFailed,
     CancelToken,
     CommandRequest,
@@ -106,11 +103,11 @@ class NamespaceSetup:
 
 
 def helper_env() -> dict[str, str]:
-    """The environment of dtbuild's own helper processes (python -m ...)."""
+    """The environment of dtbuild's own helper processes (python -m ...). Settings do
+    not travel here: what a helper needs is in its job file or on its command line."""
     env = {"PATH": os.environ.get("PATH") or _STANDARD_PATH, "LANG": "C.UTF-8"}
-    for name in ("PYTHONPATH", SANDBOX_ENV):  # the sandbox setting reaches extra_commands
-        if os.environ.get(name):
-            env[name] = os.environ[name]
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return env
 
 
@@ -166,17 +163,18 @@ _PROBE_SCRIPT = (
     "rm -rf upper work\n")
 
 
-def _probe_parent() -> str | None:
+def _probe_parent(cache_dir: str | None) -> str | None:
     """Where to try the overlay: the cache's tmp directory, where real ones are mounted
     (file systems differ in what overlayfs accepts as its upper directory)."""
-    root, config = workspace_config()
-    tmp = os.path.join(cache_root(root, config), "tmp")
+    if not cache_dir:
+        return None
+    tmp = os.path.join(cache_dir, "tmp")
     return tmp if os.path.isdir(tmp) and os.access(tmp, os.W_OK) else None
 
 
-def _try_overlay(prefix: list[str], mount: str) -> tuple[bool, str]:
+def _try_overlay(prefix: list[str], mount: str, cache_dir: str | None) -> tuple[bool, str]:
     # Named like the store's temporaries (pid first), so a killed probe is cleaned up.
-    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-overlay-probe-", dir=_probe_parent(),
+    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-overlay-probe-", dir=_probe_parent(cache_dir),
                                      ignore_cleanup_errors=True) as d:
         for sub in ("lower", "upper", "work", "merged"):
             os.mkdir(os.path.join(d, sub))
@@ -202,9 +200,10 @@ _FUSE_MOUNT = "fuse-overlayfs -o lowerdir=lower,upperdir=upper,workdir=work merg
 
 
 @functools.cache
-def probe() -> tuple[NamespaceSetup | None, str | None]:
+def probe(cache_dir: str | None = None) -> tuple[NamespaceSetup | None, str | None]:
     """(how root layers run here, None) or (None, what is missing and how to get it).
-    Tried once per process: a mount of a tiny overlay that deletes a file and chowns."""
+    Tried once per process (and cache directory, whose ``tmp/`` holds the real overlays):
+    a mount of a tiny overlay that deletes a file and chowns."""
     if not sys.platform.startswith("linux"):
         return None, "it needs Linux (namespaces and overlayfs); use executor = \"vm\""
     for program in ("unshare", "setpriv"):
@@ -236,7 +235,7 @@ def probe() -> tuple[NamespaceSetup | None, str | None]:
     if forced in ("", "kernel"):
         for volatile in (True, False):
             options = kernel_options(userns, volatile)
-            ok, detail = _try_overlay(prefix, _kernel_mount(options))
+            ok, detail = _try_overlay(prefix, _kernel_mount(options), cache_dir)
             if ok:
                 return NamespaceSetup(userns, "kernel", options), None
         where = "in a user namespace (Linux >= 5.11)" if userns else "as root"
@@ -247,7 +246,7 @@ def probe() -> tuple[NamespaceSetup | None, str | None]:
         elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
             tried.append("fuse-overlayfs cannot open /dev/fuse (it must be readable and writable by this user)")
         else:
-            ok, detail = _try_overlay(prefix, _FUSE_MOUNT)
+            ok, detail = _try_overlay(prefix, _FUSE_MOUNT, cache_dir)
             if ok:
                 return NamespaceSetup(userns, "fuse"), None
             tried.append(f"fuse-overlayfs failed ({detail or 'no message'})")
@@ -262,14 +261,16 @@ def probe() -> tuple[NamespaceSetup | None, str | None]:
 class NamespaceExecutor(Executor):
     NAME = "namespace"
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return probe()[1]
+    def _cache_dir(self) -> str | None:
+        return self.context.cache_dir if self.context is not None else None
+
+    def unavailable_reason(self) -> str | None:
+        return probe(self._cache_dir())[1]
 
     def run(self, request: CommandRequest, cancel: CancelToken) -> CommandResult:
         if not isinstance(request, RootLayerRequest):
-            return LocalExecutor().run(request, cancel)
-        setup, reason = probe()
+            return LocalExecutor(self.context).run(request, cancel)
+        setup, reason = probe(self._cache_dir())
         if setup is None:
             return CommandResult(1, f"the namespace executor cannot run here: {reason}")
         job = request.job
@@ -278,7 +279,9 @@ class NamespaceExecutor(Executor):
         os.mkdir(work, PRIVATE_MODE)
         os.mkdir(merged, PRIVATE_MODE)
         job_json = os.path.join(job.job_dir, "job.json")
-        job.save(job_json, overlay=setup.overlay, kernel_options=setup.kernel_options, work=work, merged=merged)
+        # The helper reads no settings: the sandbox of extra_commands travels in the job.
+        job.save(job_json, overlay=setup.overlay, kernel_options=setup.kernel_options, work=work, merged=merged,
+                 sandbox=sandbox.sandbox_mode(self.settings))
         if setup.overlay == "fuse":
             request.log("kernel overlayfs cannot be mounted here: using fuse-overlayfs")
         namespaces = ["--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts"]
@@ -676,7 +679,7 @@ def _in_namespace(job_json: str) -> int:
             return fail("run_as_root", code, "")
         if job.extra_commands.strip():
             try:
-                code = _run_extra_commands(job, upper)
+                code = _run_extra_commands(job, upper, data.get("sandbox", "bwrap"))
             except ActionFailed as e:
                 return fail("extra_commands", 1, str(e))
             if code != 0:
@@ -752,12 +755,14 @@ def extra_commands_env(job: RootLayerJob, upper: str) -> dict[str, str]:
             "LANG": "C.UTF-8"}
 
 
-def _run_extra_commands(job: RootLayerJob, upper: str) -> int:
+def _run_extra_commands(job: RootLayerJob, upper: str, sandbox_commands: str) -> int:
+    """Run extra_commands in ``upper``, confined unless ``sandbox_commands`` (the job's
+    ``[sandbox] commands``) is ``none``."""
     env = extra_commands_env(job, upper)
     os.makedirs(env["HOME"], mode=0o700, exist_ok=True)
     os.makedirs(env["TMPDIR"], mode=0o700, exist_ok=True)
     argv = ["/bin/sh", "-c", "set -e\n" + job.extra_commands]
-    if sandbox.sandbox_mode() != "none":
+    if sandbox_commands != "none":
         # Only the layer's directory (and the job's own HOME and TMPDIR) is writable.
         argv = sandbox.confine_argv(argv, writable=[upper, env["HOME"], env["TMPDIR"]], network=False)
 

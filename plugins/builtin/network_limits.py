@@ -1,6 +1,7 @@
 """How long dtbuild waits on the network and how much it reads from it: the
 ``[network]`` settings of ``dtbuild.toml`` (each overridden by a ``DTBUILD_NETWORK_*``
-environment variable), the clock of one network operation, and the bounded reading of
+environment variable; the engine applies those to the settings it hands actions, so
+this module reads no file and no variable), the clock of one network operation, and the bounded reading of
 HTTP response bodies that registry pulls and pushes (:mod:`registry_client`) and
 ``fetch_url`` downloads share.
 
@@ -22,14 +23,16 @@ import contextlib
 import contextvars
 import functools
 import math
-import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dtbuild.plugins.interfaces import Settings
 
 #: The section of dtbuild.toml these settings live in.
 SECTION = "network"
@@ -95,14 +98,23 @@ def _number(name: str, value: Any, where: str, *, size: bool) -> float:
     return float(value)
 
 
-def parse_limits(section: Any = None, environ: Mapping[str, str] | None = None) -> NetworkLimits:
-    """The limits a ``[network]`` table (``section``, None when absent) and the
-    environment give; an environment variable (``DTBUILD_NETWORK_TIMEOUT`` ...) wins
-    over the table.
+def limits_from(settings: Settings) -> NetworkLimits:
+    """The limits of the workspace's settings (``ctx.settings``: ``[network]`` with the
+    ``DTBUILD_NETWORK_*`` overrides already applied by the engine).
+
+    :raises NetworkSettingError: as :func:`parse_limits`, naming where the bad value came
+        from (the dtbuild.toml key or the environment variable).
+    """
+    return parse_limits(settings.get(SECTION), where=lambda name: settings.origin(SECTION, name))
+
+
+def parse_limits(section: Any = None, *, where: Callable[[str], str] | None = None) -> NetworkLimits:
+    """The limits a ``[network]`` table gives (``section``, None when absent).
+    ``where(name)`` says where a value came from, for messages (default: the
+    dtbuild.toml key).
 
     :raises NetworkSettingError: for an unknown setting or a bad value, naming it.
     """
-    env = os.environ if environ is None else environ
     if section is None:
         section = {}
     if not isinstance(section, Mapping):
@@ -119,31 +131,16 @@ def parse_limits(section: Any = None, environ: Mapping[str, str] | None = None) 
     values: dict[str, Any] = {}
     for f in fields(NetworkLimits):
         size = f.name.startswith("max_") or f.name == "min_rate"
-        variable = ENV_PREFIX + f.name.upper()
-        if env.get(variable, "").strip():
-            where, value = variable, env[variable].strip()
-        elif f.name in section:
-            where, value = f"[{SECTION}] {f.name} in dtbuild.toml", section[f.name]
-        else:
+        if f.name not in section:
             continue
-        number = _number(f.name, value, where, size=size)
+        origin = where(f.name) if where is not None else f"[{SECTION}] {f.name} in dtbuild.toml"
+        value = section[f.name]
+        number = _number(f.name, value, origin, size=size)
         if f.name in ("connect_timeout", "timeout") and number == 0:
-            raise NetworkSettingError(f"{where} must be more than 0 seconds, but was {value!r}",
+            raise NetworkSettingError(f"{origin} must be more than 0 seconds, but was {value!r}",
                                       hint=f"{f.name}: {SETTINGS_DOC[f.name]}")
         values[f.name] = int(number) if size else number
     return NetworkLimits(**values)
-
-
-def configured_limits(start: str | None = None, environ: Mapping[str, str] | None = None) -> NetworkLimits:
-    """The limits of the workspace found from ``start`` (default: the working directory)
-    the way the engine finds it, and of the environment.
-
-    :raises NetworkSettingError: as :func:`parse_limits`.
-    """
-    from dtbuild.plugins.builtin.root_layer import workspace_config
-
-    _, config = workspace_config(start)
-    return parse_limits(config.get(SECTION), environ)
 
 
 def size_text(n: float) -> str:
@@ -385,6 +382,19 @@ def read_some(response: Any, limit: int, clock: Clock) -> tuple[bytes, bool]:
     return bytes(out), True
 
 
-__all__ = ["SETTINGS_DOC", "Clock", "HeaderGuard", "LimitExceeded", "NetworkLimits", "NetworkSettingError",
-           "configured_limits", "headers_within", "parse_limits", "pool_manager", "read_body", "read_some",
-           "seconds_text", "size_text"]
+__all__ = [
+    "SETTINGS_DOC",
+    "Clock",
+    "HeaderGuard",
+    "LimitExceeded",
+    "NetworkLimits",
+    "NetworkSettingError",
+    "headers_within",
+    "limits_from",
+    "parse_limits",
+    "pool_manager",
+    "read_body",
+    "read_some",
+    "seconds_text",
+    "size_text",
+]

@@ -16,14 +16,14 @@ sha256 too.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from dtbuild.plugins.builtin import imageformat, tar_extract
-from dtbuild.plugins.builtin.image_actions import image_tree_entries
+from dtbuild.plugins.builtin.image_actions import write_image
+from dtbuild.plugins.image_description import ImageDescription, LayerDescriptor
 from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind
 
 if TYPE_CHECKING:  # urllib3 is imported only when an image is pulled: registering the kind costs nothing
@@ -55,14 +55,14 @@ class ImagePull(ActionKind):
     VERSION = "1"
 
     def run(self, ctx: ActionContext) -> None:
-        from dtbuild.plugins.builtin.network_limits import NetworkSettingError, configured_limits
+        from dtbuild.plugins.builtin.network_limits import NetworkSettingError, limits_from
         from dtbuild.plugins.builtin.registry_client import RegistryClient, RegistryError, parse_reference
 
         p = ctx.params
         ref = parse_reference(p["image_name"])
         source = f"{ref.name}@{p['image_digest']}"
         try:
-            limits = configured_limits()
+            limits = limits_from(ctx.settings)
         except NetworkSettingError as e:
             raise ActionFailed(e.message + (f" (hint: {e.hint})" if e.hint else "")) from None
         client = RegistryClient(ref.registry, tls_verify=p["tls_verify"], max_connections=PARALLEL_LAYERS + 2,
@@ -166,33 +166,29 @@ class ImagePull(ActionKind):
 
         layer_files: list[tuple[str, str, int]] = []
         blob_files: list[tuple[str, str, int]] = []
-        descriptors: list[dict[str, Any]] = []
+        descriptors: list[LayerDescriptor] = []
         for desc, diff_id in zip(layer_descs, diff_ids, strict=True):
             tar_digest, tar_size, media_type = results[desc["digest"]]
             layer_files.append((diff_id, tar_digest, tar_size))
             blob_files.append((desc["digest"], desc["digest"].removeprefix("sha256:"), int(desc["size"])))
-            descriptors.append({"digest": desc["digest"], "diff_id": diff_id, "size": int(desc["size"]),
-                                "media_type": media_type})
+            descriptors.append(LayerDescriptor(digest=desc["digest"], diff_id=diff_id, size=int(desc["size"]),
+                                               media_type=media_type))
         served_types = [d.get("mediaType") for d in layer_descs]
         if manifest.media_type == imageformat.OCI_MANIFEST_MEDIA_TYPE and \
-                served_types == [d["media_type"] for d in descriptors]:
+                served_types == [d.media_type for d in descriptors]:
             manifest_bytes = manifest.data  # kept as served: its digest stays the registry's
         else:
             manifest_bytes = imageformat.make_manifest(config_desc["digest"], len(config),
-                                                       [(d["digest"], d["size"], d["media_type"]) for d in descriptors],
+                                                       [(d.digest, d.size, d.media_type) for d in descriptors],
                                                        oci=True)
-        description = {
-            "label": p["label"], "repo_tags": list(p["repo_tags"]),
-            "manifest_digest": "sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
-            "config_digest": config_desc["digest"], "layers": descriptors,
-            "archive": p.get("archive"), "oci_layout": p.get("oci_layout"),
-        }
+        description = ImageDescription(
+            label=p["label"], repo_tags=tuple(p["repo_tags"]),
+            manifest_digest=imageformat.sha256_digest(manifest_bytes), config_digest=config_desc["digest"],
+            layers=tuple(descriptors), archive=p.get("archive"), oci_layout=p.get("oci_layout"))
         if p.get("sha256"):
             self._check_archive(ctx, config, layer_files, source)
-        ctx.output_tree("image", image_tree_entries(ctx, description=description, config=config,
-                                                    manifest=manifest_bytes, layers=layer_files, blobs=blob_files))
-        with open(ctx.output_path("description"), "wb") as f:
-            f.write(json.dumps(description, indent=2, sort_keys=True).encode() + b"\n")
+        write_image(ctx, description=description, config=config, manifest=manifest_bytes, layers=layer_files,
+                    blobs=blob_files)
 
     def _layer(self, ctx: ActionContext, client: RegistryClient, repository: str, desc: dict[str, Any],
                diff_id: str, source: str) -> tuple[str, int, str]:

@@ -503,7 +503,7 @@ class RegistryClient:
     :param attempts: tries per request (and per blob upload) before giving up.
     :param backoff: seconds before the first retry; doubled for each next one.
     :param limits: timeouts, deadline and size caps (``[network]`` in dtbuild.toml:
-        :func:`~dtbuild.plugins.builtin.network_limits.configured_limits`); the defaults
+        :func:`~dtbuild.plugins.builtin.network_limits.limits_from`); the defaults
         of :class:`NetworkLimits` when None.
     """
 

@@ -158,41 +158,6 @@ def read_status(job_dir: str) -> dict[str, Any] | None:
         return None
 
 
-# --------------------------------------------------------------------------- settings
-
-
-def workspace_config(start: str | None = None) -> tuple[str | None, dict[str, Any]]:
-    """(workspace root, dtbuild.toml settings) found from the working directory, as the
-    engine finds them; (None, {}) outside a workspace."""
-    here = os.path.abspath(start or os.getcwd())
-    while True:
-        candidate = os.path.join(here, "dtbuild.toml")
-        if os.path.isfile(candidate):
-            import tomllib
-
-            try:
-                with open(candidate, "rb") as f:
-                    return here, tomllib.load(f)
-            except (OSError, tomllib.TOMLDecodeError):
-                return here, {}
-        parent = os.path.dirname(here)
-        if parent == here:
-            return None, {}
-        here = parent
-
-
-def cache_root(root: str | None, config: Mapping[str, Any]) -> str:
-    """The cache directory, chosen as the engine chooses it."""
-    env = os.environ.get("DTBUILD_CACHE_DIR")
-    if env:
-        return os.path.abspath(env)
-    configured = (config.get("cache") or {}).get("dir")
-    if configured and root:
-        return os.path.normpath(os.path.join(root, os.path.expanduser(str(configured))))
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "dtbuild")
-
-
 # --------------------------------------------------------------------------- flattening a base
 
 

@@ -18,9 +18,9 @@ Everything else, the user's home, the cache and the workspace included, is absen
 root of that view is read-only, so a write anywhere but a writable path fails.
 
 The user chooses with ``[sandbox] commands`` in dtbuild.toml, or ``DTBUILD_SANDBOX``
-for one run (the CLI exports the setting there): ``bwrap`` (the default) or ``none``
-(commands run unconfined as before: as host processes, without network where
-``unshare`` allows it).
+for one run (the engine applies the variable to the settings executors get): ``bwrap``
+(the default) or ``none`` (commands run unconfined as before: as host processes, without
+network where ``unshare`` allows it).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
-from dtbuild.plugins.interfaces import SANDBOX_ENV, ActionFailed
+from dtbuild.plugins.interfaces import SANDBOX_ENV, ActionFailed, Settings
 
 #: The values of ``[sandbox] commands`` / ``DTBUILD_SANDBOX``.
 SANDBOX_MODES = ("bwrap", "none")
@@ -60,12 +61,14 @@ _OPT_OUT = (f'to run commands unconfined instead, set [sandbox] commands = "none
             f"(or {SANDBOX_ENV}=none for one run)")
 
 
-def sandbox_mode() -> str:
-    """The sandbox the user chose: ``bwrap`` (default) or ``none``."""
-    mode = os.environ.get(SANDBOX_ENV, "").strip() or "bwrap"
+def sandbox_mode(settings: Settings | Mapping[str, Mapping[str, Any]]) -> str:
+    """The sandbox the user chose in the workspace's settings (``[sandbox] commands``,
+    which ``DTBUILD_SANDBOX`` overrides): ``bwrap`` (default) or ``none``."""
+    mode = (settings.get("sandbox") or {}).get("commands") or "bwrap"
     if mode not in SANDBOX_MODES:
-        raise ActionFailed(f"{SANDBOX_ENV} must be one of {', '.join(SANDBOX_MODES)}, but was {mode!r}")
-    return mode
+        where = settings.origin("sandbox", "commands") if isinstance(settings, Settings) else "[sandbox] commands"
+        raise ActionFailed(f"{where} must be one of {', '.join(SANDBOX_MODES)}, but was {mode!r}")
+    return str(mode)
 
 
 def confine_argv(argv: Sequence[str], *, writable: Sequence[str], readonly: Sequence[str] = (),

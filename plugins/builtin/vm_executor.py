@@ -77,13 +77,11 @@ from dtbuild.plugins.builtin.root_layer import (
     RootLayerJob,
     RootLayerRequest,
     UpperDirError,
-    cache_root,
     pack_upper_tar,
     prepare,
-    workspace_config,
     write_status,
 )
-from dtbuild.plugins.interfaces import CancelToken, CommandRequest, CommandResult, Executor
+from dtbuild.plugins.interfaces import CancelToken, CommandRequest, CommandResult, Executor, ExecutorContext
 
 #: Modules the guest needs, in the order to try; their dependencies (modules.dep) are
 #: loaded first. Debian's 6.1 kernel resolves them to virtio_ring, virtio,
@@ -161,21 +159,31 @@ class VmSetup:
     busybox: str
     accel: str  # auto | kvm | tcg
     kvm_probe_timeout: float
+    #: Where the KVM probe's answer is kept ("" for nowhere).
     cache_dir: str
 
 
+def vm_setup(context: ExecutorContext | None) -> tuple[VmSetup | None, str | None]:
+    """(the VM's pieces, None) or (None, what is missing and how to get it), from the
+    ``[vm]`` settings of the executor's context (paths relative to the workspace root)."""
+    if context is None:
+        return _vm_setup("", "", ())
+    vm = context.settings.section("vm")
+    return _vm_setup(context.workspace_root, context.cache_dir,
+                     tuple(sorted((str(k), str(v)) for k, v in vm.items())))
+
+
 @functools.cache
-def vm_setup(cwd: str) -> tuple[VmSetup | None, str | None]:
-    """(the VM's pieces, None) or (None, what is missing and how to get it)."""
-    root, config = workspace_config(cwd)
-    vm = config.get("vm") or {}
+def _vm_setup(root: str, cache_dir: str, settings: tuple[tuple[str, str], ...]) -> tuple[VmSetup | None, str | None]:
+    # Cached by the settings (as text, hashable): probed once per process and workspace.
+    vm = dict(settings)
 
     def configured(key: str) -> str | None:
         value = vm.get(key)
         if value is None:
             return None
-        value = os.path.expanduser(str(value))
-        return os.path.normpath(os.path.join(root or cwd, value))
+        value = os.path.expanduser(value)
+        return os.path.normpath(os.path.join(root or os.getcwd(), value))
 
     qemu = configured("qemu") or shutil.which("qemu-system-x86_64")
     if not qemu or not os.access(qemu, os.X_OK):
@@ -203,12 +211,16 @@ def vm_setup(cwd: str) -> tuple[VmSetup | None, str | None]:
             return None, "no static busybox for the VM's initramfs (apt-get install busybox-static)"
     elif not is_static_elf(busybox):
         return None, f"[vm] busybox = {busybox!r} is not a statically linked executable"
-    accel = os.environ.get("DTBUILD_VM_ACCEL") or str(vm.get("accel", "auto"))
+    # DTBUILD_VM_ACCEL is applied to the settings by the engine.
+    accel = vm.get("accel", "auto")
     if accel not in ("auto", "kvm", "tcg"):
-        return None, f"[vm] accel must be one of auto, kvm, tcg, but was {accel!r}"
-    timeout = float(vm.get("kvm_probe_timeout", KVM_PROBE_TIMEOUT))
+        return None, f"[vm] accel (or DTBUILD_VM_ACCEL) must be one of auto, kvm, tcg, but was {accel!r}"
+    try:
+        timeout = float(vm.get("kvm_probe_timeout", KVM_PROBE_TIMEOUT))
+    except ValueError:
+        return None, f"[vm] kvm_probe_timeout must be a number of seconds, but was {vm['kvm_probe_timeout']!r}"
     return VmSetup(qemu, kernel, version, modules_dir, busybox, accel, timeout,
-                   os.path.join(cache_root(root, config), "vm")), None
+                   os.path.join(cache_dir, "vm") if cache_dir else ""), None
 
 
 def _listdir(path: str) -> list[str]:
@@ -399,7 +411,8 @@ def kvm_usable(setup: VmSetup, scratch: str, cancel: CancelToken) -> tuple[bool,
     with _kvm_lock:
         if key in _kvm_memo:
             return _kvm_memo[key]
-        memo_path = os.path.join(setup.cache_dir, f"kvm-probe-{key}.json")
+        # Without a cache directory (an executor made outside a build) nothing is kept.
+        memo_path = os.path.join(setup.cache_dir or os.devnull, f"kvm-probe-{key}.json")
         try:
             with open(memo_path) as f:
                 memo = json.load(f)
@@ -409,6 +422,8 @@ def kvm_usable(setup: VmSetup, scratch: str, cancel: CancelToken) -> tuple[bool,
             if cancel.is_set():
                 return result
             try:
+                if not setup.cache_dir:
+                    raise OSError("no cache directory")
                 os.makedirs(setup.cache_dir, exist_ok=True)
                 with open(memo_path + f".{os.getpid()}", "w") as f:
                     json.dump({"usable": result[0], "detail": result[1]}, f)
@@ -646,14 +661,13 @@ def pack_guest_result(job: RootLayerJob, share: str, security_model: str) -> Lay
 class VmExecutor(Executor):
     NAME = "vm"
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return vm_setup(os.getcwd())[1]
+    def unavailable_reason(self) -> str | None:
+        return vm_setup(self.context)[1]
 
     def run(self, request: CommandRequest, cancel: CancelToken) -> CommandResult:
         if not isinstance(request, RootLayerRequest):
             return CommandResult(1, "the vm executor runs root layers (root_layer, image run_as_root) only")
-        setup, reason = vm_setup(os.getcwd())
+        setup, reason = vm_setup(self.context)
         if setup is None:
             return CommandResult(1, f"the vm executor cannot run here: {reason}")
         job = request.job

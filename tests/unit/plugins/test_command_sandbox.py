@@ -7,11 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
+from dtbuild.engine.errors import WorkspaceError
+from dtbuild.engine.workspace import find_workspace
 from dtbuild.plugins.builtin import sandbox
 from dtbuild.plugins.builtin.executors import LocalExecutor
-from dtbuild.plugins.interfaces import ActionFailed, CommandRequest
+from dtbuild.plugins.interfaces import ActionFailed, CommandRequest, ExecutorContext, Settings
 
 
 class _NeverCancelled:
@@ -78,14 +81,18 @@ def test_without_bwrap_the_error_says_how_to_install_it_or_opt_out(monkeypatch: 
     assert '[sandbox] commands = "none"' in message and "DTBUILD_SANDBOX=none" in message
 
 
-def test_the_users_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DTBUILD_SANDBOX", raising=False)
-    assert sandbox.sandbox_mode() == "bwrap"
-    monkeypatch.setenv("DTBUILD_SANDBOX", "none")
-    assert sandbox.sandbox_mode() == "none"
-    monkeypatch.setenv("DTBUILD_SANDBOX", "off")
-    with pytest.raises(ActionFailed, match="DTBUILD_SANDBOX must be one of bwrap, none, but was 'off'"):
-        sandbox.sandbox_mode()
+def test_the_users_choice(tmp_path: Path) -> None:
+    (tmp_path / "dtbuild.toml").write_text("")
+    workspace = find_workspace(str(tmp_path))
+    assert sandbox.sandbox_mode(workspace.settings({})) == "bwrap"
+    assert sandbox.sandbox_mode(workspace.settings({"DTBUILD_SANDBOX": "none"})) == "none"
+    (tmp_path / "dtbuild.toml").write_text('[sandbox]\ncommands = "none"\n')
+    assert sandbox.sandbox_mode(find_workspace(str(tmp_path)).settings({})) == "none"
+    assert sandbox.sandbox_mode(find_workspace(str(tmp_path)).settings({"DTBUILD_SANDBOX": "bwrap"})) == "bwrap"
+    with pytest.raises(WorkspaceError, match="DTBUILD_SANDBOX must be one of bwrap, none, but was 'off'"):
+        find_workspace(str(tmp_path)).settings({"DTBUILD_SANDBOX": "off"})
+    # The executor reads the settings it was given, never the environment.
+    assert sandbox.sandbox_mode(Settings()) == "bwrap"
 
 
 def _need_bwrap(require_tool) -> None:
@@ -116,11 +123,12 @@ def test_the_local_executor_confines_to_cwd_and_declared_paths(tmp_path: Path, m
     assert not Path("/d").exists() and not Path("/usr/e").exists()
 
 
-def test_opted_out_the_local_executor_runs_unconfined(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("DTBUILD_SANDBOX", "none")
+def test_opted_out_the_local_executor_runs_unconfined(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     (tmp_path / "cwd").mkdir()
-    result = LocalExecutor().run(CommandRequest(["/bin/sh", "-c", f"echo x > {outside}"], str(tmp_path / "cwd"),
+    context = ExecutorContext(str(tmp_path), str(tmp_path / "cache"),
+                              Settings(MappingProxyType({"sandbox": MappingProxyType({"commands": "none"})})))
+    result = LocalExecutor(context).run(CommandRequest(["/bin/sh", "-c", f"echo x > {outside}"], str(tmp_path / "cwd"),
                                                 {"PATH": "/usr/bin:/bin"}), _NeverCancelled())
     assert result.exit_code == 0, result.output
     assert outside.read_text() == "x\n"

@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
-from dtbuild.plugins.builtin.network_limits import NetworkLimits, NetworkSettingError, parse_limits
+from dtbuild.engine.workspace import find_workspace
+from dtbuild.plugins.builtin.network_limits import NetworkLimits, NetworkSettingError, limits_from, parse_limits
 from dtbuild.plugins.builtin.registry_client import RegistryClient, RegistryError
 
 #: Bytes the endless server sends at most (it stops there so that a client that does
@@ -232,24 +234,39 @@ def test_a_document_is_capped_when_no_descriptor_gives_its_size(hostile: Hostile
 # --------------------------------------------------------------------------- settings
 
 
-def test_settings_come_from_dtbuild_toml_and_the_environment_wins() -> None:
-    limits = parse_limits({"timeout": 5, "max_document": "8 MiB", "max_download": "1 GiB"},
-                          {"DTBUILD_NETWORK_TIMEOUT": "0.5", "DTBUILD_NETWORK_DEADLINE": "20"})
+def _settings(tmp_path: Path, toml: str, environ: dict[str, str]) -> Any:
+    (tmp_path / "dtbuild.toml").write_text(toml)
+    return find_workspace(str(tmp_path)).settings(environ)
+
+
+def test_settings_come_from_dtbuild_toml_and_the_environment_wins(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, '[network]\ntimeout = 5\nmax_document = "8 MiB"\nmax_download = "1 GiB"\n',
+                         {"DTBUILD_NETWORK_TIMEOUT": "0.5", "DTBUILD_NETWORK_DEADLINE": "20"})
+    limits = limits_from(settings)
     assert (limits.timeout, limits.deadline, limits.max_document, limits.max_download) == (0.5, 20, 8 << 20, 1 << 30)
-    assert parse_limits(None, {}) == NetworkLimits()
+    assert limits_from(_settings(tmp_path, "", {})) == NetworkLimits()
+    assert parse_limits(None) == NetworkLimits()
 
 
-@pytest.mark.parametrize(("section", "environ", "problem"), [
-    ({"timout": 5}, {}, "has no setting 'timout'"),
-    ({"timeout": "soon"}, {}, "[network] timeout in dtbuild.toml must be a number of seconds"),
-    ({"timeout": 0}, {}, "must be more than 0 seconds"),
-    ({"max_download": -1}, {}, "must be a size in bytes"),
-    ({}, {"DTBUILD_NETWORK_MIN_RATE": "fast"}, "DTBUILD_NETWORK_MIN_RATE must be a size in bytes"),
-    ("30", {}, "[network] in dtbuild.toml must be a table"),
+@pytest.mark.parametrize(("toml", "environ", "problem"), [
+    ('[network]\ntimeout = "soon"\n', {}, "[network] timeout in dtbuild.toml must be a number of seconds"),
+    ("[network]\ntimeout = 0\n", {}, "must be more than 0 seconds"),
+    ("[network]\nmax_download = -1\n", {}, "must be a size in bytes"),
+    ("", {"DTBUILD_NETWORK_MIN_RATE": "fast"}, "DTBUILD_NETWORK_MIN_RATE must be a size in bytes"),
 ])
-def test_bad_settings_are_named(section: Any, environ: dict[str, str], problem: str) -> None:
+def test_bad_settings_are_named(tmp_path: Path, toml: str, environ: dict[str, str], problem: str) -> None:
     with pytest.raises(NetworkSettingError) as failed:
-        parse_limits(section, environ)
+        limits_from(_settings(tmp_path, toml, environ))
+    assert problem in failed.value.message
+
+
+@pytest.mark.parametrize(("section", "problem"), [
+    ({"timout": 5}, "has no setting 'timout'"),
+    ("30", "[network] in dtbuild.toml must be a table"),
+])
+def test_bad_sections_are_named_by_the_parser_too(section: Any, problem: str) -> None:
+    with pytest.raises(NetworkSettingError) as failed:
+        parse_limits(section)
     assert problem in failed.value.message
     if "timout" in problem:
         assert failed.value.hint == "did you mean 'timeout'?"

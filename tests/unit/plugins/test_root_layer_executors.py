@@ -8,15 +8,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from dtbuild.engine.workspace import find_workspace
 from dtbuild.plugins.builtin import dtbuild_select_executor
-from dtbuild.plugins.builtin.root_layer import workspace_config
 from dtbuild.plugins.builtin.vm_executor import (
     GUEST_MODULES,
     CpioWriter,
+    VmExecutor,
     is_static_elf,
     kernel_version,
     module_order,
 )
+from dtbuild.plugins.interfaces import ExecutorContext
 
 
 @pytest.mark.parametrize(("mnemonic", "requested", "available", "chosen"), [
@@ -105,9 +107,17 @@ def test_static_busybox_is_recognised(require_tool) -> None:
     assert not is_static_elf("/bin/sh") or Path("/bin/sh").resolve().name == "busybox"
 
 
-def test_vm_settings_come_from_the_workspace_dtbuild_toml(tmp_path: Path) -> None:
-    (tmp_path / "dtbuild.toml").write_text('[vm]\nkernel = "kernels/vmlinuz"\naccel = "tcg"\n')
+def test_vm_settings_come_from_the_executor_context_not_the_working_directory(tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    (tmp_path / "dtbuild.toml").write_text('[vm]\nqemu = "/bin/true"\nkernel = "kernels/vmlinuz"\naccel = "tcg"\n')
     (tmp_path / "pkg").mkdir()
-    root, config = workspace_config(str(tmp_path / "pkg"))
-    assert root == str(tmp_path)
-    assert config["vm"] == {"kernel": "kernels/vmlinuz", "accel": "tcg"}
+    workspace = find_workspace(str(tmp_path / "pkg"))
+    assert workspace.root == str(tmp_path)
+    settings = workspace.settings({"DTBUILD_VM_ACCEL": "kvm"})
+    assert dict(settings["vm"]) == {"qemu": "/bin/true", "kernel": "kernels/vmlinuz", "accel": "kvm"}
+    assert settings.origin("vm", "accel") == "DTBUILD_VM_ACCEL"
+    # Wherever dtbuild runs, a relative path is relative to the workspace root.
+    monkeypatch.chdir("/")
+    executor = VmExecutor(ExecutorContext(workspace.root, str(tmp_path / "cache"), settings))
+    reason = executor.unavailable_reason()
+    assert reason is not None and f"the guest kernel {tmp_path}/kernels/vmlinuz is missing" in reason

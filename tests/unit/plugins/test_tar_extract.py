@@ -20,7 +20,7 @@ from dtbuild.plugins.builtin import tar_extract
 from dtbuild.plugins.builtin.fetch import FetchUrl
 from dtbuild.plugins.builtin.layered_actions import MergeTrees
 from dtbuild.plugins.builtin.tar_extract import ArchiveEntry, UnsafeArchive
-from dtbuild.plugins.interfaces import ActionFailed, InputArtifact, TreeEntry
+from dtbuild.plugins.interfaces import ActionFailed, InputArtifact, Settings, TreeEntry
 
 # --------------------------------------------------------------------------- building archives
 
@@ -177,6 +177,7 @@ class FakeContext:
     def __init__(self, tmp_path: Path, params: dict[str, Any], srcs: Sequence[InputArtifact] = ()) -> None:
         self.store = Store(str(tmp_path / "cache"))
         self.params = params
+        self.settings = Settings()
         self.scratch_dir = str(tmp_path / "scratch")
         os.makedirs(self.scratch_dir, exist_ok=True)
         self._srcs = list(srcs)
