@@ -144,6 +144,10 @@ class Analyzer:
         self.loader.target(label, referrer=decl, attr=attr)  # raises with a suggestion
         raise AssertionError("unreachable")
 
+    def has_target(self, label: Label) -> bool:
+        """Whether a BUILD file declares ``label`` (a source file is not a declared target)."""
+        return self._has_target(label)
+
     def _has_target(self, label: Label) -> bool:
         if self.loader.build_file_of(label.package) is None:
             return False
@@ -333,10 +337,10 @@ class Analyzer:
         for directory in ancestors:
             self._output_parents.setdefault(directory, path)
 
-    @staticmethod
-    def _provider_hint(provider: type) -> str:
-        return {
-            "ImageInfo": "use an image target: image, layered_image, pull_image or image_archive",
-            "PackageInfo": "use a package target such as files, genrule or merge_trees",
-            "LayerInfo": "use a layer target such as pure_layer or root_layer",
-        }.get(provider.__name__, f"use a target whose rule returns {provider.__name__}")
+    def _provider_hint(self, provider: type) -> str:
+        # Rules do not declare what they return, so the examples are the rules whose targets
+        # returned it in this analysis: whatever plugin registered them, never a fixed list.
+        kinds = sorted({t.decl.kind for t in self.result.targets.values() if provider in t.providers})
+        name = provider.__name__
+        return (f"use a target whose rule returns {name}, such as a {' or '.join(kinds)} target" if kinds
+                else f"use a target whose rule returns {name}")

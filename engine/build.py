@@ -10,12 +10,12 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from dtbuild.engine.analysis import AnalysisResult, Analyzer
-from dtbuild.engine.errors import BuildFailure, DtbuildError
+from dtbuild.engine.errors import BuildFailure, DtbuildError, PluginError
 from dtbuild.engine.execution import ActionRunner, ExecutionStats, PluginItems, action_key
 from dtbuild.engine.labels import Label, parse_pattern
 from dtbuild.engine.load import Loader
@@ -23,9 +23,8 @@ from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager,
 from dtbuild.engine.sources import SourceDigests
 from dtbuild.engine.store import Store
 from dtbuild.engine.workspace import Workspace
-from dtbuild.plugins.image_description import ImageDescription, ImageDescriptionError
+from dtbuild.plugins.interfaces import ActionFailed, InputArtifact
 from dtbuild.rules.api import ActionDecl
-from dtbuild.rules.providers import ImageInfo
 
 LAST_INPUTS_FILE = "last-inputs.json"
 RESULTS_INDEX_FILE = "results.json"
@@ -45,16 +44,15 @@ class BuildResult:
     labels: list[Label]
     stats: ExecutionStats
     outputs: dict[str, list[str]] = field(default_factory=dict)  # label -> workspace-relative paths
-    images: dict[str, ImageDescription] = field(default_factory=dict)  # label -> its name.json
+    #: label -> summary fields plugins gave (dtbuild_describe_target), such as an image's manifest_digest.
+    described: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: DtbuildError | None = None
 
-    def _manifest_digest(self, label: str) -> str | None:
-        image = self.images.get(label)
-        return image.manifest_digest if image is not None else None
-
     def summary(self) -> dict[str, Any]:
+        # manifest_digest is a field of every target in SPEC's summary (null unless a
+        # plugin, the image plugin, says otherwise).
         return {
-            "targets": {label: {"outputs": paths, "manifest_digest": self._manifest_digest(label)}
+            "targets": {label: {"outputs": paths, "manifest_digest": None, **self.described.get(label, {})}
                         for label, paths in sorted(self.outputs.items())},
             "actions": {"executed": self.stats.executed, "cached": self.stats.cached,
                         "remote_cached": self.stats.remote_cached, "failed": self.stats.failed,
@@ -115,7 +113,8 @@ class Session:
         return PluginItems(kinds, dict(self.registry.get("executors")), dict(self.registry.get("compressors")),
                            self.pm.hook, fingerprints=self.registry.fingerprints(plugin_distributions(self.pm)),
                            workspace_root=self.workspace.root, cache_dir=self.workspace.cache_dir(),
-                           settings=self.workspace.settings())
+                           settings=self.workspace.settings(),
+                           layer_kinds=dict(self.registry.get("layer_kinds")))
 
     def _results_index_path(self) -> str:
         return os.path.join(self.workspace.state_dir, RESULTS_INDEX_FILE)
@@ -180,13 +179,9 @@ class Session:
                         runner.read_output(art.path, functools.partial(tree.materialize, art.path))
                         paths.append(art.path)
                     result.outputs[str(label)] = paths
-                    image = target.providers.get(ImageInfo)
-                    if isinstance(image, ImageInfo) and image.description is not None:
-                        data = runner.read_output(image.description.path, lambda value: store.read_blob(value.digest))
-                        try:
-                            result.images[str(label)] = ImageDescription.from_json(data, image.description.path)
-                        except ImageDescriptionError as e:
-                            raise BuildFailure(str(e), target=str(label)) from None
+                    described = self.describe_target(label, target.providers, runner, store)
+                    if described:
+                        result.described[str(label)] = described
             except DtbuildError as e:  # a full disk, a blob wrong again after its rebuild
                 result.error = result.error or e
             finally:
@@ -195,8 +190,65 @@ class Session:
         self.last_runner = runner
         return result
 
+    def build_artifacts(self, label: Label, paths: Sequence[str], options: BuildOptions,
+                        cancel: threading.Event) -> list[InputArtifact]:
+        """Build just what the artifacts ``paths`` of ``label`` (provider fields, such as an
+        image's tree) need, not the target's other outputs, and return them as store-held
+        input artifacts. Nothing is copied under dtbuild-out/.
+
+        :raises UsageError: when ``label`` declares no such artifact.
+        """
+        from dtbuild.engine.errors import UsageError
+
+        analysis = self.analyze([label])
+        unknown = [p for p in paths if p not in analysis.producers]
+        if unknown:
+            raise UsageError(f"{label} has no built artifact {', '.join(unknown)}",
+                             hint="ask for files its providers name")
+        needed = analysis.actions_for_artifacts(list(paths))
+        store = self.store()
+        with self.workspace_lock(), store.lock():
+            runner = self._runner(store, options, cancel)
+            self.pm.hook.dtbuild_build_started(targets=[str(label)], total_actions=len(needed))
+            finished = False
+            try:
+                runner.run(needed, analysis.producers)
+                finished = True
+            finally:
+                runner.sources.save()
+                self.pm.hook.dtbuild_build_finished(summary=BuildResult([label], runner.stats).summary(),
+                                                    success=finished)
+        self.last_runner = runner
+        values = [runner.values[p] for p in paths]
+        return [InputArtifact(p, v.digest, v.is_tree, v.size, v.executable) for p, v in zip(paths, values, strict=True)]
+
     def workspace_lock(self) -> contextlib.AbstractContextManager[None]:
         return workspace_lock(self.workspace)
+
+    def describe_target(self, label: Label, providers: Mapping[type, Any], runner: ActionRunner,
+                        store: Store) -> dict[str, Any]:
+        """The summary fields plugins give a built target (``dtbuild_describe_target``),
+        merged; a field given twice, or ``outputs``, is a plugin error."""
+        def read_output(artifact: Any) -> bytes:
+            return runner.read_output(artifact.path, lambda value: store.read_blob(value.digest))
+
+        merged: dict[str, Any] = {}
+        owners: dict[str, str] = {}
+        for impl in self.pm.hook.dtbuild_describe_target.get_hookimpls():  # registration order
+            name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+            try:
+                fields = impl.function(label=str(label), providers=providers, read_output=read_output)
+            except ActionFailed as e:
+                raise BuildFailure(str(e), target=str(label)) from None
+            # pluggy types every hook result as object; the hookspec says it is a mapping.
+            for key, value in dict(cast("Mapping[str, Any]", fields or {})).items():
+                if key == "outputs" or key in owners:
+                    first = "the engine" if key == "outputs" else f"plugin '{owners[key]}'"
+                    raise PluginError(f"two plugins give the summary field '{key}' of {label}: {first} and "
+                                      f"plugin '{name}'", hint=f"block one of them (-p no:{name})")
+                merged[key] = value
+                owners[key] = name
+        return merged
 
     # ------------------------------------------------------------------ explain
 
@@ -340,54 +392,19 @@ def read_state_file(path: str) -> dict[str, Any]:
 
 
 class StoreReader:
-    """Read access to store-held trees for code that runs outside an action (``stream``,
-    ``inspect``): the ``walk_tree``/``open_blob`` part of an ActionContext."""
+    """Read access to store-held trees for code that runs outside an action (plugin
+    commands such as ``stream`` and ``inspect``): the ``inputs``/``walk_tree``/``open_blob``
+    part of an ActionContext (:class:`dtbuild.plugins.interfaces.StoreTreeReader`)."""
 
-    def __init__(self, store: Store, inputs: dict[str, list[Any]] | None = None) -> None:
+    def __init__(self, store: Store, inputs: Mapping[str, Sequence[InputArtifact]] | None = None) -> None:
         self.store = store
-        self._inputs = inputs or {}
+        self._inputs = {name: list(arts) for name, arts in (inputs or {}).items()}
 
-    def inputs(self, name: str) -> list[Any]:
+    def inputs(self, name: str) -> list[InputArtifact]:
         return self._inputs.get(name, [])
 
-    def walk_tree(self, artifact: Any) -> Iterator[Any]:
+    def walk_tree(self, artifact: InputArtifact) -> Iterator[Any]:
         return self.store.walk_tree(artifact.digest)
 
     def open_blob(self, digest: str) -> Any:
         return self.store.open_blob(digest)
-
-
-def image_inputs(session: Session, label: Label, options: BuildOptions, cancel: threading.Event,
-                 ) -> tuple[StoreReader, Any, str]:
-    """Build what an image target's docker-archive is made from (not the archive itself)
-    and return a reader of its image tree, the tree's input artifact and the compressor."""
-    from dtbuild.engine.errors import UsageError
-    from dtbuild.plugins.interfaces import InputArtifact
-
-    analysis = session.analyze([label])
-    target = analysis.targets[label]
-    image = target.providers.get(ImageInfo)
-    if not isinstance(image, ImageInfo):
-        raise UsageError(f"{label} ({target.decl.kind}) is not an image target",
-                         hint="stream and inspect take image targets such as image or layered_image")
-    needed = analysis.actions_for_artifacts([image.image.path])
-    compressor = "none"
-    for action in analysis.actions:
-        if action.owner == str(label) and action.mnemonic == "DockerArchive":
-            compressor = action.params["compressor"]
-    store = session.store()
-    with session.workspace_lock(), store.lock():
-        runner = session._runner(store, options, cancel)
-        session.pm.hook.dtbuild_build_started(targets=[str(label)], total_actions=len(needed))
-        finished = False
-        try:
-            runner.run(needed, analysis.producers)
-            finished = True
-        finally:
-            runner.sources.save()
-            session.pm.hook.dtbuild_build_finished(summary=BuildResult([label], runner.stats).summary(),
-                                                   success=finished)
-    value = runner.values[image.image.path]
-    artifact = InputArtifact(image.image.path, value.digest, True, value.size)
-    return StoreReader(store, {"images": [artifact]}), artifact, compressor
-

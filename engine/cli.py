@@ -12,10 +12,12 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-COMMANDS = ("build", "query", "graph", "explain", "stream", "inspect", "push", "load", "clean", "cache", "plugins")
+#: The engine's own commands; plugins add others (``stream``, ``inspect``, ``push`` and
+#: ``load`` come from the image plugins) through ``dtbuild_register_commands``.
+COMMANDS = ("build", "query", "graph", "explain", "clean", "cache", "plugins")
 
 
 def _version() -> str:
@@ -33,7 +35,8 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(commands: Any = None) -> argparse.ArgumentParser:
+    """The parser of the engine's commands and of ``commands`` (a CommandTable)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     common.add_argument("-p", dest="plugin_flags", action="append", default=[], metavar="no:NAME",
@@ -60,32 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", parents=[common], help="which actions would run, and why")
     explain.add_argument("targets", nargs="+", metavar="TARGET")
 
-    stream = sub.add_parser("stream", parents=[common],
-                            help="write an image's docker-archive to stdout without storing it")
-    stream.add_argument("target")
-    stream.add_argument("--jobs", "-j", type=int, default=0)
-
-    inspect = sub.add_parser("inspect", parents=[common], help="an image's layers, sizes, config and contents")
-    inspect.add_argument("target")
-    inspect.add_argument("--jobs", "-j", type=int, default=0)
-
-    push = sub.add_parser("push", parents=[common], help="push an image to registries (skips blobs they have)")
-    push.add_argument("target")
-    push.add_argument("refs", nargs="+", metavar="REF",
-                      help="REGISTRY/REPOSITORY[:TAG] (default tag: the image's own); several REFs push several tags")
-    push.add_argument("--insecure", action="store_true",
-                      help="do not verify TLS certificates, and fall back to plain HTTP")
-    push.add_argument("--format", choices=("oci", "docker"), default="oci",
-                      help="manifest media types (default oci: the digest in NAME.json; docker: not for zstd layers)")
-    push.add_argument("--transfers", type=int, default=8, help="blobs checked and sent at once (default 8)")
-    push.add_argument("--jobs", "-j", type=int, default=0)
-
-    load = sub.add_parser("load", parents=[common], help="load an image into docker or podman")
-    load.add_argument("target")
-    load.add_argument("--tool", choices=("auto", "docker", "podman"), default="auto",
-                      help="auto: docker when its daemon answers, else podman")
-    load.add_argument("--jobs", "-j", type=int, default=0)
-
     clean = sub.add_parser("clean", parents=[common], help="remove dtbuild-out/ (and the cache with --expunge)")
     clean.add_argument("--expunge", action="store_true", help="also remove the whole local cache")
 
@@ -95,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="gc: drop action results unused for this long (default 30)")
 
     sub.add_parser("plugins", parents=[common], help="list plugins and what each registers")
+    for registered in (commands.commands.values() if commands is not None else ()):
+        command_parser = sub.add_parser(registered.name, parents=[common],
+                                        help=f"{registered.help} (plugin '{registered.plugin}')")
+        registered.command().add_arguments(command_parser)
     return parser
 
 
@@ -109,23 +90,94 @@ def _blocked(flags: Sequence[str]) -> list[str]:
     return blocked
 
 
+def _first_word(args: Sequence[str]) -> str | None:
+    """The command word: the first argument that is neither a flag nor the value of -p."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "-p":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _blocked_flags(args: Sequence[str]) -> list[str]:
+    """The values of every ``-p`` flag, read before the parser knows the plugin commands."""
+    flags = []
+    for i, arg in enumerate(args):
+        if arg == "-p" and i + 1 < len(args):
+            flags.append(args[i + 1])
+        elif arg.startswith("-p") and len(arg) > 2 and not arg.startswith("--"):
+            flags.append(arg[2:].removeprefix("="))
+    return flags
+
+
+def _looks_like_command(word: str) -> bool:
+    # Labels and patterns (//pkg:x, :x, pkg/...) never name a command: building them
+    # needs no plugin loaded before the parser runs.
+    return word.replace("-", "").replace("_", "").isalnum() and word[:1].isalpha()
+
+
+#: The session made while reading the command line (to learn the plugin commands),
+#: used again by the command so that plugins load once.
+_PRELOADED: dict[tuple[str, ...], Any] = {}
+
+
+def _plugin_commands(args_list: Sequence[str], *, quiet: bool) -> Any:
+    """The CommandTable of the workspace's plugins (None where there is no workspace and
+    ``quiet``: ``dtbuild --help`` outside one lists the engine's commands)."""
+    from dtbuild.engine.api import collect_commands
+    from dtbuild.engine.errors import DtbuildError
+
+    try:
+        session = _make_session(_blocked(_blocked_flags(args_list)))
+    except DtbuildError:
+        if quiet:
+            return None
+        raise
+    return collect_commands(session.pm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    first = next((a for a in args_list if not a.startswith("-")), None)
-    if first is not None and first not in COMMANDS and "--version" not in args_list \
-            and "-h" not in args_list and "--help" not in args_list:
+    _PRELOADED.clear()  # one command per call, even when called in-process again
+    return _guarded(lambda: _main(args_list), debug="--debug" in args_list)
+
+
+def _main(args_list: list[str]) -> int:
+    first = _first_word(args_list)
+    asks_help = "-h" in args_list or "--help" in args_list
+    commands = None
+    if first is None:
+        if asks_help:  # `dtbuild --help` lists the plugin commands too, where there are plugins
+            commands = _plugin_commands(args_list, quiet=True)
+    elif first not in COMMANDS and _looks_like_command(first):
+        commands = _plugin_commands(args_list, quiet=False)
+    known = commands.commands if commands is not None else {}
+    if first is not None and first not in COMMANDS and first not in known and "--version" not in args_list \
+            and not asks_help:
+        unknown = commands.unknown_command_error(first) if commands is not None else None
+        if unknown is not None:
+            raise unknown
         args_list.insert(args_list.index(first), "build")
-    parser = _parser()
+    parser = _parser(commands)
     args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    debug = args.debug
+    args.plugin_command = known.get(args.command)
+    return _run(args)
+
+
+def _guarded(run: Callable[[], int], *, debug: bool) -> int:
+    """``run()``, with every error shown as one clear message and its exit code."""
     from dtbuild.engine.errors import DtbuildError
     from dtbuild.plugins.text import printable
 
     try:
-        return _run(args)
+        return run()
     except DtbuildError as e:
         if debug:
             import traceback
@@ -157,23 +209,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
+def _make_session(blocked: Sequence[str]) -> Any:
+    """The session of the workspace around the working directory (made once per process
+    and set of -p flags: plugins load once)."""
     from dtbuild.engine.build import Session
     from dtbuild.engine.workspace import find_workspace
 
-    extra = [("reporter", reporter)] if reporter is not None else []
-    workspace = find_workspace()
-    # Bad settings (and environment overrides) fail here, before any BUILD file is read.
-    workspace.settings()
-    return Session(workspace, blocked=_blocked(args.plugin_flags), extra_plugins=extra)
+    key = tuple(blocked)
+    if key not in _PRELOADED:
+        workspace = find_workspace()
+        # Bad settings (and environment overrides) fail here, before any BUILD file is read.
+        workspace.settings()
+        _PRELOADED.clear()
+        _PRELOADED[key] = Session(workspace, blocked=blocked)
+    return _PRELOADED[key]
+
+
+def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
+    session = _make_session(_blocked(args.plugin_flags))
+    # The reporter is an observer plugin like any other: -p no:reporter silences it.
+    if reporter is not None and not session.pm.is_blocked("reporter") and not session.pm.has_plugin("reporter"):
+        session.pm.register(reporter, name="reporter")
+    return session
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.plugin_command is not None:
+        return _cmd_plugin(args)
     return {
         "build": _cmd_build, "query": _cmd_query, "graph": _cmd_graph, "explain": _cmd_explain,
-        "stream": _cmd_stream, "inspect": _cmd_inspect, "push": _cmd_push, "load": _cmd_load,
         "clean": _cmd_clean, "cache": _cmd_cache, "plugins": _cmd_plugins,
     }[args.command](args)
+
+
+def _cmd_plugin(args: argparse.Namespace) -> int:
+    """A plugin's command, given the engine through the public API (dtbuild.engine.api)."""
+    from dtbuild.engine.api import EngineCommandAPI, run_command
+    from dtbuild.plugins.console_reporter import ConsoleReporter
+
+    session = _session(args, ConsoleReporter(quiet=True))
+    cancel = threading.Event()
+    _install_signal_handlers(cancel)
+    return run_command(args.plugin_command, args, EngineCommandAPI(session, cancel=cancel, debug=args.debug))
 
 
 def _install_signal_handlers(cancel: threading.Event) -> None:
@@ -190,7 +267,7 @@ def _install_signal_handlers(cancel: threading.Event) -> None:
 def _cmd_build(args: argparse.Namespace) -> int:
     from dtbuild.engine.build import BuildOptions
     from dtbuild.engine.errors import UsageError
-    from dtbuild.plugins.builtin.reporter import ConsoleReporter
+    from dtbuild.plugins.console_reporter import ConsoleReporter
     from dtbuild.plugins.text import printable
 
     if args.jobs < 0:
@@ -249,7 +326,7 @@ def _query_graph(session: Any) -> Any:
 
     def node(text: str) -> QueryNode:
         label = parse_label(text)
-        if not session.analyzer._has_target(label):
+        if not session.analyzer.has_target(label):
             return QueryNode(text, "source file", ())
         decl = session.loader.target(label)
         deps: list[str] = []
@@ -302,194 +379,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _single_image(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
-    from dtbuild.engine.build import BuildOptions, image_inputs
-    from dtbuild.engine.errors import UsageError
-    from dtbuild.plugins.builtin.reporter import ConsoleReporter
-
-    session = _session(args, ConsoleReporter(quiet=True))
-    labels = session.expand([args.target])
-    if len(labels) != 1:
-        raise UsageError(f"'{args.target}' names {len(labels)} targets; give exactly one image target")
-    cancel = threading.Event()
-    _install_signal_handlers(cancel)
-    reader, artifact, compressor = image_inputs(session, labels[0], BuildOptions(jobs=args.jobs, debug=args.debug),
-                                                cancel)
-    return session, reader, artifact, compressor
-
-
-def _cmd_stream(args: argparse.Namespace) -> int:
-    from dtbuild.plugins.builtin import imageformat
-    from dtbuild.plugins.builtin.image_actions import archive_images
-
-    session, reader, _, compressor_name = _single_image(args)
-    if sys.stdout.isatty():
-        from dtbuild.engine.errors import UsageError
-
-        raise UsageError("stream writes a tar archive to stdout; pipe it somewhere",
-                         hint=f"dtbuild stream {args.target} | docker load")
-    compressor = session.plugin_items().compressor(compressor_name)
-    out = sys.stdout.buffer
-    imageformat.write_docker_archive(out, archive_images(reader), compressor)
-    out.flush()
-    return 0
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    import json
-    import re
-
-    from dtbuild.engine.errors import BuildFailure
-    from dtbuild.plugins.builtin import tar_extract
-    from dtbuild.plugins.builtin.image_actions import ImageTree
-    from dtbuild.plugins.text import printable as shown  # image text never reaches the terminal raw
-
-    def size(n: int) -> str:
-        return f"{n} B" if n < 1000 else f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
-
-    _, reader, artifact, _ = _single_image(args)
-    tree = ImageTree(reader, artifact)
-    desc = tree.description
-    print(f"image: {shown(desc.label)}")
-    print(f"tags: {', '.join(shown(t) for t in desc.repo_tags)}")
-    print(f"manifest: {shown(desc.manifest_digest)}")
-    print(f"config: {shown(desc.config_digest)}")
-    config = tree.config
-    print(f"platform: {shown(config.get('os'))}/{shown(config.get('architecture'))}  "
-          f"created: {shown(config.get('created'))}")
-    print("config:")
-    # json.dumps (ensure_ascii) already escapes them; shown() keeps it so if that changes.
-    for line in json.dumps(config.get("config") or {}, indent=2, sort_keys=True).splitlines():
-        print("  " + shown(line))
-    history = [h for h in config.get("history", []) if not h.get("empty_layer")]
-    print(f"layers ({len(desc.layers)}):")
-    for i, layer in enumerate(desc.layers):
-        files = dirs = 0
-        top: dict[str, int] = {}
-        # Read as every untrusted tar is (names normalised and checked): layers of
-        # imported and pulled images come from anywhere.
-        try:
-            with tree.layer_opener(layer.diff_id)() as f:
-                for member, _ in tar_extract.read_entries(f, compressed=False, lower_files=lambda _path: True):
-                    if member.kind == "dir":
-                        dirs += 1
-                    else:
-                        files += 1
-                        head = "/" + member.path.split("/", 1)[0]
-                        top[head] = top.get(head, 0) + 1
-        except tar_extract.UnsafeArchive as e:
-            where = f"layer {i + 1} ({layer.diff_id})"
-            raise BuildFailure(f"cannot list the files of {where}: {e}", hint=e.hint or None) from None
-        created_by = history[i].get("created_by", "") if i < len(history) else ""
-        tar_size = tree.entry("layers/" + layer.diff_id.removeprefix("sha256:")).size
-        print(f"  {i + 1}. {shown(layer.digest)}  {size(layer.size)}  {shown(layer.media_type)}")
-        print(f"     diff_id {shown(layer.diff_id)}; {size(tar_size)} uncompressed; {files} files, "
-              f"{dirs} directories")
-        # Layers dtbuild wrote say which packages they hold: "dtbuild LABEL (p1, p2)".
-        made = re.fullmatch(r"dtbuild (\S+)(?: customisation)? \((.*)\)", created_by)
-        if made is not None and " customisation " in created_by:
-            print("     customisation layer: what extra_commands and fakeroot_commands changed")
-        elif made is not None:
-            print(f"     packages: {'(none)' if made.group(2) == 'no packages' else shown(made.group(2))}")
-        elif created_by:
-            print(f"     {shown(created_by)}")
-        if top:
-            print("     holds: " + ", ".join(f"{shown(k)} ({v})" for k, v in sorted(top.items())))
-    return 0
-
-
-def _cmd_push(args: argparse.Namespace) -> int:
-    from dtbuild.engine import push
-    from dtbuild.engine.errors import UsageError
-
-    if args.transfers < 1:
-        raise UsageError(f"--transfers must be at least 1, but was {args.transfers}")
-    refs = push.parse_targets(args.refs)
-    session, reader, artifact, _ = _single_image(args)
-    cancel = threading.Event()
-    _install_signal_handlers(cancel)
-    outcomes = push.push_image(reader, artifact, refs, state_dir=session.workspace.state_dir, insecure=args.insecure,
-                               manifest_format=args.format, transfers=args.transfers, cancel=cancel,
-                               report=lambda message: print(message, file=sys.stderr))
-    for outcome in outcomes:
-        total = outcome.uploaded + outcome.mounted + outcome.skipped
-        mounted = f" from {', '.join(outcome.mounted_from)}" if outcome.mounted_from else ""
-        print(f"pushed {outcome.target.name} ({', '.join(outcome.target.tags)}): {outcome.digest}; {total} blob(s): "
-              f"{outcome.uploaded} uploaded ({_megabytes(outcome.uploaded_bytes)}), {outcome.mounted} mounted"
-              f"{mounted}, {outcome.skipped} skipped (already there)", file=sys.stderr)
-        for reference in outcome.references:
-            print(f"{reference}@{outcome.digest}")
-    return 0
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
-
-
-def _load_command(choice: str) -> list[str]:
-    """``[docker|podman, "load"]``: docker when its daemon answers (or when asked), else podman."""
-    import shutil
-    import subprocess
-
-    from dtbuild.engine.errors import BuildFailure
-
-    docker, podman = shutil.which("docker"), shutil.which("podman")
-    if choice == "podman" or (choice == "auto" and podman and not docker):
-        if podman is None:
-            raise BuildFailure("podman is not installed (or not on PATH)", hint="install podman, or use --tool docker")
-        return [podman, "load"]
-    if docker is None:
-        if choice == "docker":
-            raise BuildFailure("docker is not installed (or not on PATH)", hint="install docker, or use --tool podman")
-        raise BuildFailure("dtbuild load needs docker or podman, and neither is installed (or on PATH)",
-                           hint="install one of them, or write the archive with `dtbuild stream TARGET > image.tar`")
-    try:
-        answers = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"], capture_output=True,
-                                 timeout=20, stdin=subprocess.DEVNULL).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        answers = False
-    if answers:
-        return [docker, "load"]
-    if choice == "auto" and podman is not None:
-        return [podman, "load"]
-    raise BuildFailure("the docker daemon does not answer (`docker version` cannot reach it)"
-                       + ("" if choice == "docker" else ", and podman is not installed"),
-                       hint="start the docker daemon" + ("" if choice == "docker" else ", or install podman"))
-
-
-def _cmd_load(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from dtbuild.engine.errors import BuildFailure
-    from dtbuild.plugins.builtin import imageformat
-    from dtbuild.plugins.builtin.compressors import NoneCompressor
-    from dtbuild.plugins.builtin.image_actions import ImageTree, archive_images
-
-    argv = _load_command(args.tool)  # before building: a missing tool fails fast
-    _, reader, artifact, _ = _single_image(args)
-    tool = os.path.basename(argv[0])
-    tags = list(ImageTree(reader, artifact).description.repo_tags)
-    # Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
-    # and a local pipe gains nothing from compression.
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sys.stderr)
-    assert proc.stdin is not None
-    try:
-        imageformat.write_docker_archive(proc.stdin, archive_images(reader), NoneCompressor())
-    except BrokenPipeError:
-        pass  # the tool stopped reading: its exit status and message say why
-    finally:
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        code = proc.wait()
-    if code != 0:
-        raise BuildFailure(f"`{tool} load` exited with status {code} (its message is above)",
-                           hint=f"dtbuild stream {args.target} | {tool} load  reproduces it")
-    print(f"loaded {args.target} into {tool}: {', '.join(tags)}")
-    return 0
-
-
 def _cmd_clean(args: argparse.Namespace) -> int:
     from dtbuild.engine.build import workspace_lock
     from dtbuild.engine.store import Store, remove_tree
@@ -531,7 +420,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     registry = session.registry
     pm = session.pm
     origins = plugin_origins(pm)
-    registries = ("rules", "action_kinds", "compressors", "layer_kinds", "executors", "output_formats")
+    registries = [r for r in ("rules", "action_kinds", "compressors", "layer_kinds", "executors")
+                  if r in registry.items]
+    from dtbuild.engine.api import collect_commands
+
+    commands = collect_commands(pm)
     print("plugins:")
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda np: np[0] or ""):
         if plugin is None:  # blocked
@@ -544,6 +437,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             names = sorted(n for n, owner in registry.owners.get(reg, {}).items() if owner == name)
             if names:
                 print(f"      {reg.replace('_', ' ')}: {', '.join(names)}")
+        own = sorted(c.name for c in commands.commands.values() if c.plugin == name)
+        if own:
+            print(f"      commands: {', '.join(own)}")
     for name, why in sorted(origins.unavailable.items()):
         print(f"  {name}  (builtin, {origins.dists.get(name, 'dtbuild')}; {why})")
     for reg in registries:
@@ -559,6 +455,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             if reg == "rules" and name in registry.unavailable_rules:
                 notes.append(f"unavailable: {registry.unavailable_rules[name]}")
             print(f"  {name}  [{owner}{': ' + '; '.join(notes) if notes else ''}]")
+    print("commands:")
+    for name in COMMANDS:
+        print(f"  {name}  [dtbuild]")
+    for name, registered in sorted(commands.commands.items()):
+        notes = ["builtin"] if registered.plugin in origins.builtin else []
+        print(f"  {name}  [{registered.plugin}{': ' + '; '.join(notes) if notes else ''}]")
+    for name, (plugin, why) in sorted(commands.unavailable.items()):
+        print(f"  {name}  [{plugin}: unavailable: {why}]")
     return 0
 
 if __name__ == "__main__":

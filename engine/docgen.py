@@ -1,5 +1,6 @@
 """docs/rules.md, generated from the rules' attribute schemas (``python -m
-dtbuild.engine.docgen > docs/rules.md``); a test keeps the file up to date."""
+dtbuild.engine.docgen > docs/rules.md``), the rules the engine makes from layer kinds
+among them; a test keeps the file up to date."""
 
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ def _default(value: object) -> str:
 
 
 def rules_markdown() -> str:
-    registry = collect_registry(make_plugin_manager(autoload=False), ["rules"])
+    registry = collect_registry(make_plugin_manager(autoload=False), ["rules", "layer_kinds"])
+    layer_kinds = {name for name, kind in registry.get("layer_kinds").items() if not getattr(kind, "ACTION_KIND", None)}
     lines = ["# Rules", "", "Generated from the built-in rules' attribute schemas by "
              "`python -m dtbuild.engine.docgen`; do not edit by hand.", ""]
     for name, rule in sorted(registry.get("rules").items()):
-        lines += [f"## {name}", "", rule.doc, "", "| attribute | type | default | meaning |", "|---|---|---|---|",
+        doc = rule.doc
+        if name in layer_kinds:
+            doc += (f" Made from the layer kind `{name}`: a target outputs `NAME.tar` and provides `LayerInfo`, "
+                    "for `image(layers = [...])`.")
+        lines += [f"## {name}", "", doc, "", "| attribute | type | default | meaning |", "|---|---|---|---|",
                   "| `name` | a string | (mandatory) | The target's name, unique in its package. |"]
         for attr_name, attr in rule.attrs.items():
             lines.append(f"| `{attr_name}` | {attr.describe_type()} | {_default(attr.default)} | "

@@ -55,6 +55,7 @@ from dtbuild.plugins.interfaces import (
     Executor,
     ExecutorContext,
     InputArtifact,
+    LayerKind,
     Settings,
     TreeEntry,
 )
@@ -103,6 +104,8 @@ class PluginItems:
     workspace_root: str = ""
     cache_dir: str = ""
     settings: Settings = field(default_factory=Settings)
+    #: The registered layer kinds by NAME, for the action kind that writes their layers.
+    layer_kinds: Mapping[str, type[LayerKind]] = field(default_factory=dict)
     _instances: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -112,7 +115,8 @@ class PluginItems:
         found = self.fingerprints.get(registry, {}).get(name)
         if found is not None:
             return found
-        cls = {"compressors": self.compressors, "executors": self.executors}.get(registry, {}).get(name)
+        cls = {"compressors": self.compressors, "executors": self.executors,
+               "layer_kinds": self.layer_kinds}.get(registry, {}).get(name)
         return str(getattr(cls, "VERSION", "1")) if cls is not None else "unregistered"
 
     def uses_of(self, action: ActionDecl) -> dict[str, dict[str, str]]:
@@ -129,6 +133,17 @@ class PluginItems:
                                    f"(registered: {', '.join(sorted(self.compressors))})")
             inst = self._instances["c:" + name] = cls()
         return inst
+
+    def layer_kind(self, name: str) -> LayerKind:
+        with self._lock:
+            inst = self._instances.get("l:" + name)
+            if inst is None:
+                cls = self.layer_kinds.get(name)
+                if cls is None:
+                    raise ActionFailed(f"no layer kind named {name!r} is registered "
+                                       f"(registered: {', '.join(sorted(self.layer_kinds)) or 'none'})")
+                inst = self._instances["l:" + name] = cls()
+            return inst
 
     def executor_context(self, name: str) -> ExecutorContext:
         """The context executor ``name`` is made with."""
@@ -386,6 +401,11 @@ class ActionContextImpl:
 
     def compressors(self) -> Mapping[str, type[Compressor]]:
         return dict(self._runner.plugins.compressors)
+
+    def layer_kind(self, name: str) -> LayerKind:
+        found = self._runner.plugins.layer_kind(name)
+        self.used.setdefault("layer_kinds", {})[name] = self._runner.plugins.fingerprint("layer_kinds", name)
+        return found
 
     def log(self, message: str) -> None:
         self._runner.report("dtbuild_action_log", label=self.action.owner, mnemonic=self.action.mnemonic,

@@ -1,5 +1,7 @@
 """The plugin manager: pluggy for project "dtbuild", and the registry of what plugins
-registered (rules, action kinds, compressors, layer kinds, executors, output formats).
+registered (rules, action kinds, compressors, layer kinds, executors). Each layer kind
+that brings no rule of its own gets one made from it (:func:`dtbuild.rules.api.layer_kind_rule`),
+registered as the layer kind's plugin's.
 
 Every plugin comes from an entry point of the ``dtbuild`` group: first dtbuild's own
 (the built-in plugins ``core``, ``images``, ..., always, by name), then
@@ -37,7 +39,6 @@ REGISTRIES = {
     "compressors": "dtbuild_register_compressors",
     "layer_kinds": "dtbuild_register_layer_kinds",
     "executors": "dtbuild_register_executors",
-    "output_formats": "dtbuild_register_output_formats",
 }
 #: The distribution whose entry points are the built-in plugins.
 BUILTIN_DISTRIBUTION = "dtbuild"
@@ -275,7 +276,11 @@ class Registry:
 
 
 def collect_registry(pm: pluggy.PluginManager, registries: Iterable[str] = REGISTRIES) -> Registry:
-    """Call the registration hooks and index what they return by NAME."""
+    """Call the registration hooks and index what they return by NAME. Collecting the
+    rules collects the layer kinds too: their rules are among them."""
+    registries = list(registries)
+    if "rules" in registries and "layer_kinds" not in registries:
+        registries.append("layer_kinds")
     reg = Registry()
     dists: dict[str, str] = plugin_origins(pm).dists
     builtin = set(plugin_origins(pm).builtin)
@@ -318,6 +323,7 @@ def collect_registry(pm: pluggy.PluginManager, registries: Iterable[str] = REGIS
         reg.versions[registry] = versions
         reg.replaced[registry] = replaced
     if "rules" in reg.items:
+        _add_layer_kind_rules(reg, dists, builtin)
         _add_unavailable_rules(pm, reg)
     for impl in pm.hook.dtbuild_register_build_globals.get_hookimpls():
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
@@ -333,6 +339,37 @@ def collect_registry(pm: pluggy.PluginManager, registries: Iterable[str] = REGIS
     return reg
 
 
+def _layer_kind_rule(kind: Any, plugin_name: str) -> Any:
+    from dtbuild.rules.api import layer_kind_rule
+
+    try:
+        return layer_kind_rule(kind)
+    except ValueError as e:  # a bad NAME, or ATTRS redefining name/visibility/tags
+        raise PluginError(f"plugin '{plugin_name}' registered the layer kind {_qualname(kind)}, whose rule cannot "
+                          f"be made: {e}", hint="a layer kind's NAME is lower_snake_case and its ATTRS are those "
+                          "of a rule") from None
+
+
+def _add_layer_kind_rules(reg: Registry, dists: Mapping[str, str], builtin: Iterable[str]) -> None:
+    """The rule of each layer kind that has none of its own (no ``ACTION_KIND``), owned
+    by the layer kind's plugin and versioned like it."""
+    rules = reg.items["rules"]
+    for name, kind in reg.items.get("layer_kinds", {}).items():
+        if getattr(kind, "ACTION_KIND", None):
+            continue
+        owner = reg.owners["layer_kinds"][name]
+        if name in rules:
+            raise PluginError(f"the layer kind '{name}' ({_describe(kind, owner, dists, builtin)}) and the rule "
+                              f"'{name}' ({_describe(rules[name], reg.owners['rules'][name], dists, builtin)}) "
+                              "have one name: the engine makes the layer kind's rule",
+                              hint="rename one of them, or set ACTION_KIND on a layer kind that brings its own rule")
+        rules[name] = _layer_kind_rule(kind, owner)
+        reg.owners["rules"][name] = owner
+        digest = reg.versions.get("layer_kinds", {}).get(name)
+        if digest:
+            reg.versions["rules"][name] = digest
+
+
 def _add_unavailable_rules(pm: pluggy.PluginManager, reg: Registry) -> None:
     """Stand-ins for the rules of built-in plugins that are not loaded (unless another
     plugin registers the name): a BUILD file that calls one still loads, and analysing
@@ -343,10 +380,13 @@ def _add_unavailable_rules(pm: pluggy.PluginManager, reg: Registry) -> None:
     rules = reg.items["rules"]
     for plugin_name, plugin in origins.unavailable_modules.items():
         register = getattr(plugin, "dtbuild_register_rules", None)
-        if register is None:
+        if register is None and getattr(plugin, "dtbuild_register_layer_kinds", None) is None:
             continue
         why = origins.unavailable[plugin_name]
-        for real in register() or ():
+        register_kinds = getattr(plugin, "dtbuild_register_layer_kinds", None)
+        made = [_layer_kind_rule(kind, plugin_name) for kind in (register_kinds() if register_kinds else ())
+                if not getattr(kind, "ACTION_KIND", None)]
+        for real in [*((register() if register else None) or ()), *made]:
             if real.name in rules:
                 continue
 

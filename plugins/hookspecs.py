@@ -13,7 +13,7 @@ Registration hooks return classes (or, for rules, rule objects) keyed by their
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dtbuild.plugins import hookspec
@@ -21,10 +21,10 @@ from dtbuild.plugins import hookspec
 if TYPE_CHECKING:
     from dtbuild.plugins.interfaces import (
         ActionKind,
+        Command,
         Compressor,
         Executor,
         LayerKind,
-        OutputFormat,
     )
     from dtbuild.rules.api import Rule
 
@@ -78,11 +78,15 @@ def dtbuild_register_compressors() -> Sequence[type[Compressor]]:
 
 @hookspec
 def dtbuild_register_layer_kinds() -> Sequence[type[LayerKind]]:
-    """Kinds of image layers (pure file layers, root layers run in an overlay, ...).
+    """Kinds of image layers. For each one the engine gives BUILD files a rule named
+    after it, made from its ``ATTRS``, whose one action streams its ``entries()`` into
+    a layer tar (see docs/plugins.md, "A layer kind"); a kind that brings its own rule
+    sets ``ACTION_KIND``.
 
-    Called once per process.
+    Called once per process, before BUILD files are loaded.
 
-    :return: :class:`~dtbuild.plugins.interfaces.LayerKind` subclasses.
+    :return: :class:`~dtbuild.plugins.interfaces.LayerKind` subclasses, each with a
+        unique ``NAME`` that no rule has.
     """
 
 
@@ -97,12 +101,15 @@ def dtbuild_register_executors() -> Sequence[type[Executor]]:
 
 
 @hookspec
-def dtbuild_register_output_formats() -> Sequence[type[OutputFormat]]:
-    """Extra output formats for images, besides docker-archive and OCI layout.
+def dtbuild_register_commands() -> Sequence[type[Command]]:
+    """Subcommands of ``dtbuild`` (``stream``, ``inspect``, ``push`` and ``load`` come
+    from the built-in ``images`` and ``registries`` plugins this way).
 
-    Called once per process.
+    Called once per process, when the command line is read. A name that is an engine
+    command (``build``, ``query``, ...) or another plugin's command is an error naming both.
 
-    :return: :class:`~dtbuild.plugins.interfaces.OutputFormat` subclasses.
+    :return: :class:`~dtbuild.plugins.interfaces.Command` subclasses, each with a unique
+        ``NAME`` (lower case, dashes allowed) and a one-line ``HELP``.
     """
 
 
@@ -121,6 +128,24 @@ def dtbuild_select_executor(mnemonic: str, requested: str, available: Sequence[s
     :param requested: the executor the target asked for (``"auto"`` when it did not).
     :param available: names of the registered executors that work on this machine.
     :return: an executor name, or ``None`` to let another plugin decide.
+    """
+
+
+@hookspec
+def dtbuild_describe_target(label: str, providers: Mapping[type, Any],
+                            read_output: Callable[[Any], bytes]) -> Mapping[str, Any] | None:
+    """Fields of a built target's entry in the build summary (``--summary-json`` and the
+    last lines of ``dtbuild build``), such as an image's ``manifest_digest``.
+
+    Called after a build, once per requested target whose outputs were built. The answers
+    of every plugin are merged; two plugins giving one field, or a plugin giving
+    ``outputs``, is an error.
+
+    :param label: the target's label.
+    :param providers: its providers, by type (``{ImageInfo: ImageInfo(...)}``).
+    :param read_output: the bytes of one of its built file artifacts (a provider field),
+        read from the store with the checks of every output read.
+    :return: a mapping of summary fields (JSON values), or ``None`` for none.
     """
 
 

@@ -1,5 +1,5 @@
-"""Interfaces that plugins implement: action kinds, executors, compressors, layer kinds,
-output formats.
+"""Interfaces that plugins implement: action kinds, executors, compressors and layer
+kinds.
 
 Every implementation is a class with a ``NAME`` (unique within its kind) and, where its
 output bytes can change between releases, a ``VERSION`` that goes into the keys of the
@@ -11,7 +11,7 @@ the narrow :class:`ActionContext` protocol below.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import IO, Any, ClassVar, Literal, Protocol
@@ -164,6 +164,10 @@ class ActionContext(Protocol):
         its first bytes (``MAGIC``) or a layer's by its media type. Get the instance that
         reads or writes with :meth:`compressor`, which records the use."""
 
+    def layer_kind(self, name: str) -> LayerKind:
+        """The registered layer kind called ``name`` (an instance), for the action that
+        writes its layers."""
+
     def log(self, message: str) -> None:
         """A progress line shown to the user under this action."""
 
@@ -286,6 +290,107 @@ class CancelToken(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+# --------------------------------------------------------------------------- commands
+
+
+class CommandFailed(Exception):
+    """Raised by a :class:`Command`: what is wrong and how to fix it, shown as
+    ``ERROR: message`` and ``hint: ...``. ``usage`` marks a bad command line (exit 2);
+    otherwise the command failed (exit 1)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, usage: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.usage = usage
+
+
+class StoreTreeReader(Protocol):
+    """Read access to store-held trees and blobs, for code that runs outside an action:
+    the ``inputs``/``walk_tree``/``open_blob`` part of an :class:`ActionContext`, so that
+    helpers written for actions (an image tree reader) work on a command's artifacts."""
+
+    def inputs(self, name: str) -> list[InputArtifact]: ...
+
+    def walk_tree(self, artifact: InputArtifact) -> Iterator[TreeEntry]: ...
+
+    def open_blob(self, digest: str) -> IO[bytes]: ...
+
+
+class CommandAPI(Protocol):
+    """What the engine gives a plugin's :class:`Command` (``dtbuild.engine.api`` is the
+    implementation). Every method that builds honours Ctrl-C (``cancel``) and the global
+    flags of the command line."""
+
+    #: The workspace root (absolute).
+    workspace_root: str
+    #: ``dtbuild-out/.dtbuild``: where a command may keep small state files of its own.
+    state_dir: str
+    #: Set when the user pressed Ctrl-C (or the process got SIGTERM); a second one stops at once.
+    cancel: CancelToken
+    #: Whether ``--debug`` was given.
+    debug: bool
+
+    def settings(self) -> Settings:
+        """The workspace's ``dtbuild.toml`` settings, with environment overrides applied."""
+        ...
+
+    def resolve_target(self, pattern: str, *, what: str = "target") -> str:
+        """The label of the one target ``pattern`` names (relative to the working
+        directory's package); a pattern naming no target or several is a usage error
+        (``what`` says what was expected, such as "image target")."""
+        ...
+
+    def providers(self, label: str) -> Mapping[type, Any]:
+        """The providers the target's rule returned (analysing it, building nothing)."""
+        ...
+
+    def kind(self, label: str) -> str:
+        """The rule of the target ``label`` (``image``, ``genrule``, ...)."""
+        ...
+
+    def build_artifacts(self, label: str, artifacts: Sequence[Any], *, jobs: int = 0) -> list[InputArtifact]:
+        """Build just what ``artifacts`` (fields of ``label``'s providers, such as
+        ``ImageInfo.image``) need, nothing else of the target; return them, in order, as
+        store-held input artifacts for :meth:`reader`."""
+        ...
+
+    def reader(self, inputs: Mapping[str, Sequence[InputArtifact]] | None = None) -> StoreTreeReader:
+        """A reader of store-held trees and blobs; ``inputs`` are what its ``inputs(name)`` returns."""
+        ...
+
+    def compressors(self) -> Mapping[str, type[Compressor]]:
+        """The registered compressor classes, by NAME."""
+        ...
+
+    def compressor(self, name: str) -> Compressor:
+        """The registered compressor ``name``, ready to use."""
+        ...
+
+    def report(self, message: str) -> None:
+        """Show one progress line to the user (on stderr, escaped)."""
+        ...
+
+
+class Command(abc.ABC):
+    """A subcommand a plugin adds to ``dtbuild`` (``dtbuild NAME ...``), as a pytest
+    plugin adds options: the engine's parser gets a subparser named ``NAME`` with the
+    global flags, :meth:`add_arguments` adds the command's own, and :meth:`run` gets the
+    parsed arguments and a :class:`CommandAPI`. Print results to stdout and progress to
+    stderr (or :meth:`CommandAPI.report`); raise :class:`CommandFailed` for errors."""
+
+    NAME: ClassVar[str]
+    #: One line for ``dtbuild --help`` and ``dtbuild plugins``.
+    HELP: ClassVar[str]
+
+    def add_arguments(self, parser: Any) -> None:  # noqa: B027 - optional: a command may take no arguments
+        """Add the command's arguments to ``parser`` (an ``argparse.ArgumentParser``)."""
+
+    @abc.abstractmethod
+    def run(self, args: Any, api: CommandAPI) -> int:
+        """Run the command; return its exit status (0 on success)."""
+
+
 # --------------------------------------------------------------------------- compressors
 
 
@@ -319,29 +424,72 @@ class Compressor(abc.ABC):
 
 # --------------------------------------------------------------------------- layer kinds
 
+LayerMemberKind = Literal["file", "dir", "symlink", "hardlink"]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerMember:
+    """One member of a layer, as :meth:`LayerKind.entries` yields it.
+
+    ``path`` is where it goes in the image (``/etc/motd`` or ``etc/motd``; no ``.`` or
+    ``..`` parts). A file's bytes are ``data`` (small contents), or the file input
+    ``source`` (an :class:`InputArtifact` from ``ctx.inputs(...)``: nothing is copied),
+    or the store blob ``digest`` of ``size`` bytes (a :class:`TreeEntry` of a tree
+    input). ``target`` is a symlink's target or, for a hardlink, the path it links to.
+    Parent directories not yielded are added as 0755 root:root directories.
+    """
+
+    path: str
+    kind: LayerMemberKind = "file"
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    data: bytes | None = None
+    source: InputArtifact | None = None
+    digest: str = ""
+    size: int = 0
+    target: str = ""
+
 
 class LayerKind(abc.ABC):
-    """A way of producing an image layer (pure files, a root script in an overlay, ...).
+    """A kind of image layer that BUILD files get a rule for.
 
-    A layer kind is an :class:`ActionKind` whose declared outputs are ``layer.tar``
-    (the uncompressed layer) and ``layer.json`` (``{"diff_id", "size"}``); image
-    assembly compresses and records it. Registering it as a layer kind lets
-    ``dtbuild plugins`` list it and rules look it up by ``NAME``.
+    The engine makes the rule ``NAME`` from ``ATTRS`` (the attribute schema rules
+    have, :mod:`dtbuild.rules.attrs`) and ``DOC``; a target of it outputs ``NAME.tar``
+    and provides ``LayerInfo`` (and ``DefaultInfo``), so ``image(layers = [...])`` takes
+    it. Its one action (``LayerKindWrite``) calls :meth:`entries` and writes the layer
+    tar in one pass (sorted, fixed mtime, hashed as it is written); its cache key holds
+    the attributes, the digests of the label attributes' files and ``VERSION`` (plus the
+    source digest of a workspace module, or the distribution's version), so changing
+    the layer kind re-runs exactly its layers.
+
+    A kind that brings its own rule (registered under ``NAME`` with
+    ``dtbuild_register_rules``) and action kind sets ``ACTION_KIND`` to that action
+    kind's NAME: the engine then makes no rule, and :meth:`entries` is not used.
     """
 
     NAME: ClassVar[str]
-    #: The action kind (by NAME) that builds layers of this kind.
-    ACTION_KIND: ClassVar[str]
     DOC: ClassVar[str] = ""
+    VERSION: ClassVar[str] = "1"
+    #: Attribute name -> :class:`dtbuild.rules.attrs.Attr`, each with a ``doc``.
+    ATTRS: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: The action kind of a kind that brings its own rule; None: the engine's rule.
+    ACTION_KIND: ClassVar[str | None] = None
 
+    @classmethod
+    def plan(cls, ctx: Any) -> Any:
+        """What the rule hands the action, at analysis (``ctx`` is the target's
+        ``RuleContext``): a :class:`dtbuild.rules.api.LayerPlan`. By default each label
+        or source attribute becomes an input slot of its name holding its files, and
+        every other attribute goes to :meth:`entries` as it is. Override it to check
+        attributes (``ctx.fail``) or to read dependencies' providers."""
+        from dtbuild.rules.api import default_layer_plan
 
-# --------------------------------------------------------------------------- output formats
+        return default_layer_plan(ctx, cls.ATTRS)
 
-
-class OutputFormat(abc.ABC):
-    """An extra way of writing a built image (besides docker-archive and OCI layout)."""
-
-    NAME: ClassVar[str]
-    #: The action kind (by NAME) that writes it.
-    ACTION_KIND: ClassVar[str]
-    DOC: ClassVar[str] = ""
+    def entries(self, ctx: ActionContext, attrs: Mapping[str, Any]) -> Iterable[LayerMember]:
+        """The layer's members, in any order, each path once. ``attrs`` holds the
+        target's attributes (JSON values), a label or source attribute as the tuple of
+        its :class:`InputArtifact` files; read them with ``ctx.open_input``. Must be
+        deterministic. Raise :class:`ActionFailed` for bad input."""
+        raise NotImplementedError(f"layer kind {self.NAME!r} does not implement entries()")

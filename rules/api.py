@@ -264,5 +264,65 @@ class RuleContext:
         return list(self._declared.values())
 
 
-__all__ = ["ActionDecl", "Actions", "Artifact", "AttrValues", "Dependency", "Rule", "RuleContext",
-           "RuleFailure", "rule"]
+# --------------------------------------------------------------------------- layer kinds
+
+#: The action kind that writes the layers of layer kinds (registered by the images plugin).
+LAYER_KIND_ACTION = "LayerKindWrite"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlan:
+    """What the rule of a layer kind hands its ``LayerKindWrite`` action: ``inputs`` by
+    slot (each slot reaches ``entries()`` as an attribute of its name), ``attrs`` (JSON
+    values, part of the action's key) and ``packages``, the labels the layer's history
+    entry names (``dtbuild //pkg:layer (packages)``)."""
+
+    inputs: Mapping[str, Sequence[Artifact]] = field(default_factory=dict)
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    packages: Sequence[str] = ()
+
+
+def default_layer_plan(ctx: RuleContext, schema: Mapping[str, Attr]) -> LayerPlan:
+    """A label or source attribute becomes the input slot of its name holding its files
+    (``ctx.files``); every other attribute is passed on as it is."""
+    inputs: dict[str, list[Artifact]] = {}
+    values: dict[str, Any] = {}
+    for name, attr in schema.items():
+        if attr.is_dependency:
+            inputs[name] = ctx.files(name)
+        else:
+            values[name] = ctx.attr[name]
+    return LayerPlan(inputs=inputs, attrs=values)
+
+
+def layer_kind_rule(kind: Any) -> Rule:
+    """The rule BUILD files call for layer kind ``kind`` (a ``LayerKind`` class): named
+    ``kind.NAME``, with its ``ATTRS`` and ``DOC``. A target outputs ``NAME.tar`` (the
+    uncompressed layer) and provides ``DefaultInfo`` and ``LayerInfo``; its one action,
+    ``LayerKindWrite``, uses the layer kind (its version is in the key)."""
+    from dtbuild.rules.providers import LayerInfo
+
+    name: str = kind.NAME
+    schema: Mapping[str, Attr] = dict(getattr(kind, "ATTRS", None) or {})
+    plan_of = getattr(kind, "plan", None)
+
+    def impl(ctx: RuleContext) -> list[Provider]:
+        plan = plan_of(ctx) if plan_of is not None else default_layer_plan(ctx, schema)
+        if not isinstance(plan, LayerPlan):
+            ctx.fail(f"the layer kind {name!r} planned {type(plan).__name__!r}, not a LayerPlan",
+                     hint=f"{name}.plan(ctx) must return dtbuild.rules.api.LayerPlan(...)")
+        tar = ctx.declare_file(f"{ctx.name}.tar")
+        meta = ctx.declare_internal("layer.json")
+        ctx.actions.declare(
+            LAYER_KIND_ACTION, inputs=plan.inputs, outputs={"tar": tar, "meta": meta},
+            params={"layer_kind": name, "attrs": dict(plan.attrs), "slots": sorted(plan.inputs),
+                    "packages": list(plan.packages)},
+            description=f"{LAYER_KIND_ACTION} {ctx.label} ({name})", uses={"layer_kinds": [name]})
+        return [DefaultInfo(files=(tar,)), LayerInfo(label=ctx.label, tar=tar, meta=meta)]
+
+    doc = getattr(kind, "DOC", "") or f"A layer of the {name} layer kind."
+    return rule(name, impl, attrs=schema, doc=doc)
+
+
+__all__ = ["LAYER_KIND_ACTION", "ActionDecl", "Actions", "Artifact", "AttrValues", "Dependency", "LayerPlan",
+           "Rule", "RuleContext", "RuleFailure", "default_layer_plan", "layer_kind_rule", "rule"]

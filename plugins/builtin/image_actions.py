@@ -1,5 +1,6 @@
-"""Action kinds that build images: LayerWrite, LayerCompress, ImageAssemble,
-DockerArchive, OciLayout and ImageImport.
+"""Action kinds that build images: LayerWrite, LayerKindWrite (the layers of layer
+kinds, such as ``pure_layer``'s), LayerCompress, ImageAssemble, DockerArchive,
+OciLayout and ImageImport.
 
 An image travels between actions as an *image tree* (docs/image-tree.md) whose files
 are blobs of the store: ``image.json``, ``config.json``, ``manifest.json``,
@@ -12,12 +13,15 @@ The documents themselves (config, manifest, index, archives) are written by
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import IO, Any
 
 from dtbuild.plugins.builtin import imageformat
@@ -31,6 +35,7 @@ from dtbuild.plugins.interfaces import (
     ActionKind,
     CommandRequest,
     InputArtifact,
+    LayerMember,
     TreeEntry,
 )
 
@@ -98,14 +103,52 @@ class ImageTree:
         return list(self.files.values())
 
 
+#: The file of an image tree that says, per layer dtbuild wrote, which target and packages
+#: it holds (for ``dtbuild inspect``). Not part of the image: no archive, layout or push
+#: carries it, so image bytes do not depend on it.
+LAYER_NOTES_FILE = "layer-notes.json"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerNote:
+    """What dtbuild knows of a layer it wrote: the target it came from, the packages it
+    holds, and whether it is a layered image's customisation layer."""
+
+    label: str
+    packages: tuple[str, ...] = ()
+    customisation: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "packages": list(self.packages), "customisation": self.customisation}
+
+
+def layer_notes(tree: ImageTree) -> dict[str, LayerNote]:
+    """The notes of an image tree's layers, by diff_id ({} for trees without them, such
+    as pulled and imported images, or trees of other shapes: notes are only for display)."""
+    if LAYER_NOTES_FILE not in tree.files:
+        return {}
+    try:
+        doc = json.loads(tree.read(LAYER_NOTES_FILE))
+        return {diff_id: LayerNote(str(n["label"]), tuple(str(p) for p in n["packages"]), n["customisation"] is True)
+                for diff_id, n in doc["layers"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _notes_json(notes: Mapping[str, LayerNote]) -> bytes:
+    return canonical({"version": 1, "layers": {diff_id: note.to_json() for diff_id, note in notes.items()}})
+
+
 def image_tree_entries(ctx: ActionContext, *, description: ImageDescription, config: bytes, manifest: bytes,
-                       layers: Sequence[tuple[str, str, int]], blobs: Sequence[tuple[str, str, int]]
-                       ) -> list[TreeEntry]:
+                       layers: Sequence[tuple[str, str, int]], blobs: Sequence[tuple[str, str, int]],
+                       notes: Mapping[str, LayerNote] | None = None) -> list[TreeEntry]:
     """Entries of an image tree. ``layers``: (diff_id, store digest of the tar, size);
-    ``blobs``: (digest, store digest, size)."""
+    ``blobs``: (digest, store digest, size); ``notes``: :data:`LAYER_NOTES_FILE` by diff_id."""
     entries = []
-    for name, data in (("image.json", description.to_canonical_json()), ("config.json", config),
-                       ("manifest.json", manifest)):
+    files = [("image.json", description.to_canonical_json()), ("config.json", config), ("manifest.json", manifest)]
+    if notes:
+        files.append((LAYER_NOTES_FILE, _notes_json(notes)))
+    for name, data in files:
         entries.append(TreeEntry(name, "file", 0o644, ctx.put_blob(data), len(data)))
     seen = set()
     for diff_id, digest, size in layers:
@@ -138,11 +181,12 @@ def describe_image(*, label: str, repo_tags: Sequence[str], config: bytes, layer
 
 
 def write_image(ctx: ActionContext, *, description: ImageDescription, config: bytes, manifest: bytes,
-                layers: Sequence[tuple[str, str, int]], blobs: Sequence[tuple[str, str, int]]) -> None:
+                layers: Sequence[tuple[str, str, int]], blobs: Sequence[tuple[str, str, int]],
+                notes: Mapping[str, LayerNote] | None = None) -> None:
     """Write an image action's two outputs: the image tree (``image``, see
     :func:`image_tree_entries`) and NAME.json (``description``)."""
     ctx.output_tree("image", image_tree_entries(ctx, description=description, config=config, manifest=manifest,
-                                                layers=layers, blobs=blobs))
+                                                layers=layers, blobs=blobs, notes=notes))
     with open(ctx.output_path("description"), "wb") as f:
         f.write(description.to_json())
 
@@ -208,6 +252,33 @@ def read_base_dirs(ctx: ActionContext) -> dict[str, DirAttrs]:
     return {}
 
 
+def write_layer_outputs(ctx: ActionContext, entries: Iterable[LayerEntry], *, packages: Sequence[str],
+                        compressor_name: str | None = None) -> None:
+    """Write a layer action's outputs from its members, in one pass: ``tar`` (sorted,
+    streamed into the store while its diff_id is computed), ``meta`` (``{"diff_id",
+    "size", "packages"}``) and, with ``compressor_name``, ``blob`` and ``blob_meta``
+    (compressed in the same pass: nothing reads the tar again)."""
+    try:
+        ordered = sorted_entries(entries)
+    except ValueError as e:
+        raise ActionFailed(str(e)) from None
+    with ctx.output_writer("tar") as out:
+        if compressor_name:
+            with ctx.output_writer("blob") as blob_out:
+                digests = write_layer(ordered, tar_out=out, compressor=ctx.compressor(compressor_name),
+                                      blob_out=blob_out)
+        else:
+            digests = write_layer(ordered, tar_out=out, compressor=None, blob_out=None)
+    meta = {"diff_id": digests.diff_id, "size": digests.tar_size, "packages": list(packages)}
+    with open(ctx.output_path("meta"), "wb") as f:
+        f.write(canonical(meta))
+    if compressor_name:
+        blob_meta = {"digest": digests.blob_digest, "size": digests.blob_size, "media_type": digests.media_type,
+                     "diff_id": digests.diff_id}
+        with open(ctx.output_path("blob_meta"), "wb") as f:
+            f.write(canonical(blob_meta))
+
+
 class LayerWrite(ActionKind):
     """A deterministic layer tar from packages (and extra_commands), streamed into the
     store while its diff_id is computed. Optional parameters ``uname``/``gname`` name
@@ -217,7 +288,14 @@ class LayerWrite(ActionKind):
     VERSION = "1"
 
     def run(self, ctx: ActionContext) -> None:
-        params = ctx.params
+        entries, packages = self.package_entries(ctx, ctx.params)
+        write_layer_outputs(ctx, entries, packages=packages, compressor_name=ctx.params.get("compressor"))
+
+    @classmethod
+    def package_entries(cls, ctx: ActionContext, params: Mapping[str, Any]) -> tuple[list[LayerEntry], list[str]]:
+        """The members of a layer of placed packages (``params``: placements, uid, gid,
+        keep_contents_dirlinks, extra_commands, optional uname/gname; input slots
+        ``contents`` and ``base_dirs``/``base``), and the labels of the packages placed."""
         uid, gid = params["uid"], params["gid"]
         tree = MergedTree(keep_dirlinks=params["keep_contents_dirlinks"])
         contents = ctx.inputs("contents")
@@ -226,41 +304,21 @@ class LayerWrite(ActionKind):
             for index, dest, label in params["placements"]:
                 if label not in packages:
                     packages.append(label)
-                self._place(ctx, tree, contents[index], dest.strip("/"), label)
+                cls._place(ctx, tree, contents[index], dest.strip("/"), label)
         except ContentConflict as e:
             raise ActionFailed(str(e)) from None
         base_dirs = read_base_dirs(ctx)
         if params["extra_commands"]:
-            entries = self._run_extra_commands(ctx, tree, params["extra_commands"], uid, gid)
+            entries = cls._run_extra_commands(ctx, tree, params["extra_commands"], uid, gid)
         else:
-            entries = self._entries(ctx, tree, uid, gid)
-        entries = [self._with_base_dir(e, base_dirs) for e in entries]
+            entries = cls._entries(ctx, tree, uid, gid)
+        entries = [cls._with_base_dir(e, base_dirs) for e in entries]
         uname, gname = params.get("uname", ""), params.get("gname", "")
         if uname or gname:
             from dataclasses import replace
 
             entries = [replace(e, uname=uname, gname=gname) for e in entries]
-        try:
-            ordered = sorted_entries(entries)
-        except ValueError as e:
-            raise ActionFailed(str(e)) from None
-        compressor_name = params.get("compressor")
-        with ctx.output_writer("tar") as out:
-            if compressor_name:
-                # The blob in the same pass: nothing reads the tar again to compress it.
-                with ctx.output_writer("blob") as blob_out:
-                    digests = write_layer(ordered, tar_out=out, compressor=ctx.compressor(compressor_name),
-                                          blob_out=blob_out)
-            else:
-                digests = write_layer(ordered, tar_out=out, compressor=None, blob_out=None)
-        meta = {"diff_id": digests.diff_id, "size": digests.tar_size, "packages": packages}
-        with open(ctx.output_path("meta"), "wb") as f:
-            f.write(canonical(meta))
-        if compressor_name:
-            blob_meta = {"digest": digests.blob_digest, "size": digests.blob_size, "media_type": digests.media_type,
-                         "diff_id": digests.diff_id}
-            with open(ctx.output_path("blob_meta"), "wb") as f:
-                f.write(canonical(blob_meta))
+        return entries, packages
 
     @staticmethod
     def _with_base_dir(entry: LayerEntry, base_dirs: dict[str, Any]) -> LayerEntry:
@@ -351,6 +409,88 @@ def entries_from_directory(root: str, uid: int | None, gid: int | None,
     yield from walk(root, "")
 
 
+# --------------------------------------------------------------------------- layer kinds
+
+
+class LayerKindWrite(ActionKind):
+    """The layer of a target of a layer kind (the rule the engine made from it): the
+    kind's ``entries(ctx, attrs)``, with the parent directories it left out, written by
+    :func:`write_layer_outputs` exactly as LayerWrite writes its layers."""
+
+    NAME = "LayerKindWrite"
+    VERSION = "1"
+
+    def run(self, ctx: ActionContext) -> None:
+        params = ctx.params
+        name = params["layer_kind"]
+        kind = ctx.layer_kind(name)
+        attrs: dict[str, Any] = dict(params["attrs"])
+        for slot in params["slots"]:
+            attrs[slot] = tuple(ctx.inputs(slot))
+        try:
+            entries = [layer_entry(ctx, item) for item in kind.entries(ctx, MappingProxyType(attrs))]
+            entries = with_parent_directories(entries)
+            write_layer_outputs(ctx, entries, packages=params["packages"])
+        except ValueError as e:  # a bad member (path, kind, owner) or two with one path
+            raise ActionFailed(f"the layer kind {name!r} gave a bad layer entry: {e}") from None
+
+
+def layer_entry(ctx: ActionContext, item: LayerMember | LayerEntry) -> LayerEntry:
+    """The tar member for what a layer kind's ``entries()`` yielded: a
+    :class:`LayerMember` (or, from built-in kinds, a ready :class:`LayerEntry`)."""
+    if isinstance(item, LayerEntry):
+        return item
+    if not isinstance(item, LayerMember):
+        raise ValueError(f"{item!r} is not a dtbuild.plugins.interfaces.LayerMember")
+    path = item.path.removeprefix("/")
+    if not isinstance(item.mode, int) or not 0 <= item.mode <= 0o7777:
+        raise ValueError(f"/{path}: mode {item.mode!r} is not a permission mode (0 to 0o7777)")
+    from dataclasses import replace
+
+    base = LayerEntry(path=path, kind="file", mode=item.mode, uid=item.uid, gid=item.gid)
+    if item.kind == "dir":
+        return replace(base, kind="dir")
+    if item.kind in ("symlink", "hardlink"):
+        if not item.target:
+            raise ValueError(f"/{path}: a {item.kind} needs a target")
+        if item.kind == "symlink":
+            return replace(base, kind="symlink", mode=0o777, linkname=item.target)
+        return replace(base, kind="hardlink", linkname=item.target.removeprefix("/"))
+    if item.kind != "file":
+        raise ValueError(f"/{path}: kind {item.kind!r} is not one of file, dir, symlink, hardlink")
+    given = [what for what, value in (("data", item.data), ("source", item.source), ("digest", item.digest or None))
+             if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"/{path}: a file's bytes come from one of data, source or digest, not {' and '.join(given)}")
+    if item.data is not None:
+        data = bytes(item.data)
+        return replace(base, size=len(data), open=lambda: io.BytesIO(data))
+    if item.source is not None:
+        art = item.source
+        if art.is_tree or art.symlink is not None:
+            raise ValueError(f"/{path}: source {art.path} is a {'directory' if art.is_tree else 'symlink'}, "
+                             "not a file (walk a tree with ctx.walk_tree and yield its files)")
+        return replace(base, size=art.size, open=lambda: ctx.open_input(art))
+    if item.digest:
+        digest = item.digest
+        return replace(base, size=item.size, open=lambda: ctx.open_blob(digest))
+    return base
+
+
+def with_parent_directories(entries: Sequence[LayerEntry]) -> list[LayerEntry]:
+    """``entries`` and a 0755 root:root directory for each parent none of them is."""
+    paths = {e.path for e in entries}
+    added: list[LayerEntry] = []
+    for entry in entries:
+        parts = entry.path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            parent = "/".join(parts[:i])
+            if parent not in paths:
+                paths.add(parent)
+                added.append(LayerEntry(path=parent, kind="dir", mode=0o755))
+    return [*entries, *added]
+
+
 # --------------------------------------------------------------------------- LayerCompress
 
 
@@ -398,7 +538,8 @@ def merge_config(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 class ImageAssemble(ActionKind):
     NAME = "ImageAssemble"
-    VERSION = "1"
+    #: 2: image trees carry layer-notes.json (for inspect); image bytes are unchanged.
+    VERSION = "2"
 
     def run(self, ctx: ActionContext) -> None:
         p = ctx.params
@@ -424,6 +565,7 @@ class ImageAssemble(ActionKind):
                 blob_files.append((d.digest, base.entry("blobs/" + d.digest[7:]).digest,
                                    base.entry("blobs/" + d.digest[7:]).size))
         new_history: list[dict[str, Any]] = []
+        notes: dict[str, LayerNote] = dict(layer_notes(base)) if base else {}
         tars = ctx.inputs("layer_tars")
         metas = ctx.inputs("layer_metas")
         blobs = ctx.inputs("blobs")
@@ -435,6 +577,10 @@ class ImageAssemble(ActionKind):
             packages = ", ".join(meta.get("packages", [])) or "no packages"
             new_history.append({"created": created, "created_by": f"dtbuild {p['layer_labels'][i]} ({packages})",
                                 "comment": "dtbuild"})
+            # layered_image labels its last layer "LABEL customisation" (rules/builtin/layered.py).
+            notes.setdefault(meta["diff_id"], LayerNote(
+                p["layer_labels"][i], tuple(meta.get("packages", [])),
+                customisation=p["layer_labels"][i].endswith(" customisation")))
             layer_files.append((meta["diff_id"], tar.digest, tar.size))
             if blobs:
                 with ctx.open_input(blob_metas[i]) as f:
@@ -457,7 +603,7 @@ class ImageAssemble(ActionKind):
             label=p["label"], repo_tags=[f"{p['repository']}:{tag}"], config=config_bytes, layers=descriptors,
             archive=p.get("archive"), oci_layout=p.get("oci_layout"))
         write_image(ctx, description=description, config=config_bytes, manifest=manifest_bytes, layers=layer_files,
-                    blobs=blob_files)
+                    blobs=blob_files, notes={d.diff_id: notes[d.diff_id] for d in descriptors if d.diff_id in notes})
 
 
 # --------------------------------------------------------------------------- outputs
@@ -567,4 +713,4 @@ class ImageImport(ActionKind):
                     blobs=blob_files)
 
 
-IMAGE_ACTION_KINDS = [LayerWrite, LayerCompress, ImageAssemble, DockerArchive, OciLayout, ImageImport]
+IMAGE_ACTION_KINDS = [LayerWrite, LayerKindWrite, LayerCompress, ImageAssemble, DockerArchive, OciLayout, ImageImport]

@@ -127,7 +127,8 @@ class LayeredImageAssemble(ImageAssemble):
     layer budget allows once the base image's layer count is known."""
 
     NAME = "LayeredImageAssemble"
-    VERSION = "1"
+    #: 2: image trees carry layer-notes.json (for inspect), as ImageAssemble's do.
+    VERSION = "2"
 
     def run(self, ctx: ActionContext) -> None:
         params = ctx.params

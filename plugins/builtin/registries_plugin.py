@@ -1,6 +1,6 @@
 """The built-in plugin ``registries``: ``pull_image`` (a base image pulled from a
-registry by digest) and its action kind. Its image is an image tree of the ``images``
-plugin, so it needs that plugin."""
+registry by digest) and its action kind, and the command ``push`` (:mod:`.push`). Its
+image is an image tree of the ``images`` plugin, so it needs that plugin."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from dtbuild.plugins import hookimpl
 
 if TYPE_CHECKING:
-    from dtbuild.plugins.interfaces import ActionKind
+    from dtbuild.plugins.interfaces import ActionKind, Command
     from dtbuild.rules.api import Rule
 
 #: Plugins this one needs: without them it is not loaded (its rules say why).
@@ -29,3 +29,10 @@ def dtbuild_register_action_kinds() -> Sequence[type[ActionKind]]:
     from dtbuild.plugins.builtin.pull import ImagePull
 
     return [ImagePull]
+
+
+@hookimpl
+def dtbuild_register_commands() -> Sequence[type[Command]]:
+    from dtbuild.plugins.builtin.push import PushCommand
+
+    return [PushCommand]

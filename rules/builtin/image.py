@@ -1,5 +1,7 @@
-"""Image rules: ``pure_layer`` (mkPureLayer), ``image`` (buildImage) and
-``image_archive`` (a base image from a docker-archive or OCI archive file).
+"""Image rules: ``image`` (buildImage), ``image_archive`` (a base image from a
+docker-archive or OCI archive file) and the analysis half of the ``pure_layer`` layer
+kind (mkPureLayer; its rule is made from the layer kind, see
+:class:`dtbuild.plugins.builtin.image_actions.PureLayer`).
 
 Every image, built or imported, is an *image tree* (see ImageInfo); the outputs users
 get (docker-archive, OCI layout, name.json) are written from it by separate actions, so
@@ -13,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dtbuild.rules import attrs
-from dtbuild.rules.api import Dependency, RuleContext, rule
+from dtbuild.rules.api import Dependency, LayerPlan, RuleContext, rule
 from dtbuild.rules.artifacts import Artifact
 from dtbuild.rules.providers import DefaultInfo, ImageInfo, LayerInfo, PackageInfo, Provider
 
@@ -204,12 +206,22 @@ def compress_layers(ctx: RuleContext, layers: Sequence[LayerInfo], compressor: s
 # --------------------------------------------------------------------------- pure_layer
 
 
-def _pure_layer_impl(ctx: RuleContext) -> list[Provider]:
+def pure_layer_plan(ctx: RuleContext) -> LayerPlan:
+    """The analysis half of the ``pure_layer`` layer kind: the packages' files (with
+    their runtime closure) as the ``contents`` slot and where each goes, with the uid,
+    gid, keep_contents_dirlinks and extra_commands attributes (LayerWrite's parameters)."""
     check_ids(ctx)
     packages = [dep[PackageInfo] for dep in ctx.attr.copy_to_root]
-    layer = declare_layer(ctx, tar=ctx.declare_file(f"{ctx.name}.tar"), meta=ctx.declare_internal("layer.json"),
-                          packages=packages)
-    return [DefaultInfo(files=(layer.tar,)), layer]
+    arts, placements = layer_placements(packages)
+    labels: list[str] = []
+    for _, _, label in placements:
+        if label not in labels:
+            labels.append(label)
+    return LayerPlan(inputs={"contents": arts},
+                     attrs={"placements": placements, "uid": ctx.attr.uid, "gid": ctx.attr.gid,
+                            "keep_contents_dirlinks": ctx.attr.keep_contents_dirlinks,
+                            "extra_commands": ctx.attr.extra_commands},
+                     packages=labels)
 
 
 _LAYER_ATTRS = {
@@ -225,11 +237,10 @@ _LAYER_ATTRS = {
     "gid": attrs.integer(doc="Numeric group of the layer's files.", default=0),
 }
 
-pure_layer = rule(
-    "pure_layer", _pure_layer_impl,
-    doc="A layer made of packages' files (mkPureLayer): a deterministic tar with fixed mtimes and "
-        "numeric owners. Use it in `image(layers = [...])`.",
-    attrs=_LAYER_ATTRS)
+#: The attributes of the ``pure_layer`` layer kind (image takes them too, for its own layer).
+PURE_LAYER_ATTRS = _LAYER_ATTRS
+PURE_LAYER_DOC = ("A layer made of packages' files (mkPureLayer): a deterministic tar with fixed mtimes and "
+                  "numeric owners. Use it in `image(layers = [...])`.")
 
 
 # --------------------------------------------------------------------------- image
@@ -320,8 +331,8 @@ image = rule(
     attrs={
         **_IMAGE_COMMON,
         **_LAYER_ATTRS,
-        "layers": attrs.label_list(doc="Extra layers (pure_layer targets) added after the base image's.",
-                                   default=[], providers=[LayerInfo]),
+        "layers": attrs.label_list(doc="Extra layers added after the base image's: pure_layer, root_layer or "
+                                       "any other layer kind's targets.", default=[], providers=[LayerInfo]),
         "run_as_root": attrs.string(doc="A shell script run (with `set -e`, by the image's /bin/sh) as root, "
                                         "chrooted in an overlay over the base image and `layers`, with /dev, "
                                         "/proc and /sys mounted and no network; the new layer is then the "

@@ -64,3 +64,20 @@ def test_rules_reference_is_up_to_date() -> None:
 
     current = (ROOT / "docs" / "rules.md").read_text()
     assert current == rules_markdown(), "docs/rules.md is stale: run `python -m dtbuild.engine.docgen > docs/rules.md`"
+
+
+def test_every_builtin_layer_kind_has_a_documented_rule() -> None:
+    from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager
+
+    registry = collect_registry(make_plugin_manager(autoload=False), ["rules", "layer_kinds"])
+    kinds = registry.get("layer_kinds")
+    assert "pure_layer" in kinds and "root_layer" in kinds
+    reference = (ROOT / "docs" / "rules.md").read_text()
+    for name, kind in kinds.items():
+        assert name in registry.get("rules"), f"layer kind {name} has no rule"
+        assert f"\n## {name}\n" in reference, f"docs/rules.md does not document the layer kind {name}"
+        if getattr(kind, "ACTION_KIND", None) is None:
+            assert registry.get("rules")[name].attrs.keys() == kind.ATTRS.keys()
+            for attr_name, attr in kind.ATTRS.items():
+                assert len(attr.doc.strip()) >= 10, f"layer kind {name}: attribute {attr_name} has no doc"
+                assert f"| `{attr_name}` |" in reference.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]

@@ -12,7 +12,7 @@ from dtbuild.engine.build import BuildOptions, Session
 from dtbuild.engine.workspace import find_workspace
 from dtbuild.plugins import hookimpl
 from dtbuild.plugins.builtin.executors import LocalExecutor
-from dtbuild.plugins.interfaces import ActionContext, ActionKind, Compressor, LayerKind, OutputFormat
+from dtbuild.plugins.interfaces import ActionContext, ActionKind, Compressor, LayerKind, LayerMember
 from dtbuild.rules import attrs
 from dtbuild.rules.api import rule
 from dtbuild.rules.providers import DefaultInfo
@@ -67,13 +67,14 @@ class Identity(Compressor):
 
 
 class DebLayer(LayerKind):
+    """A layer kind: the engine makes the rule ``deb`` from it."""
+
     NAME = "deb"
-    ACTION_KIND = "Shout"
+    DOC = "A layer holding one text file."
+    ATTRS = {"text": attrs.string(doc="What /etc/deb.txt holds.")}
 
-
-class Sbom(OutputFormat):
-    NAME = "sbom"
-    ACTION_KIND = "Shout"
+    def entries(self, ctx, attrs):
+        yield LayerMember("/etc/deb.txt", data=attrs["text"].encode())
 
 
 class Recorder:
@@ -103,10 +104,6 @@ class Recorder:
     @hookimpl
     def dtbuild_register_executors(self):
         return [RecordingExecutor]
-
-    @hookimpl
-    def dtbuild_register_output_formats(self):
-        return [Sbom]
 
     @hookimpl
     def dtbuild_select_executor(self, mnemonic, requested, available):
@@ -139,7 +136,8 @@ def _workspace(tmp_path: Path) -> Path:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "BUILD").write_text(
         'shout(name = "loud", text = GREETING)\n'
-        'genrule(name = "gen", outs = ["g.txt"], cmd = "echo generated > $OUT")\n')
+        'genrule(name = "gen", outs = ["g.txt"], cmd = "echo generated > $OUT")\n'
+        'deb(name = "layer", text = GREETING)\n')
     return tmp_path
 
 
@@ -150,30 +148,37 @@ def test_every_hook_takes_part_in_a_build(tmp_path: Path, monkeypatch) -> None:
     session = Session(find_workspace(str(root)), extra_plugins=[("recorder", recorder)])
     names = session.registry.names()
     assert "identity" in names["compressors"] and "deb" in names["layer_kinds"]
-    assert "sbom" in names["output_formats"] and "recording" in names["executors"]
+    assert "recording" in names["executors"] and "output_formats" not in names
     assert session.registry.owners["rules"]["shout"] == "recorder"
+    assert session.registry.owners["rules"]["deb"] == "recorder"  # the layer kind's rule
 
     labels = session.expand(["//pkg:all"])
     result = session.build(labels, BuildOptions(jobs=1), threading.Event())
     assert result.error is None
     assert (root / "dtbuild-out" / "pkg" / "loud.txt").read_text() == "HELLO FROM A PLUGIN"
     assert (root / "dtbuild-out" / "pkg" / "g.txt").read_text() == "generated\n"
+    import tarfile
+
+    with tarfile.open(root / "dtbuild-out" / "pkg" / "layer.tar") as tar:
+        assert tar.getnames() == ["etc", "etc/deb.txt"]
+        assert tar.extractfile("etc/deb.txt").read() == b"hello from a plugin"
 
     events = recorder.events
-    assert events[0] == ("started", (("//pkg:gen", "//pkg:loud"), 2))
+    assert events[0] == ("started", (("//pkg:gen", "//pkg:layer", "//pkg:loud"), 3))
+    assert ("action_finished", ("//pkg:layer", "LayerKindWrite", "executed")) in events
     assert ("log", ("//pkg:loud", "shouting")) in events
     assert ("action_finished", ("//pkg:loud", "Shout", "executed")) in events
     assert ("action_started", ("//pkg:gen", "Genrule")) in events
     assert any(e[0] == "select" and e[1][0] == "Genrule" and "recording" in e[1][2] for e in events)
     assert RecordingExecutor.runs and RecordingExecutor.runs[-1][-1].endswith("echo generated > $OUT")
-    assert events[-1] == ("finished", (True, 2))
+    assert events[-1] == ("finished", (True, 3))
 
     # A second build: everything comes from the cache, and observers hear so.
     recorder.events.clear()
     session = Session(find_workspace(str(root)), extra_plugins=[("recorder", recorder)])
     result = session.build(session.expand(["//pkg:all"]), BuildOptions(jobs=1), threading.Event())
     assert result.error is None
-    assert sorted(e[1][2] for e in recorder.events if e[0] == "action_finished") == ["cached", "cached"]
+    assert sorted(e[1][2] for e in recorder.events if e[0] == "action_finished") == ["cached"] * 3
     assert recorder.events[-1] == ("finished", (True, 0))
 
 

@@ -1,4 +1,5 @@
-"""``dtbuild push``: an image tree sent to registries, reusing what they already hold.
+"""``dtbuild push``, a command of the built-in ``registries`` plugin: an image tree sent
+to registries, reusing what they already hold.
 
 For each repository named on the command line (several REFs may share one; tags are
 grouped), the blobs (config and layers) are checked with concurrent HEADs; the missing
@@ -14,12 +15,16 @@ The mount record is a hint, not a truth: a mount the registry declines costs not
 
 Every request runs under the ``[network]`` limits of dtbuild.toml (timeouts, a deadline
 per blob and per manifest, size caps on what the registry answers).
+
+It reaches the engine only through :class:`~dtbuild.plugins.interfaces.CommandAPI`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,9 +32,9 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from dtbuild.engine.errors import BuildFailure, Interrupted, UsageError, WorkspaceError
 from dtbuild.plugins.builtin import imageformat
 from dtbuild.plugins.builtin.image_actions import ImageTree
+from dtbuild.plugins.interfaces import CancelToken, Command, CommandAPI, CommandFailed, StoreTreeReader
 
 MOUNT_RECORD_FILE = "registry-blobs.json"
 #: Bounds of the mount record: repositories kept per registry, blob digests per repository.
@@ -39,8 +44,12 @@ MAX_BLOBS = 2000
 REPORT_SIZE = 8 << 20
 
 
-class PushFailed(BuildFailure):
+class PushFailed(CommandFailed):
     """A push could not complete (the registry refused, failed or went away)."""
+
+
+def _usage(message: str, hint: str | None = None) -> CommandFailed:
+    return CommandFailed(message, hint=hint, usage=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +93,7 @@ def parse_targets(refs: Sequence[str]) -> list[tuple[str, str, str | None]]:
     """(registry, repository, tag or None) of each REF; tags filled in later from the
     image when a REF has none.
 
-    :raises UsageError: for a malformed REF or one with a digest.
+    :raises CommandFailed: (usage) for a malformed REF or one with a digest.
     """
     from dtbuild.plugins.builtin.registry_client import parse_reference
 
@@ -93,11 +102,11 @@ def parse_targets(refs: Sequence[str]) -> list[tuple[str, str, str | None]]:
         try:
             ref = parse_reference(text)
         except ValueError as e:
-            raise UsageError(str(e),
-                             hint="write REGISTRY/REPOSITORY[:TAG], such as registry.example.com/team/app:1") from None
+            raise _usage(str(e),
+                         hint="write REGISTRY/REPOSITORY[:TAG], such as registry.example.com/team/app:1") from None
         if ref.digest:
-            raise UsageError(f"'{text}' names a digest; a push gives the image tags",
-                             hint="leave out the @sha256:... part")
+            raise _usage(f"'{text}' names a digest; a push gives the image tags",
+                         hint="leave out the @sha256:... part")
         out.append((ref.registry, ref.repository, ref.tag))
     return out
 
@@ -156,46 +165,38 @@ class MountRecord:
                     del repos[old]
 
     def save(self) -> None:
-        from dtbuild.engine.store import atomic_write
-
         with self._lock:
             text = json.dumps({"version": 1, "registries": self._registries}, sort_keys=True)
+        temp = f"{self.path}.{os.getpid()}.tmp"
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            atomic_write(self.path, text.encode())
+            with open(temp, "wb") as f:
+                f.write(text.encode())
+            os.replace(temp, self.path)  # readers see the old record or the new one, never half
         except OSError:
-            pass  # only a hint for later pushes
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            # only a hint for later pushes
 
 
 # --------------------------------------------------------------------------- pushing
 
 
-def push_image(reader: Any, artifact: Any, refs: Sequence[tuple[str, str, str | None]], *, state_dir: str,
-               insecure: bool = False, manifest_format: str = "oci", transfers: int = 8,
-               cancel: threading.Event | None = None,
-               report: Callable[[str], None] = lambda _message: None,
-               limits: Any = None) -> list[PushOutcome]:
-    """Push the image tree ``artifact`` (read through ``reader``, a StoreReader) to
-    ``refs`` (from :func:`parse_targets`). Returns one outcome per repository.
-    ``limits`` (a ``NetworkLimits``) default to the ``[network]`` settings of the
-    workspace around the working directory (with the ``DTBUILD_NETWORK_*`` overrides), as
-    :class:`~dtbuild.engine.workspace.Workspace` gives them.
+def push_image(reader: StoreTreeReader, artifact: Any, refs: Sequence[tuple[str, str, str | None]], *,
+               state_dir: str, limits: Any, insecure: bool = False, manifest_format: str = "oci",
+               transfers: int = 8, cancel: CancelToken | None = None,
+               report: Callable[[str], None] = lambda _message: None) -> list[PushOutcome]:
+    """Push the image tree ``artifact`` (read through ``reader``) to ``refs`` (from
+    :func:`parse_targets`) under ``limits`` (a ``NetworkLimits``, from the workspace's
+    ``[network]`` settings). Returns one outcome per repository.
 
-    :raises UsageError: when the image cannot have the asked manifest format.
-    :raises WorkspaceError: when a ``[network]`` setting is malformed.
+    :raises CommandFailed: (usage) when the image cannot have the asked manifest format.
     :raises PushFailed: when a registry fails, with what failed and how to go on.
     """
-    from dtbuild.engine.workspace import find_workspace
-    from dtbuild.plugins.builtin.network_limits import NetworkSettingError, limits_from
     from dtbuild.plugins.builtin.registry_client import RegistryClient, RegistryError
 
-    if limits is None:
-        try:
-            limits = limits_from(find_workspace().settings())
-        except NetworkSettingError as e:
-            raise WorkspaceError(e.message, hint=e.hint) from None
     cancel = cancel or threading.Event()
-    tree = ImageTree(reader, artifact)
+    tree = ImageTree(reader, artifact)  # type: ignore[arg-type]  # the reading part of an ActionContext
     description = tree.description
     repo_tag = (description.repo_tags or ("image:latest",))[0]
     targets = group_targets(refs, imageformat.split_repo_tag(repo_tag)[1])
@@ -239,20 +240,20 @@ def _manifest(tree: ImageTree, manifest_format: str) -> tuple[bytes, str]:
     if manifest_format == "oci":
         return tree.manifest_bytes, imageformat.OCI_MANIFEST_MEDIA_TYPE
     if manifest_format != "docker":
-        raise UsageError(f"--format must be oci or docker, but was '{manifest_format}'")
+        raise _usage(f"--format must be oci or docker, but was '{manifest_format}'")
     description = tree.description
     try:
         manifest = imageformat.make_manifest(
             description.config_digest, len(tree.config_bytes),
             [(d.digest, d.size, d.media_type) for d in description.layers], oci=False)
     except ValueError as e:
-        raise UsageError(f"{description.label} cannot be pushed with Docker media types: {e}",
-                         hint="push it with --format oci, or build it with compressor = \"gz\"") from None
+        raise _usage(f"{description.label} cannot be pushed with Docker media types: {e}",
+                     hint="push it with --format oci, or build it with compressor = \"gz\"") from None
     return manifest, imageformat.DOCKER_MANIFEST_MEDIA_TYPE
 
 
-def _push_to(client: Any, target: PushTarget, blobs: Sequence[_Blob], reader: Any, record: MountRecord,
-             transfers: int, cancel: threading.Event, report: Callable[[str], None]) -> PushOutcome:
+def _push_to(client: Any, target: PushTarget, blobs: Sequence[_Blob], reader: StoreTreeReader, record: MountRecord,
+             transfers: int, cancel: CancelToken, report: Callable[[str], None]) -> PushOutcome:
     """The blobs of one repository: concurrent HEADs, then mounts and uploads in parallel."""
     outcome = PushOutcome(target)
     present: list[str] = []
@@ -268,8 +269,8 @@ def _push_to(client: Any, target: PushTarget, blobs: Sequence[_Blob], reader: An
 
         def send(blob: _Blob) -> tuple[_Blob, str, str | None]:
             if cancel.is_set():
-                raise Interrupted("interrupted: the push was stopped",
-                                  hint="run the same command again: blobs already sent are skipped")
+                raise CommandFailed("interrupted: the push was stopped",
+                                    hint="run the same command again: blobs already sent are skipped")
             source = record.source_for(target.registry, blob.digest, exclude=target.repository)
             started = time.monotonic()
             how = client.upload_blob(target.repository, blob.digest, blob.size,
@@ -303,5 +304,55 @@ def _push_to(client: Any, target: PushTarget, blobs: Sequence[_Blob], reader: An
     return outcome
 
 
-__all__ = ["MOUNT_RECORD_FILE", "MountRecord", "PushFailed", "PushOutcome", "PushTarget", "group_targets",
-           "parse_targets", "push_image"]
+# --------------------------------------------------------------------------- the command
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+class PushCommand(Command):
+    NAME = "push"
+    HELP = "push an image to registries (skips blobs they have)"
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("target")
+        parser.add_argument("refs", nargs="+", metavar="REF",
+                            help="REGISTRY/REPOSITORY[:TAG] (default tag: the image's own); several REFs push "
+                                 "several tags")
+        parser.add_argument("--insecure", action="store_true",
+                            help="do not verify TLS certificates, and fall back to plain HTTP")
+        parser.add_argument("--format", choices=("oci", "docker"), default="oci",
+                            help="manifest media types (default oci: the digest in NAME.json; docker: not for zstd "
+                                 "layers)")
+        parser.add_argument("--transfers", type=int, default=8, help="blobs checked and sent at once (default 8)")
+        parser.add_argument("--jobs", "-j", type=int, default=0)
+
+    def run(self, args: Any, api: CommandAPI) -> int:
+        from dtbuild.plugins.builtin.image_commands import image_tree_of
+        from dtbuild.plugins.builtin.network_limits import NetworkSettingError, limits_from
+
+        if args.transfers < 1:
+            raise _usage(f"--transfers must be at least 1, but was {args.transfers}")
+        refs = parse_targets(args.refs)
+        try:  # before building: a bad [network] setting fails fast
+            limits = limits_from(api.settings())
+        except NetworkSettingError as e:
+            raise _usage(e.message, hint=e.hint) from None
+        reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
+        outcomes = push_image(reader, artifact, refs, state_dir=api.state_dir, limits=limits, insecure=args.insecure,
+                              manifest_format=args.format, transfers=args.transfers, cancel=api.cancel,
+                              report=lambda message: print(message, file=sys.stderr))
+        for outcome in outcomes:
+            total = outcome.uploaded + outcome.mounted + outcome.skipped
+            mounted = f" from {', '.join(outcome.mounted_from)}" if outcome.mounted_from else ""
+            print(f"pushed {outcome.target.name} ({', '.join(outcome.target.tags)}): {outcome.digest}; {total} "
+                  f"blob(s): {outcome.uploaded} uploaded ({_megabytes(outcome.uploaded_bytes)}), {outcome.mounted} "
+                  f"mounted{mounted}, {outcome.skipped} skipped (already there)", file=sys.stderr)
+            for reference in outcome.references:
+                print(f"{reference}@{outcome.digest}")
+        return 0
+
+
+__all__ = ["MOUNT_RECORD_FILE", "MountRecord", "PushCommand", "PushFailed", "PushOutcome", "PushTarget",
+           "group_targets", "parse_targets", "push_image"]

@@ -1,0 +1,225 @@
+"""The commands of the built-in ``images`` plugin: ``stream`` (an image's docker-archive
+to stdout), ``inspect`` (its layers, sizes, config and contents) and ``load`` (into
+docker or podman), and :func:`image_tree_of`, which the ``registries`` plugin's ``push``
+uses too.
+
+They reach the engine only through :class:`~dtbuild.plugins.interfaces.CommandAPI`:
+a command names a target, finds its :class:`~dtbuild.rules.providers.ImageInfo`, and has
+the engine build just the image tree behind ``ImageInfo.image`` (not the target's
+archive or OCI layout), which it then reads from the store.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from dtbuild.plugins.interfaces import Command, CommandAPI, CommandFailed, InputArtifact, StoreTreeReader
+
+
+def image_tree_of(api: CommandAPI, pattern: str, *, jobs: int = 0) -> tuple[StoreTreeReader, InputArtifact]:
+    """Build the image tree of the one image target ``pattern`` names; return a reader
+    whose ``inputs("images")`` is that tree, and the tree.
+
+    :raises CommandFailed: (usage) when the target is not an image target.
+    """
+    from dtbuild.rules.providers import ImageInfo
+
+    label = api.resolve_target(pattern, what="image target")
+    image = api.providers(label).get(ImageInfo)
+    if not isinstance(image, ImageInfo):
+        raise CommandFailed(f"{label} ({api.kind(label)}) is not an image target",
+                            hint="stream and inspect take image targets such as image or layered_image", usage=True)
+    (tree,) = api.build_artifacts(label, [image.image], jobs=jobs)
+    return api.reader({"images": [tree]}), tree
+
+
+def _tree(reader: StoreTreeReader, artifact: InputArtifact) -> Any:
+    from dtbuild.plugins.builtin.image_actions import ImageTree
+
+    return ImageTree(reader, artifact)  # type: ignore[arg-type]  # the reading part of an ActionContext
+
+
+def archive_compressor(api: CommandAPI, archive: str | None) -> str:
+    """The compressor of an image's docker-archive, from the archive's file name in its
+    description (``web.tar.gz``) and the registered compressors' ``EXTENSION``: the
+    longest that matches (no extension: ``none``)."""
+    best, best_length = "none", -1
+    for name, cls in api.compressors().items():
+        extension = str(getattr(cls, "EXTENSION", "") or "")
+        if archive and archive.endswith(".tar" + extension) and len(extension) > best_length:
+            best, best_length = name, len(extension)
+    return best
+
+
+def _jobs(parser: Any) -> None:
+    parser.add_argument("--jobs", "-j", type=int, default=0)
+
+
+class StreamCommand(Command):
+    NAME = "stream"
+    HELP = "write an image's docker-archive to stdout without storing it"
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("target")
+        _jobs(parser)
+
+    def run(self, args: Any, api: CommandAPI) -> int:
+        from dtbuild.plugins.builtin import imageformat
+        from dtbuild.plugins.builtin.image_actions import archive_images
+
+        reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
+        if sys.stdout.isatty():
+            raise CommandFailed("stream writes a tar archive to stdout; pipe it somewhere",
+                                hint=f"dtbuild stream {args.target} | docker load", usage=True)
+        compressor = api.compressor(archive_compressor(api, _tree(reader, artifact).description.archive))
+        out = sys.stdout.buffer
+        imageformat.write_docker_archive(out, archive_images(reader), compressor)  # type: ignore[arg-type]
+        out.flush()
+        return 0
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 1000 else f"{n / 1e3:.1f} kB" if n < 1e6 else f"{n / 1e6:.1f} MB"
+
+
+class InspectCommand(Command):
+    NAME = "inspect"
+    HELP = "an image's layers, sizes, config and contents"
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("target")
+        _jobs(parser)
+
+    def run(self, args: Any, api: CommandAPI) -> int:
+        import json
+
+        from dtbuild.plugins.builtin import tar_extract
+        from dtbuild.plugins.builtin.image_actions import layer_notes
+        from dtbuild.plugins.text import printable as shown  # image text never reaches the terminal raw
+
+        reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
+        tree = _tree(reader, artifact)
+        desc = tree.description
+        print(f"image: {shown(desc.label)}")
+        print(f"tags: {', '.join(shown(t) for t in desc.repo_tags)}")
+        print(f"manifest: {shown(desc.manifest_digest)}")
+        print(f"config: {shown(desc.config_digest)}")
+        config = tree.config
+        print(f"platform: {shown(config.get('os'))}/{shown(config.get('architecture'))}  "
+              f"created: {shown(config.get('created'))}")
+        print("config:")
+        # json.dumps (ensure_ascii) already escapes them; shown() keeps it so if that changes.
+        for line in json.dumps(config.get("config") or {}, indent=2, sort_keys=True).splitlines():
+            print("  " + shown(line))
+        history = [h for h in config.get("history", []) if not h.get("empty_layer")]
+        notes = layer_notes(tree)
+        print(f"layers ({len(desc.layers)}):")
+        for i, layer in enumerate(desc.layers):
+            files = dirs = 0
+            top: dict[str, int] = {}
+            # Read as every untrusted tar is (names normalised and checked): layers of
+            # imported and pulled images come from anywhere.
+            try:
+                with tree.layer_opener(layer.diff_id)() as f:
+                    for member, _ in tar_extract.read_entries(f, compressed=False, lower_files=lambda _path: True):
+                        if member.kind == "dir":
+                            dirs += 1
+                        else:
+                            files += 1
+                            head = "/" + member.path.split("/", 1)[0]
+                            top[head] = top.get(head, 0) + 1
+            except tar_extract.UnsafeArchive as e:
+                where = f"layer {i + 1} ({layer.diff_id})"
+                raise CommandFailed(f"cannot list the files of {where}: {e}", hint=e.hint or None) from None
+            tar_size = tree.entry("layers/" + layer.diff_id.removeprefix("sha256:")).size
+            print(f"  {i + 1}. {shown(layer.digest)}  {_size(layer.size)}  {shown(layer.media_type)}")
+            print(f"     diff_id {shown(layer.diff_id)}; {_size(tar_size)} uncompressed; {files} files, "
+                  f"{dirs} directories")
+            note = notes.get(layer.diff_id)
+            if note is not None and note.customisation:
+                print("     customisation layer: what extra_commands and fakeroot_commands changed")
+            elif note is not None:
+                print(f"     packages: {', '.join(shown(p) for p in note.packages) or '(none)'}")
+            else:
+                created_by = history[i].get("created_by", "") if i < len(history) else ""
+                if created_by:  # a layer dtbuild did not write: its own history says what it is
+                    print(f"     {shown(created_by)}")
+            if top:
+                print("     holds: " + ", ".join(f"{shown(k)} ({v})" for k, v in sorted(top.items())))
+        return 0
+
+
+def _load_command(choice: str) -> list[str]:
+    """``[docker|podman, "load"]``: docker when its daemon answers (or when asked), else podman."""
+    import shutil
+    import subprocess
+
+    docker, podman = shutil.which("docker"), shutil.which("podman")
+    if choice == "podman" or (choice == "auto" and podman and not docker):
+        if podman is None:
+            raise CommandFailed("podman is not installed (or not on PATH)", hint="install podman, or use --tool docker")
+        return [podman, "load"]
+    if docker is None:
+        if choice == "docker":
+            raise CommandFailed("docker is not installed (or not on PATH)", hint="install docker, or use --tool podman")
+        raise CommandFailed("dtbuild load needs docker or podman, and neither is installed (or on PATH)",
+                            hint="install one of them, or write the archive with `dtbuild stream TARGET > image.tar`")
+    try:
+        answers = subprocess.run([docker, "version", "--format", "{{.Server.Version}}"], capture_output=True,
+                                 timeout=20, stdin=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        answers = False
+    if answers:
+        return [docker, "load"]
+    if choice == "auto" and podman is not None:
+        return [podman, "load"]
+    raise CommandFailed("the docker daemon does not answer (`docker version` cannot reach it)"
+                        + ("" if choice == "docker" else ", and podman is not installed"),
+                        hint="start the docker daemon" + ("" if choice == "docker" else ", or install podman"))
+
+
+class LoadCommand(Command):
+    NAME = "load"
+    HELP = "load an image into docker or podman"
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("target")
+        parser.add_argument("--tool", choices=("auto", "docker", "podman"), default="auto",
+                            help="auto: docker when its daemon answers, else podman")
+        _jobs(parser)
+
+    def run(self, args: Any, api: CommandAPI) -> int:
+        import subprocess
+
+        from dtbuild.plugins.builtin import imageformat
+        from dtbuild.plugins.builtin.image_actions import archive_images
+
+        argv = _load_command(args.tool)  # before building: a missing tool fails fast
+        reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
+        tool = os.path.basename(argv[0])
+        tags = list(_tree(reader, artifact).description.repo_tags)
+        # Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
+        # and a local pipe gains nothing from compression.
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sys.stderr)
+        assert proc.stdin is not None
+        try:
+            imageformat.write_docker_archive(proc.stdin, archive_images(reader),  # type: ignore[arg-type]
+                                             api.compressor("none"))
+        except BrokenPipeError:
+            pass  # the tool stopped reading: its exit status and message say why
+        finally:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            code = proc.wait()
+        if code != 0:
+            raise CommandFailed(f"`{tool} load` exited with status {code} (its message is above)",
+                                hint=f"dtbuild stream {args.target} | {tool} load  reproduces it")
+        print(f"loaded {args.target} into {tool}: {', '.join(tags)}")
+        return 0
+
+
+IMAGE_COMMANDS: tuple[type[Command], ...] = (StreamCommand, InspectCommand, LoadCommand)
