@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Literal
 
+from dtbuild.plugins.builtin.compressors import NoneCompressor
 from dtbuild.plugins.interfaces import Compressor
 
 #: The mtime of every entry of every layer (SOURCE_DATE_EPOCH=1, as in dockerTools).
@@ -47,8 +48,6 @@ _MTIME_FIELD = b"%011o\0" % LAYER_MTIME
 _ZERO_DEVICE = b"0000000\0"
 _PAX_NAME = b"././@PaxHeader"
 _HEADER_TAIL = bytes(12)
-_OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
-_DOCKER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 
 
 class LayerSourceChanged(ValueError):
@@ -405,8 +404,9 @@ def write_layer(entries: Iterable[LayerEntry], *, tar_out: IO[bytes] | None = No
     assert stream.hash is not None
     diff_id = "sha256:" + stream.hash.hexdigest()
     if blob_sink is None:
-        media_type = compressor.OCI_LAYER_MEDIA_TYPE if compressor is not None else _OCI_TAR
-        docker_type = compressor.DOCKER_LAYER_MEDIA_TYPE if compressor is not None else _DOCKER_TAR
+        # An uncompressed layer has the none compressor's media types.
+        plain = compressor if compressor is not None else NoneCompressor
+        media_type, docker_type = plain.OCI_LAYER_MEDIA_TYPE, plain.DOCKER_LAYER_MEDIA_TYPE
         return LayerDigests(diff_id, stream.size, diff_id, stream.size, media_type, docker_type)
     assert compressor is not None
     return LayerDigests(diff_id, stream.size, "sha256:" + blob_sink.hash.hexdigest(), blob_sink.size,

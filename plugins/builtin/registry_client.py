@@ -59,6 +59,12 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import urllib3
+from dtbuild.plugins.builtin.imageformat import (
+    DOCKER_MANIFEST_LIST_MEDIA_TYPE,
+    DOCKER_MANIFEST_MEDIA_TYPE,
+    OCI_INDEX_MEDIA_TYPE,
+    OCI_MANIFEST_MEDIA_TYPE,
+)
 from dtbuild.plugins.builtin.network_limits import (
     Clock,
     LimitExceeded,
@@ -72,10 +78,11 @@ from dtbuild.plugins.builtin.network_limits import (
 )
 from dtbuild.plugins.text import printable
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+# The image format's media types (imageformat owns them), by the names this client uses.
+OCI_MANIFEST = OCI_MANIFEST_MEDIA_TYPE
+OCI_INDEX = OCI_INDEX_MEDIA_TYPE
+DOCKER_MANIFEST = DOCKER_MANIFEST_MEDIA_TYPE
+DOCKER_MANIFEST_LIST = DOCKER_MANIFEST_LIST_MEDIA_TYPE
 MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
 INDEX_MEDIA_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 
