@@ -125,24 +125,21 @@ class PluginItems:
                 for registry, names in sorted(action.uses.items())}
 
     def compressor(self, name: str) -> Compressor:
-        inst = self._instances.get("c:" + name)
-        if inst is None:
-            cls = self.compressors.get(name)
-            if cls is None:
-                raise ActionFailed(f"no compressor named {name!r} is registered "
-                                   f"(registered: {', '.join(sorted(self.compressors))})")
-            inst = self._instances["c:" + name] = cls()
-        return inst
+        return self._instance("compressor", self.compressors, name)
 
     def layer_kind(self, name: str) -> LayerKind:
+        return self._instance("layer kind", self.layer_kinds, name)
+
+    def _instance(self, kind: str, classes: Mapping[str, type[Any]], name: str) -> Any:
+        """The one instance of registered class ``name`` (made on first use)."""
         with self._lock:
-            inst = self._instances.get("l:" + name)
+            inst = self._instances.get(f"{kind}:{name}")
             if inst is None:
-                cls = self.layer_kinds.get(name)
+                cls = classes.get(name)
                 if cls is None:
-                    raise ActionFailed(f"no layer kind named {name!r} is registered "
-                                       f"(registered: {', '.join(sorted(self.layer_kinds)) or 'none'})")
-                inst = self._instances["l:" + name] = cls()
+                    raise ActionFailed(f"no {kind} named {name!r} is registered "
+                                       f"(registered: {', '.join(sorted(classes)) or 'none'})")
+                inst = self._instances[f"{kind}:{name}"] = cls()
             return inst
 
     def executor_context(self, name: str) -> ExecutorContext:
