@@ -8,6 +8,7 @@ only checked for existence.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,47 @@ class Analyzer:
         #: output nested inside another (a file below a tree, whose symlinks could point
         #: anywhere) is an error rather than a write through the other's contents.
         self._output_parents: dict[str, str] = {}
+        #: Source files checked (existence, type, directory inside the workspace) and
+        #: directories checked not to be symlinks: what a stored result is checked against.
+        self.sources_checked: set[str] = set()
+        self.output_dirs_checked: set[str] = set()
+        #: Labels asked for (analyze()), as text.
+        self.requested: set[str] = set()
+        self._adopted = False
+
+    # ------------------------------------------------------------------ a stored result
+
+    def adopt(self, result: AnalysisResult, requested: Iterable[str]) -> None:
+        """Take ``result`` (restored from the analysis memo) as this analysis so far."""
+        self.result = result
+        self.requested.update(requested)
+        self._adopted = True
+
+    def sources_usable(self, paths: Sequence[str]) -> bool:
+        """Whether every source file of a stored analysis would still pass its checks."""
+        for path in paths:
+            full = os.path.join(self.loader.workspace.root, path)
+            if source_problem(self.loader.workspace.root, path, resolved_root=self._root_real,
+                              checked_dirs=self._source_dirs) is not None:
+                return False
+            if os.path.isdir(full) and not os.path.islink(full):
+                return False
+        return True
+
+    def output_dirs_usable(self, directories: Sequence[str]) -> bool:
+        """Whether no directory a stored analysis's outputs go through is a symlink now."""
+        root = self.loader.workspace.root
+        return not any(os.path.islink(os.path.join(root, d)) for d in directories)
+
+    def _output_parents_of_adopted(self) -> None:
+        """Outputs of an adopted result, indexed as :meth:`_check_output_path` does,
+        before a target of this process is checked against them."""
+        self._adopted = False
+        for path in self.result.producers:
+            parts = path.split("/")
+            self._output_parents.setdefault(path, path)
+            for i in range(2, len(parts)):
+                self._output_parents.setdefault("/".join(parts[:i]), path)
 
     # ------------------------------------------------------------------ dependencies
 
@@ -122,12 +164,12 @@ class Analyzer:
     def _resolve_item(self, decl: TargetDecl, attr: str, item: str, allow_source: bool) -> Label | Artifact:
         pkg_name = decl.label.package
         if item.startswith("//"):
-            label = parse_label(item)
+            label = _parse_label(item, None)
         else:
             # A package-relative path: the target of that name if there is one, else a source file.
             relative: Label | None
             try:
-                relative = parse_label(item, pkg_name)
+                relative = _parse_label(item, pkg_name)
             except LabelError:
                 relative = None
             if relative is not None and self._has_target(relative):
@@ -154,6 +196,7 @@ class Analyzer:
         return label.name in self.loader.package(label.package).targets
 
     def _source(self, decl: TargetDecl, attr: str, path: str, package: str) -> Artifact:
+        self.sources_checked.add(path)
         full = os.path.join(self.loader.workspace.root, path)
         if not os.path.lexists(full):
             directory, base = os.path.split(full)
@@ -186,6 +229,7 @@ class Analyzer:
     def analyze(self, labels: Sequence[Label]) -> AnalysisResult:
         for label in labels:
             self._visit(label)
+            self.requested.add(str(label))
         return self.result
 
     def _visit(self, root: Label) -> AnalyzedTarget:
@@ -300,6 +344,8 @@ class Analyzer:
         """An output must stay below dtbuild-out/, outside the state directory, and apart
         from every other output (neither inside one nor holding one)."""
         path = art.path
+        if self._adopted:
+            self._output_parents_of_adopted()
 
         def error(message: str, hint: str) -> RuleError:
             return RuleError(message, location=decl.location, target=str(decl.label), rule=decl.kind, hint=hint)
@@ -329,10 +375,13 @@ class Analyzer:
         # An earlier build may have left a tree (with symlinks in it) where this output's
         # directories go: writing through one would land anywhere on the host.
         for directory in ancestors:
+            if directory in self.output_dirs_checked:
+                continue
             if os.path.islink(os.path.join(self.loader.workspace.root, directory)):
                 raise error(f"the output {path} would be written through {directory}, which is a symlink "
                             "(left there by an earlier build's tree output, or by hand)",
                             f"run `dtbuild clean`, or give the output a name outside {directory}")
+            self.output_dirs_checked.add(directory)
         self._output_parents.setdefault(path, path)
         for directory in ancestors:
             self._output_parents.setdefault(directory, path)
@@ -344,3 +393,10 @@ class Analyzer:
         name = provider.__name__
         return (f"use a target whose rule returns {name}, such as a {' or '.join(kinds)} target" if kinds
                 else f"use a target whose rule returns {name}")
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_label(text: str, package: str | None) -> Label:
+    """:func:`parse_label`, remembered: labels are immutable, and the same texts come
+    back for every target that names them."""
+    return parse_label(text, package)

@@ -10,26 +10,23 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from dtbuild.engine.analysis import AnalysisResult, Analyzer
 from dtbuild.engine.errors import BuildFailure, DtbuildError, PluginError
-from dtbuild.engine.execution import ActionRunner, ExecutionStats, PluginItems, action_key
+from dtbuild.engine.execution import ActionRunner, ExecutionStats, PluginItems, action_id, action_key
 from dtbuild.engine.labels import Label, parse_pattern
 from dtbuild.engine.load import Loader
 from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager, plugin_distributions
 from dtbuild.engine.sources import SourceDigests
+from dtbuild.engine.state import StateDB
 from dtbuild.engine.store import Store
 from dtbuild.engine.workspace import Workspace
 from dtbuild.plugins.interfaces import ActionFailed, InputArtifact
 from dtbuild.rules.api import ActionDecl
-
-LAST_INPUTS_FILE = "last-inputs.json"
-RESULTS_INDEX_FILE = "results.json"
-#: Action results remembered per workspace (about 300 bytes each).
-RESULTS_INDEX_LIMIT = 50_000
 
 
 @dataclass
@@ -47,10 +44,14 @@ class BuildResult:
     #: label -> summary fields plugins gave (dtbuild_describe_target), such as an image's manifest_digest.
     described: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: DtbuildError | None = None
+    #: BUILD files evaluated by Starlark in this process and packages taken from the
+    #: package cache.
+    packages: dict[str, int] = field(default_factory=lambda: {"evaluated": 0, "cached": 0})
 
     def summary(self) -> dict[str, Any]:
         # manifest_digest is a field of every target in SPEC's summary (null unless a
         # plugin, the image plugin, says otherwise).
+        path = self.stats.critical_path
         return {
             "targets": {label: {"outputs": paths, "manifest_digest": None, **self.described.get(label, {})}
                         for label, paths in sorted(self.outputs.items())},
@@ -58,6 +59,11 @@ class BuildResult:
                         "remote_cached": self.stats.remote_cached, "failed": self.stats.failed,
                         # Only when it happened: cache entries found corrupt and rebuilt.
                         **({"rewound": self.stats.rewound} if self.stats.rewound else {})},
+            "packages": dict(self.packages),
+            # The chain of dependent executed actions that took longest.
+            "critical_path": {"seconds": round(sum(step.seconds for step in path), 3),
+                              "actions": [{"label": step.label, "mnemonic": step.mnemonic,
+                                           "seconds": round(step.seconds, 3)} for step in path]},
         }
 
 
@@ -72,7 +78,23 @@ class Session:
         for name, digest in self.registry.versions.get("rules", {}).items():
             rule = rules[name]
             rules[name] = type(rule)(rule.name, rule.impl, rule.attrs, rule.doc, f"{rule.version}+{digest}")
-        self.loader = Loader(workspace, rules, self.registry.build_globals, self.registry.names())
+        import hashlib
+
+        from dtbuild.engine.package_cache import PackageCache, environment_key
+        from dtbuild.engine.plugin_manager import dtbuild_version
+
+        # What loading and analysis depend on besides the workspace's files: a change
+        # to any of it evaluates (and analyses) again what it may have changed.
+        fingerprints = self.registry.fingerprints(plugin_distributions(self.pm))
+        names = self.registry.names()
+        environment = environment_key(root=workspace.root, config=workspace.config,
+                                      dtbuild_version=dtbuild_version(), rule_names=rules,
+                                      registry_names=names, build_globals=self.registry.build_globals)
+        self._analysis_key = hashlib.sha256(repr((environment, sorted(
+            (registry, sorted(versions.items())) for registry, versions in fingerprints.items()))).encode()).hexdigest()
+        self.package_cache = PackageCache(workspace.root, workspace.state_dir, workspace.cache_dir(), environment)
+        self.loader = Loader(workspace, rules, self.registry.build_globals, names, cache=self.package_cache,
+                             rule_versions=fingerprints.get("rules", {}))
         self._analyzer: Analyzer | None = None
 
     # ------------------------------------------------------------------ patterns and analysis
@@ -81,14 +103,17 @@ class Session:
         return self.workspace.package_of(os.getcwd())
 
     def expand(self, patterns: Sequence[str]) -> list[Label]:
+        from dtbuild.engine.package_cache import collection_paused
+
         current = self.cwd_package()
         labels: list[Label] = []
         seen: set[Label] = set()
-        for text in patterns:
-            for label in self.loader.expand(parse_pattern(text, current)):
-                if label not in seen:
-                    seen.add(label)
-                    labels.append(label)
+        with collection_paused():
+            for text in patterns:
+                for label in self.loader.expand(parse_pattern(text, current)):
+                    if label not in seen:
+                        seen.add(label)
+                        labels.append(label)
         return labels
 
     @property
@@ -98,7 +123,35 @@ class Session:
         return self._analyzer
 
     def analyze(self, labels: Sequence[Label]) -> AnalysisResult:
-        return self.analyzer.analyze(labels)
+        """The analysis of ``labels``: restored from the analysis memo when every package
+        it used is unchanged, else computed (unchanged packages from the package cache)
+        and remembered."""
+        from dtbuild.engine.package_cache import collection_paused
+
+        with collection_paused(analysis=True):
+            analyzer = self.analyzer
+            wanted = [str(label) for label in labels]
+            if not analyzer.result.targets:
+                restored = self.package_cache.restore_analysis(
+                    self._analysis_key, wanted, self.loader.package_digest, analyzer.sources_usable,
+                    analyzer.output_dirs_usable)
+                if isinstance(restored, AnalysisResult) and all(label in restored.targets for label in labels):
+                    analyzer.adopt(restored, wanted)
+                    self.loader.save_cache()  # signatures found changed with the same digests
+                    return restored
+            known = len(analyzer.result.targets)
+            try:
+                result = analyzer.analyze(labels)
+            finally:
+                self.loader.save_cache()
+            if len(result.targets) != known:
+                digests = self.loader.loaded_package_digests()
+                packages = {name: digest for name, digest in digests.items() if digest is not None}
+                if len(packages) == len(digests):  # every package it used is one the cache can check
+                    self.package_cache.remember_analysis(
+                        self._analysis_key, analyzer.requested, packages, analyzer.sources_checked,
+                        analyzer.output_dirs_checked, result)
+            return result
 
     # ------------------------------------------------------------------ building
 
@@ -116,33 +169,56 @@ class Session:
                            settings=self.workspace.settings(),
                            layer_kinds=dict(self.registry.get("layer_kinds")))
 
-    def _results_index_path(self) -> str:
-        return os.path.join(self.workspace.state_dir, RESULTS_INDEX_FILE)
+    @property
+    def state(self) -> StateDB:
+        """The workspace's state database (results index, explain record, source memo)."""
+        found: StateDB | None = getattr(self, "_state", None)
+        if found is None:
+            found = self._state = StateDB(self.workspace.state_dir)
+        return found
 
-    def _load_results_index(self) -> dict[str, Any]:
-        index = read_state_file(self._results_index_path())
-        return {k: v for k, v in index.items() if isinstance(v, dict)}
-
-    def _save_results_index(self, runner: ActionRunner) -> None:
-        """Remember this build's results (and the previous ones, up to a bound)."""
-        if all(runner.known_results.get(k) == v for k, v in runner.used_results.items()):
-            return
-        merged = {k: v for k, v in runner.known_results.items() if k not in runner.used_results}
-        keep = list(merged.items())[-max(0, RESULTS_INDEX_LIMIT - len(runner.used_results)):]
-        from dtbuild.engine.store import atomic_write
-
-        atomic_write(self._results_index_path(),
-                     json.dumps({**dict(keep), **runner.used_results}, separators=(",", ":")).encode())
+    def _save_results_index(self, runner: ActionRunner, store: Store) -> None:
+        """Remember this build's results under the generation their outputs were found
+        present in (only rows that changed are written; the least recently used go past
+        the index's bound). The store is flushed first: the index trusts what it names."""
+        now = time.time()
+        changed = []
+        for key, result in runner.used_results.items():
+            if key in runner.trusted_results and runner.known_results.get(key) == result:
+                continue
+            used = now if key in runner.marked_now else runner.marked_used.get(key, now)
+            changed.append((key, result, runner.generation, used))
+        if changed or runner.stats.executed:
+            store.make_durable()  # once per build
+        self.state.put_results(changed)
+        rewritten = {row[0] for row in changed}
+        self.state.mark_results_used([k for k in runner.marked_now if k not in rewritten], now)
 
     def _runner(self, store: Store, options: BuildOptions, cancel: threading.Event) -> ActionRunner:
         decls = {str(t.decl.label): t.decl for t in self.analyzer.result.targets.values()}
-        return ActionRunner(
+        generation = store.generation()  # before any result is trusted under it
+        index = self.state.results()
+        state = self.state
+        runner = ActionRunner(
             root=self.workspace.root, store=store,
-            sources=SourceDigests(self.workspace.root, self.workspace.state_dir),
+            sources=SourceDigests(self.workspace.root, self.workspace.state_dir, state),
             plugins=self.plugin_items(), jobs=options.jobs or os.cpu_count() or 1, keep_going=options.keep_going,
             cancel=cancel, locations={k: d.location for k, d in decls.items()},
             kinds={k: d.kind for k, d in decls.items()}, debug=options.debug,
-            known_results=self._load_results_index())
+            known_results={k: v.result for k, v in index.items()},
+            trusted_results={k for k, v in index.items() if v.generation == generation},
+            marked_used={k: v.used for k, v in index.items()}, durations=state.durations,
+            generation=generation)
+        return runner
+
+    def _save_state(self, runner: ActionRunner, store: Store, actions: Sequence[ActionDecl]) -> None:
+        """What a build leaves for the next one: source digests, the results index (after
+        one flush of the store), the explain record and the durations of what ran."""
+        runner.sources.save()
+        self._save_results_index(runner, store)
+        self._record_inputs(runner, actions)
+        self.state.put_durations((action_id(o.action), o.seconds) for o in runner.outcomes
+                                 if o.status == "executed")
 
     def build(self, labels: Sequence[Label], options: BuildOptions, cancel: threading.Event) -> BuildResult:
         """Build ``labels``; outputs of requested targets are copied under dtbuild-out/."""
@@ -156,14 +232,16 @@ class Session:
             runner = self._runner(store, options, cancel)
             result = BuildResult(list(labels), runner.stats)
             self.pm.hook.dtbuild_build_started(targets=[str(lb) for lb in labels], total_actions=len(actions))
+            loader_stats = getattr(self.loader, "stats", None)
+            if isinstance(loader_stats, Mapping):
+                result.packages = {"evaluated": int(loader_stats.get("evaluated", 0)),
+                                   "cached": int(loader_stats.get("cached", 0))}
             try:
                 runner.run(actions, analysis.producers)
             except DtbuildError as e:
                 result.error = e
             finally:
-                runner.sources.save()
-                self._record_inputs(runner, actions)
-                self._save_results_index(runner)
+                self._save_state(runner, store, actions)
             # Every requested target whose outputs exist gets them (all of them, or with
             # --keep-going those that do not depend on a failure).
             tree = OutputTree(self.workspace, store)
@@ -215,7 +293,7 @@ class Session:
                 runner.run(needed, analysis.producers)
                 finished = True
             finally:
-                runner.sources.save()
+                self._save_state(runner, store, needed)
                 self.pm.hook.dtbuild_build_finished(summary=BuildResult([label], runner.stats).summary(),
                                                     success=finished)
         self.last_runner = runner
@@ -252,20 +330,17 @@ class Session:
 
     # ------------------------------------------------------------------ explain
 
-    def _action_id(self, action: ActionDecl) -> str:
-        return f"{action.owner} {action.mnemonic} {','.join(sorted(a.path for a in action.outputs.values()))}"
-
     def _record_inputs(self, runner: ActionRunner, actions: Sequence[ActionDecl]) -> None:
-        path = os.path.join(self.workspace.state_dir, LAST_INPUTS_FILE)
-        record = read_state_file(path)
-        changed = False
+        """Record the inputs of each action whose key is not the one recorded (for
+        ``explain``); a no-op build writes nothing."""
+        recorded = self.state.input_keys()
+        rows = []
         for outcome in runner.outcomes:
             if outcome.status == "failed":
                 continue
             action = outcome.action
-            aid = self._action_id(action)
-            last = record.get(aid)
-            if outcome.status != "executed" and isinstance(last, dict) and last.get("key") == outcome.key:
+            aid = action_id(action)
+            if outcome.status != "executed" and recorded.get(aid) == outcome.key:
                 continue
             kind = runner.kind_for(action)
             inputs = {slot: [[a.path, a.digest] for a in map(runner.input_artifact, arts)]
@@ -274,13 +349,8 @@ class Session:
                      "version": [kind.VERSION, action.rule_version]}
             if action.uses:
                 entry["uses"] = runner.plugins.uses_of(action)
-            if record.get(aid) != entry:
-                record[aid] = entry
-                changed = True
-        if changed:
-            from dtbuild.engine.store import atomic_write
-
-            atomic_write(path, json.dumps(record, sort_keys=True).encode())
+            rows.append((aid, entry))
+        self.state.put_inputs(rows)
 
     def explain(self, labels: Sequence[Label]) -> list[str]:
         """For each action the build would need: whether it would run, and why."""
@@ -288,7 +358,6 @@ class Session:
         actions = analysis.actions_for(labels)
         store = self.store()
         runner = self._runner(store, BuildOptions(), threading.Event())
-        record = read_state_file(os.path.join(self.workspace.state_dir, LAST_INPUTS_FILE))
         will_run: set[str] = set()
         lines = []
         plugins = runner.plugins
@@ -312,14 +381,14 @@ class Session:
                 continue
             will_run.update(a.path for a in action.outputs.values())
             why = (f"a plugin it uses changed: {', '.join(stale)}" if stale
-                   else self._why(action, kind.VERSION, inputs, plugins.uses_of(action), record))
+                   else self._why(action, kind.VERSION, inputs, plugins.uses_of(action),
+                                  self.state.input_record(action_id(action))))
             lines.append(f"{action.description}: would run, because {why}")
         runner.sources.save()
         return lines
 
     def _why(self, action: ActionDecl, kind_version: str, inputs: dict[str, list[Any]],
-             uses: dict[str, dict[str, str]], record: dict[str, Any]) -> str:
-        last = record.get(self._action_id(action))
+             uses: dict[str, dict[str, str]], last: dict[str, Any] | None) -> str:
         if last is None:
             return "it has never been built in this workspace"
         try:
@@ -378,17 +447,6 @@ def workspace_lock(workspace: Workspace) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def read_state_file(path: str) -> dict[str, Any]:
-    """A JSON object from the workspace state directory, or {} when the file is missing,
-    unreadable or of another shape: state files are an optimisation only."""
-    try:
-        with open(path, "rb") as f:
-            value = json.loads(f.read())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class StoreReader:

@@ -141,6 +141,11 @@ def _plugin_commands(args_list: Sequence[str], *, quiet: bool) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # No garbage collection while plugins, packages and the analysis load: they live
+    # until the process ends (frozen after the analysis, when collection resumes).
+    from dtbuild.engine.package_cache import pause_collection_until_analysed
+
+    pause_collection_until_analysed()
     args_list = list(sys.argv[1:] if argv is None else argv)
     _PRELOADED.clear()  # one command per call, even when called in-process again
     return _guarded(lambda: _main(args_list), debug="--debug" in args_list)
@@ -352,6 +357,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
         labels = query.evaluate(args.expression, _query_graph(session))
     except (query.QuerySyntaxError, query.UnknownFunctionError) as e:
         raise UsageError(str(e)) from None
+    finally:
+        session.loader.save_cache()
     for label in labels:
         print(label)
     return 0
@@ -363,8 +370,11 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     session = _session(args)
     labels = session.expand([args.target])
     graph = _query_graph(session)
-    for label in labels:
-        print(query.render_graph(graph, str(label), args.format))
+    try:
+        for label in labels:
+            print(query.render_graph(graph, str(label), args.format))
+    finally:
+        session.loader.save_cache()
     return 0
 
 

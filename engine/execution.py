@@ -5,9 +5,15 @@ version, the declaring rule's version, its parameters, the paths and digests of 
 inputs and the paths of its outputs. Keys are computed when an action's inputs are
 known, so an input rebuilt to identical bytes stops the rebuild there (early cutoff).
 
-Actions run on worker threads (``--jobs``); commands run through an executor plugin.
-A result enters the action cache only after every output is safely in the store, so an
-interrupted or killed build leaves nothing a later build would trust.
+Cache hits cost no thread hand-off: the scheduler thread checks an action whose inputs
+are all known (sources by their memoized signature) against the workspace's results
+index, and a result recorded under the store's current generation is trusted without a
+stat. What has to run goes to worker threads (``--jobs``), longest remaining path first
+(weighted by each action's last measured duration) on a networkx graph that is built
+only when there is work; commands run through an executor plugin. A result enters the
+action cache only after every output is in the store (the build flushes the store once,
+at its end, before the results index trusts anything), so an interrupted or killed
+build leaves nothing a later build would trust unchecked.
 
 Action rewinding (as Bazel calls it): a cache hit trusts that its blobs are present,
 and their bytes are checked only when they are read (see ``store.py``). When an action
@@ -21,18 +27,20 @@ outputs enter the cache, so bad bytes never become a cached result.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import heapq
 import inspect
 import os
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
-from dtbuild.engine.errors import ActionError, BuildFailure, Interrupted, Location, StoreError
+from dtbuild.engine.errors import ActionError, BuildFailure, CycleError, Interrupted, Location, StoreError
 from dtbuild.engine.sources import SourceDigests
 from dtbuild.engine.store import (
     ActionResult,
@@ -40,6 +48,7 @@ from dtbuild.engine.store import (
     LostBlobError,
     MissingBlobError,
     OutputValue,
+    SourceChangedError,
     Store,
     VerifiedBlobReader,
     canonical_json,
@@ -68,6 +77,15 @@ _T = TypeVar("_T")
 ENGINE_KEY_VERSION = "1"
 
 
+@dataclass(frozen=True, slots=True)
+class CriticalStep:
+    """An executed action on the build's critical path."""
+
+    label: str
+    mnemonic: str
+    seconds: float
+
+
 @dataclass
 class ExecutionStats:
     executed: int = 0
@@ -77,6 +95,12 @@ class ExecutionStats:
     skipped: int = 0
     #: Cache entries found missing or corrupt when read, and rebuilt (action rewinding).
     rewound: int = 0
+    #: The chain of dependent executed actions that took longest, first to last.
+    critical_path: list[CriticalStep] = field(default_factory=list)
+
+    @property
+    def critical_seconds(self) -> float:
+        return sum(step.seconds for step in self.critical_path)
 
 
 @dataclass
@@ -86,6 +110,20 @@ class ActionOutcome:
     key: str = ""
     error: BaseException | None = None
     seconds: float = 0.0
+
+
+def action_id(action: ActionDecl) -> str:
+    """What names an action from one build to the next (its key changes with its
+    inputs): its owner, mnemonic and output paths."""
+    return f"{action.owner} {action.mnemonic} {','.join(sorted(a.path for a in action.outputs.values()))}"
+
+
+#: A cache hit from the workspace's results index marks its action-cache entry used (for
+#: gc) at most this often, so a no-op build writes nothing in the cache.
+TOUCH_INTERVAL_SECONDS = 86400.0
+
+#: (inputs, key) of an action, computed once by whoever first knew its inputs.
+_Prepared = tuple[dict[str, list[InputArtifact]], str]
 
 
 @dataclass
@@ -224,6 +262,17 @@ class _OutputStream:
     def writable(self) -> bool:
         return True
 
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._writer.size
+
+    def hexdigest(self) -> str:
+        """The sha256 (hex) of the bytes written so far, which the output's digest will be:
+        writers that need it (a layer's blob digest) take it here, so no byte is hashed
+        twice."""
+        return self._writer.hexdigest()
+
     def flush(self) -> None:
         self._writer.flush()
 
@@ -277,10 +326,18 @@ class ActionContextImpl:
         #: The first blob found missing or corrupt while the action ran (an action kind
         #: may catch the error and raise its own).
         self.lost: LostBlobError | None = None
+        #: The first source file found changed while the action read it: the action
+        #: fails with it, whatever an action kind made of it.
+        self.changed: SourceChangedError | None = None
 
     def _note(self, error: LostBlobError) -> LostBlobError:
         if self.lost is None:
             self.lost = error
+        return error
+
+    def _note_changed(self, error: SourceChangedError) -> SourceChangedError:
+        if self.changed is None:
+            self.changed = error
         return error
 
     def _reader(self, digest: str) -> IO[bytes]:
@@ -288,34 +345,45 @@ class ActionContextImpl:
             reader = self._store.open_blob(digest)
         except LostBlobError as e:
             raise self._note(e) from None
+        except SourceChangedError as e:
+            raise self._note_changed(e) from None
         if isinstance(reader, VerifiedBlobReader):
             self._readers.append(reader)
         return reader
 
     def check_reads(self) -> LostBlobError | None:
         """Check every blob the action read (reading to the end what it did not): the
-        first one missing or corrupt, or None."""
+        first one missing or corrupt, or None.
+
+        :raises SourceChangedError: when a source file read in place changed meanwhile.
+        """
         for reader in self._readers:
             try:
                 reader.verifier.finish()
             except LostBlobError as e:
                 self._note(e)
+            except SourceChangedError as e:
+                self._note_changed(e)
             except (OSError, ValueError):
                 pass  # closed: it was checked when it was closed
         self._readers.clear()
+        if self.changed is not None:
+            raise self.changed
         return self.lost
 
     def inputs(self, name: str) -> Sequence[InputArtifact]:
         return self._inputs.get(name, [])
 
     def store_file(self, artifact: InputArtifact) -> None:
+        """Make a file input's bytes readable from the store: a source file is read in
+        place (registered with the store, never copied into it)."""
         if artifact.is_tree or artifact.symlink is not None:
             return
-        if not self._store.has_blob(artifact.digest, artifact.size):
-            if not artifact.path.startswith("dtbuild-out/"):
-                self._store.put_file(os.path.join(self._runner.root, artifact.path), artifact.digest)
-            else:
-                raise self._note(self._store.missing(artifact.digest))
+        if not artifact.path.startswith("dtbuild-out/"):
+            self._store.register_source(artifact.digest, os.path.join(self._runner.root, artifact.path),
+                                        artifact.size, artifact.path)
+        elif not self._store.has_blob(artifact.digest, artifact.size):
+            raise self._note(self._store.missing(artifact.digest))
 
     def put_blob(self, data: bytes) -> str:
         return self._store.put_bytes(data)
@@ -323,8 +391,8 @@ class ActionContextImpl:
     def put_file(self, path: str) -> tuple[str, int]:
         return self._store.put_file(path)
 
-    def put_stream(self, source: IO[bytes]) -> tuple[str, int]:
-        writer = self._store.writer()
+    def put_stream(self, source: IO[bytes], size: int | None = None) -> tuple[str, int]:
+        writer = self._store.writer(size)
         try:
             while chunk := source.read(1 << 20):
                 writer.write(chunk)
@@ -363,6 +431,8 @@ class ActionContextImpl:
                 self._store.copy_blob_to(artifact.digest, dest, 0o755 if artifact.executable else 0o644)
         except LostBlobError as e:
             raise self._note(e) from None
+        except SourceChangedError as e:
+            raise self._note_changed(e) from None
         return dest
 
     def output_path(self, name: str) -> str:
@@ -461,7 +531,9 @@ class ActionRunner:
     def __init__(self, *, root: str, store: Store, sources: SourceDigests, plugins: PluginItems,
                  jobs: int, keep_going: bool, cancel: threading.Event,
                  locations: Mapping[str, Location], kinds: Mapping[str, str] | None = None,
-                 debug: bool = False, known_results: Mapping[str, Any] | None = None) -> None:
+                 debug: bool = False, known_results: Mapping[str, Any] | None = None,
+                 trusted_results: Collection[str] = (), marked_used: Mapping[str, float] | None = None,
+                 durations: Callable[[], Mapping[str, float]] | None = None, generation: str = "") -> None:
         self.root = root
         self.store = store
         self.sources = sources
@@ -477,10 +549,22 @@ class ActionRunner:
         self.outcomes: list[ActionOutcome] = []
         self._report_lock = threading.Lock()
         self._kind_instances: dict[str, ActionKind] = {}
-        #: Results of this workspace's previous builds by key (one file read instead of one
-        #: per action); entries are checked against the store like any cache hit.
+        #: Results of this workspace's previous builds by key (one query instead of one
+        #: file per action). Those in ``trusted_results`` were found present under the
+        #: store's current generation and are trusted without a stat; the others are
+        #: checked against the store like any cache hit.
         self.known_results = known_results or {}
+        self.trusted_results = trusted_results
+        #: When each known result's action-cache entry was last marked used (epoch seconds).
+        self.marked_used = marked_used or {}
+        #: Keys whose action-cache entry this build marked used.
+        self.marked_now: set[str] = set()
         self.used_results: dict[str, Any] = {}
+        #: The store's generation when the build started: what its results are recorded under.
+        self.generation = generation
+        #: Seconds each action (by :func:`action_id`) took when it last ran; read only
+        #: when something has to run.
+        self._durations = durations or dict
         #: The action that produces each generated artifact (set by :meth:`run`).
         self.producers: Mapping[str, ActionDecl] = {}
         self._rewind_lock = threading.RLock()
@@ -494,8 +578,13 @@ class ActionRunner:
     # ------------------------------------------------------------------ inputs and keys
 
     def input_artifact(self, art: Artifact) -> InputArtifact:
+        """The path, digest and kind of an input. A source file's digest comes from the
+        source memo, and the store learns that the file holds that blob: sources are
+        read in place, never copied into the cache."""
         if art.is_source:
             src = self.sources.get(art.path)
+            if src.symlink is None:
+                self.store.register_source(src.digest, os.path.join(self.root, art.path), src.size, art.path)
             return InputArtifact(art.path, src.digest, False, src.size, src.executable, src.symlink)
         value = self.values[art.path]
         return InputArtifact(art.path, value.digest, value.is_tree, value.size, value.executable)
@@ -519,10 +608,14 @@ class ActionRunner:
         except (AttributeError, KeyError, TypeError, ValueError):  # the index is an optimisation only
             return None
 
-    def reusable(self, result: ActionResult, action: ActionDecl) -> bool:
+    def reusable(self, result: ActionResult, action: ActionDecl, *, trusted: bool = False) -> bool:
         """Whether a cached result can stand for running ``action``: every output is in
-        the store and every registered object it used still has the version it had."""
-        return self._outputs_present(result, action) and not self.stale_uses(result)
+        the store (``trusted``: taken as present without looking, for a result indexed
+        under the store's current generation) and every registered object it used still
+        has the version it had."""
+        if trusted and set(result.outputs) != set(action.outputs):
+            return False
+        return (trusted or self._outputs_present(result, action)) and not self.stale_uses(result)
 
     def stale_uses(self, result: ActionResult) -> list[str]:
         """The registered objects a result was made with whose version has changed since,
@@ -554,25 +647,72 @@ class ActionRunner:
 
     # ------------------------------------------------------------------ one action
 
-    def process(self, action: ActionDecl) -> ActionOutcome:
+    def process(self, action: ActionDecl, prepared: _Prepared | None = None) -> ActionOutcome:
         started = time.monotonic()
-        status, key = self._produce(action, rerun=False)
+        status, key = self._produce(action, rerun=False, prepared=prepared)
         return ActionOutcome(action, status, key, seconds=time.monotonic() - started)
 
-    def _produce(self, action: ActionDecl, *, rerun: bool) -> tuple[str, str]:
+    def _cached(self, action: ActionDecl, key: str) -> ActionResult | None:
+        """The result that can stand for running ``action`` (key ``key``): from the
+        workspace's index, else from the action cache; None for a miss."""
+        known = self._known_result(key)
+        if known is not None and self.reusable(known, action, trusted=key in self.trusted_results):
+            if time.time() - self.marked_used.get(key, 0.0) >= TOUCH_INTERVAL_SECONDS:
+                self.store.touch_action(key)
+                self.marked_now.add(key)
+            return known
+        result = self.store.get_action(key)
+        if result is not None and self.reusable(result, action):
+            self.store.touch_action(key)
+            self.marked_now.add(key)
+            return result
+        return None
+
+    def _record(self, action: ActionDecl, key: str, result: ActionResult) -> None:
+        for slot, art in action.outputs.items():
+            self.values[art.path] = result.outputs[slot]
+        if action.cacheable:
+            self.used_results[key] = result.to_json()
+
+    def _hit_inline(self, action: ActionDecl) -> tuple[ActionOutcome | None, _Prepared | None]:
+        """On the scheduler thread: the outcome of ``action`` when the cache has it and
+        telling needs no hashing (its sources are memoized); else (None, its inputs and
+        key when they could be computed, for the worker that runs it)."""
+        started = time.monotonic()
+        try:
+            inputs: dict[str, list[InputArtifact]] = {}
+            for slot, arts in action.inputs.items():
+                slot_inputs = inputs[slot] = []
+                for art in arts:
+                    if art.is_source and self.sources.known(art.path) is None:
+                        return None, None  # a hash to compute: a worker's job
+                    slot_inputs.append(self.input_artifact(art))
+            kind = self.kind_for(action)
+            key = action_key(action, kind.VERSION, inputs, self.plugins.uses_of(action))
+            result = self._cached(action, key) if action.cacheable else None
+        except Exception:  # the worker meets it again and reports it in its own words
+            return None, None
+        if result is None:
+            return None, (inputs, key)
+        self._record(action, key, result)
+        return ActionOutcome(action, "cached", key, seconds=time.monotonic() - started), None
+
+    def _produce(self, action: ActionDecl, *, rerun: bool, prepared: _Prepared | None = None) -> tuple[str, str]:
         """Find ``action``'s result in the cache or run it (``rerun``: run it whatever the
         cache holds), record its outputs' values, and return (status, key). An input
-        found missing or corrupt while it runs is rebuilt once and the action retried."""
+        found missing or corrupt while it runs is rebuilt once and the action retried.
+        ``prepared``: its inputs and key, already computed, whose cache lookup missed."""
         kind = self.kind_for(action)
         rebuilt: dict[str, str] = {}  # digest -> the input it was rebuilt for
         while True:
-            inputs = {slot: [self.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
-            key = action_key(action, kind.VERSION, inputs, self.plugins.uses_of(action))
-            result = None
-            if action.cacheable and not rerun:
-                result = self._known_result(key) or self.store.get_action(key)
-            if result is not None and self.reusable(result, action):
-                self.store.touch_action(key)
+            if prepared is not None:
+                (inputs, key), prepared = prepared, None
+                result = None
+            else:
+                inputs = {slot: [self.input_artifact(a) for a in arts] for slot, arts in action.inputs.items()}
+                key = action_key(action, kind.VERSION, inputs, self.plugins.uses_of(action))
+                result = self._cached(action, key) if action.cacheable and not rerun else None
+            if result is not None:
                 status = "cached"
                 break
             if not rerun and not rebuilt:
@@ -586,14 +726,11 @@ class ActionRunner:
                 rebuilt[lost.digest] = self._rebuild_input(action, inputs, lost)
                 continue
             if action.cacheable:
-                self.store.make_durable()
+                # After its blobs; flushed once per build (the build's make_durable).
                 self.store.put_action(key, result)
             status = "executed"
             break
-        for slot, art in action.outputs.items():
-            self.values[art.path] = result.outputs[slot]
-        if action.cacheable:
-            self.used_results[key] = result.to_json()
+        self._record(action, key, result)
         return status, key
 
     # ------------------------------------------------------------------ rewinding
@@ -649,13 +786,17 @@ class ActionRunner:
         if producer is None:
             if path.startswith("dtbuild-out/"):
                 raise lost  # no action of this build writes it
+            # Sources are read in place: tell the store again where this one is (a copy
+            # of it in the cache, left by an older dtbuild, may be what was corrupt).
             src = self.sources.get(path)
+            if src.symlink is not None or src.digest != digest:
+                raise SourceChangedError(path, digest)
             self.stats.rewound += 1
             package, name = os.path.split(path)
             self.report("dtbuild_action_log", label=f"//{package}:{name}", mnemonic="Source",
                         message=f"corrupt cache entry rebuilt: blob {digest[:12]}… of source {path} was {what} "
                                 "in the cache; it was read again from the workspace")
-            self.store.put_file(os.path.join(self.root, path), src.digest)
+            self.store.register_source(digest, os.path.join(self.root, path), src.size, path)
             return
         upstream = next((art for arts in producer.inputs.values() for art in arts
                          if self._contains(self.input_artifact(art), digest)), None)
@@ -782,35 +923,82 @@ class ActionRunner:
                             deps[i].add(j)
                             dependents[j].append(i)
         waiting = [len(d) for d in deps]
-        ready: list[int] = [i for i, n in enumerate(waiting) if n == 0]
-        work: queue.Queue[int | None] = queue.Queue()
+        #: Actions whose inputs are known, to check against the cache (in order).
+        ready = collections.deque(i for i, n in enumerate(waiting) if n == 0)
+        #: Actions to hand to workers: (-priority, index), the longest remaining path first.
+        to_run: list[tuple[float, int]] = []
+        prepared: dict[int, _Prepared] = {}
+        priority: dict[int, float] | None = None
+        work: queue.Queue[tuple[int, _Prepared | None] | None] = queue.Queue()
         done: queue.Queue[tuple[int, ActionOutcome]] = queue.Queue()
         failures: list[ActionOutcome] = []
         blocked: set[int] = set()
+        finished: list[int] = []
+        finished_outcomes: list[tuple[int, ActionOutcome]] = []
+        threads: list[threading.Thread] = []
+        stop = False
 
         def worker() -> None:
             while True:
-                i = work.get()
-                if i is None:
+                item = work.get()
+                if item is None:
                     return
+                i, prep = item
                 action = actions[i]
                 try:
-                    outcome = self.process(action)
+                    outcome = self.process(action, prep)
                 except BaseException as e:  # reported to the scheduler, never lost
                     outcome = ActionOutcome(action, "failed", error=e)
                 done.put((i, outcome))
 
-        threads = [threading.Thread(target=worker, daemon=True, name=f"dtbuild-worker-{n}")
-                   for n in range(min(self.jobs, max(1, len(actions))))]
-        for t in threads:
-            t.start()
+        def finish(i: int, outcome: ActionOutcome) -> None:
+            nonlocal stop
+            finished.append(i)
+            finished_outcomes.append((i, outcome))
+            self.outcomes.append(outcome)
+            action = actions[i]
+            if outcome.status == "failed":
+                self.stats.failed += 1
+                failures.append(outcome)
+                self.report("dtbuild_action_finished", label=action.owner, mnemonic=action.mnemonic,
+                            description=action.description, status="failed", seconds=outcome.seconds)
+                self._block_dependents(i, dependents, blocked)
+                if not self.keep_going or isinstance(outcome.error, Interrupted | KeyboardInterrupt):
+                    stop = True
+                return
+            setattr(self.stats, outcome.status, getattr(self.stats, outcome.status) + 1)
+            self.report("dtbuild_action_finished", label=action.owner, mnemonic=action.mnemonic,
+                        description=action.description, status=outcome.status, seconds=outcome.seconds)
+            for j in dependents[i]:
+                waiting[j] -= 1
+                if waiting[j] == 0 and j not in blocked:
+                    ready.append(j)
+
         running = 0
-        finished = 0
-        stop = False
         try:
-            while finished + len(blocked) < len(actions):
+            while True:
                 while ready and not stop and not self.cancel.is_set():
-                    work.put(ready.pop(0))
+                    i = ready.popleft()
+                    outcome, prep = self._hit_inline(actions[i])
+                    if outcome is not None:
+                        finish(i, outcome)
+                        continue
+                    if prep is not None:
+                        prepared[i] = prep
+                    if priority is None:  # the first action that may have to run
+                        settled = set(finished) | blocked
+                        priority = self._priorities(actions, dependents, [j for j in range(len(actions))
+                                                                          if j not in settled])
+                    heapq.heappush(to_run, (-priority.get(i, 1.0), i))
+                while to_run and running < self.jobs and not stop and not self.cancel.is_set():
+                    if not threads:
+                        count = min(self.jobs, max(1, len(actions) - len(finished) - len(blocked)))
+                        threads = [threading.Thread(target=worker, daemon=True, name=f"dtbuild-worker-{n}")
+                                   for n in range(count)]
+                        for t in threads:
+                            t.start()
+                    _, i = heapq.heappop(to_run)
+                    work.put((i, prepared.pop(i, None)))
                     running += 1
                 if running == 0:
                     break
@@ -821,34 +1009,90 @@ class ActionRunner:
                         stop = True
                     continue
                 running -= 1
-                finished += 1
-                self.outcomes.append(outcome)
-                action = actions[i]
-                if outcome.status == "failed":
-                    self.stats.failed += 1
-                    failures.append(outcome)
-                    self.report("dtbuild_action_finished", label=action.owner, mnemonic=action.mnemonic,
-                                description=action.description, status="failed", seconds=outcome.seconds)
-                    self._block_dependents(i, dependents, blocked)
-                    if not self.keep_going or isinstance(outcome.error, Interrupted | KeyboardInterrupt):
-                        stop = True
-                    continue
-                setattr(self.stats, outcome.status, getattr(self.stats, outcome.status) + 1)
-                self.report("dtbuild_action_finished", label=action.owner, mnemonic=action.mnemonic,
-                            description=action.description, status=outcome.status, seconds=outcome.seconds)
-                for j in dependents[i]:
-                    waiting[j] -= 1
-                    if waiting[j] == 0 and j not in blocked:
-                        ready.append(j)
+                finish(i, outcome)
         finally:
             for _ in threads:
                 work.put(None)
         self.stats.skipped = len(blocked)
+        self.stats.critical_path = self._critical_path(actions, deps, finished_outcomes)
         if self.cancel.is_set():
             raise Interrupted("interrupted: the build was stopped; nothing partial was kept",
                               hint="run the same command again to finish the build")
         if failures:
             raise self._failure_error(failures[0], len(failures))
+        if not stop and len(finished) + len(blocked) < len(actions):
+            settled = set(finished) | blocked
+            raise self._cycle_error(actions, dependents, [j for j in range(len(actions)) if j not in settled])
+
+    def _graph(self, actions: Sequence[ActionDecl], dependents: list[list[int]], nodes: list[int]) -> Any:
+        """The networkx DiGraph of ``nodes`` (edges: producer -> consumer)."""
+        import networkx as nx  # only when there is work to run: a no-op build never pays the import
+
+        graph: nx.DiGraph[int] = nx.DiGraph()
+        graph.add_nodes_from(nodes)
+        members = set(nodes)
+        graph.add_edges_from((i, j) for i in nodes for j in dependents[i] if j in members)
+        return graph
+
+    def _priorities(self, actions: Sequence[ActionDecl], dependents: list[list[int]],
+                    nodes: list[int]) -> dict[int, float]:
+        """Each action's longest remaining path (itself and what waits for it), weighted
+        by how long each action took when it last ran (unknown: one second)."""
+        import networkx as nx
+
+        graph = self._graph(actions, dependents, nodes)
+        try:
+            order = list(nx.topological_sort(graph))
+        except nx.NetworkXUnfeasible:
+            raise self._cycle_error(actions, dependents, nodes) from None
+        durations = self._durations()
+        priority: dict[int, float] = {}
+        for i in reversed(order):
+            own = durations.get(action_id(actions[i]), 1.0)
+            priority[i] = own + max((priority[j] for j in graph.successors(i)), default=0.0)
+        return priority
+
+    def _cycle_error(self, actions: Sequence[ActionDecl], dependents: list[list[int]],
+                     nodes: list[int]) -> CycleError:
+        """Analysis refuses dependency cycles, so this names a bug in whatever declared
+        the actions: the cycle, action by action."""
+        import networkx as nx
+
+        graph = self._graph(actions, dependents, nodes)
+        try:
+            edges = nx.find_cycle(graph)
+        except nx.NetworkXNoCycle:
+            edges = []
+        path = [actions[i] for i, _ in edges] + [actions[edges[0][0]]] if edges else []
+        text = " -> ".join(f"{a.mnemonic} of {a.owner}" for a in path) or "(none found)"
+        return CycleError(f"action dependency cycle: {text}",
+                          hint="analysis should have refused it: report it with the BUILD files involved")
+
+    @staticmethod
+    def _critical_path(actions: Sequence[ActionDecl], deps: list[set[int]],
+                       finished: Sequence[tuple[int, ActionOutcome]]) -> list[CriticalStep]:
+        """The chain of dependent actions whose executions took longest (cache hits weigh
+        nothing and are left out). ``finished`` is in the order actions finished, which
+        puts every action after what it depends on."""
+        longest: dict[int, float] = {}
+        before: dict[int, int | None] = {}
+        outcomes = dict(finished)
+        for i, outcome in finished:
+            own = outcome.seconds if outcome.status == "executed" else 0.0
+            upstream = max((j for j in deps[i] if j in longest), key=longest.__getitem__, default=None)
+            longest[i] = own + (longest[upstream] if upstream is not None else 0.0)
+            before[i] = upstream
+        if not longest:
+            return []
+        steps: list[CriticalStep] = []
+        at: int | None = max(longest, key=longest.__getitem__)
+        while at is not None:
+            outcome = outcomes[at]
+            if outcome.status == "executed":
+                steps.append(CriticalStep(actions[at].owner, actions[at].mnemonic, outcome.seconds))
+            at = before[at]
+        steps.reverse()
+        return steps
 
     def _block_dependents(self, i: int, dependents: list[list[int]], blocked: set[int]) -> None:
         stack = list(dependents[i])
@@ -887,4 +1131,5 @@ class ActionRunner:
 
 
 
-__all__ = ["ActionContextImpl", "ActionRunner", "ExecutionStats", "PluginItems", "action_key", "build_tree"]
+__all__ = ["ActionContextImpl", "ActionRunner", "CriticalStep", "ExecutionStats", "PluginItems", "action_id",
+           "action_key", "build_tree"]

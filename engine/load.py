@@ -10,12 +10,15 @@ BUILD line that wrote them.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtbuild.engine.errors import (
     AttrError,
@@ -31,6 +34,9 @@ from dtbuild.engine.labels import Label, TargetPattern, parse_label
 from dtbuild.engine.workspace import BUILD_FILE_NAMES, OUT_DIR_NAME, WORKSPACE_FILE, Workspace
 from dtbuild.rules.api import COMMON_ATTRS, Rule
 from dtbuild.rules.attrs import AttrValueError
+
+if TYPE_CHECKING:
+    from dtbuild.engine.package_cache import FileRead, Listing, PackageCache, PackageEntry, Signature
 
 _FRAME_RE = re.compile(r"^\s*\* (?P<file>.+?):(?P<line>\d+), in ", re.M)
 _ERROR_AT_RE = re.compile(r"^\s*--> (?P<file>.+?):(?P<line>\d+):(?P<col>\d+)", re.M)
@@ -60,15 +66,27 @@ class _Abort(Exception):
 
 
 class Loader:
-    """Loads packages on demand and remembers them for the rest of the process."""
+    """Loads packages on demand and remembers them for the rest of the process (and,
+    with a :class:`~dtbuild.engine.package_cache.PackageCache`, for later processes:
+    a package none of whose inputs changed is not evaluated again)."""
 
     def __init__(self, workspace: Workspace, rules: Mapping[str, Rule],
                  build_globals: Mapping[str, Any] | None = None,
-                 registry_values: Mapping[str, Sequence[str]] | None = None) -> None:
+                 registry_values: Mapping[str, Sequence[str]] | None = None, *,
+                 cache: PackageCache | None = None, rule_versions: Mapping[str, str] | None = None) -> None:
         self.workspace = workspace
         self.rules = dict(rules)
         self.build_globals = dict(build_globals or {})
         self.registry_values = registry_values or {}
+        self.cache = cache
+        #: The version of each rule a stored package was evaluated with (plugin
+        #: fingerprints included): a package that called a rule whose version changed is
+        #: evaluated again.
+        self.rule_versions = dict(rule_versions) if rule_versions is not None else \
+            {name: str(rule.version) for name, rule in self.rules.items()}
+        #: "evaluated": BUILD and .bzl files evaluated in this process; "cached":
+        #: packages taken from the package cache.
+        self.stats: dict[str, int] = {"evaluated": 0, "cached": 0}
         self._packages: dict[str, Package] = {}
         self._modules: dict[str, Any] = {}  # .bzl label -> FrozenModule
         self._loading: list[str] = []  # .bzl load stack, for cycle errors
@@ -77,33 +95,146 @@ class Loader:
         self._listing: dict[str, list[str]] = {}
         self._cancel = threading.Event()
         self._all_packages: list[str] | None = None
-        import starlark as sl
-
-        self._sl = sl
-        self._globals = sl.Globals.extended_by([
-            sl.LibraryExtension.StructType, sl.LibraryExtension.CallStack,
-            sl.LibraryExtension.Print, sl.LibraryExtension.Json, sl.LibraryExtension.Map,
-            sl.LibraryExtension.Filter, sl.LibraryExtension.Partial])
-        self._dialect = sl.Dialect.extended()
+        self._build_files: dict[str, str | None] = {}
+        #: Every file read for an evaluation, in order (packages and .bzl modules take slices).
+        self._reads: list[FileRead] = []
+        self._module_reads: dict[str, list[FileRead]] = {}  # .bzl label -> its reads, transitively
+        self._rule_calls: list[str] = []
+        self._listing_deps: dict[str, Listing] = {}
+        #: Stored packages found unchanged (None: checked, and not usable).
+        self._entries: dict[str, PackageEntry | None] = {}
+        self._digests: dict[str, str | None] = {}
         self._prelude = "".join(
             f"def {name}(**kwargs):\n    return _dtbuild_rule({name!r}, call_stack(), kwargs)\n"
             for name in sorted(self.rules))
 
+    # The interpreter is set up on first use: a build whose packages all come from the
+    # package cache never needs it.
+    @functools.cached_property
+    def _sl(self) -> Any:
+        import starlark
+
+        return starlark
+
+    @functools.cached_property
+    def _globals(self) -> Any:
+        sl = self._sl
+        return sl.Globals.extended_by([
+            sl.LibraryExtension.StructType, sl.LibraryExtension.CallStack,
+            sl.LibraryExtension.Print, sl.LibraryExtension.Json, sl.LibraryExtension.Map,
+            sl.LibraryExtension.Filter, sl.LibraryExtension.Partial])
+
+    @functools.cached_property
+    def _dialect(self) -> Any:
+        return self._sl.Dialect.extended()
+
     # ------------------------------------------------------------------ packages
 
     def build_file_of(self, package: str) -> str | None:
+        try:
+            return self._build_files[package]
+        except KeyError:
+            pass
         directory = os.path.join(self.workspace.root, package)
+        found = None
         for name in BUILD_FILE_NAMES:
             if os.path.isfile(os.path.join(directory, name)):
-                return f"{package}/{name}" if package else name
-        return None
+                found = f"{package}/{name}" if package else name
+                break
+        self._build_files[package] = found
+        return found
 
     def package(self, name: str) -> Package:
         pkg = self._packages.get(name)
         if pkg is None:
-            pkg = self._load_package(name)
+            pkg = self._cached_package(name) or self._load_package(name)
             self._packages[name] = pkg
         return pkg
+
+    def target_names(self, package: str) -> list[str]:
+        """The names of the targets ``package`` declares, in declaration order (from the
+        package cache, without unpacking its targets, when it is unchanged)."""
+        pkg = self._packages.get(package)
+        if pkg is None:
+            entry = self._cached_entry(package)
+            if entry is not None:
+                return list(entry.names)
+            pkg = self.package(package)
+        return list(pkg.targets)
+
+    def package_digest(self, name: str) -> str | None:
+        """What identifies the targets of package ``name`` (the package cache's digest),
+        or None when it has none (it does not exist, fails to load, or cannot be stored)."""
+        if name not in self._digests and name not in self._packages:
+            try:
+                self._cached_entry(name) or self.package(name)
+            except DtbuildError:
+                self._digests[name] = None
+        return self._digests.get(name)
+
+    def loaded_package_digests(self) -> dict[str, str | None]:
+        """The digest of every package loaded in this process."""
+        return {name: self._digests.get(name) for name in self._packages}
+
+    def save_cache(self) -> None:
+        """Write the package cache back, if there is one and it changed."""
+        if self.cache is not None:
+            self.cache.save()
+
+    def _cached_entry(self, name: str) -> PackageEntry | None:
+        if self.cache is None:
+            return None
+        if name in self._entries:
+            return self._entries[name]
+        entry = None
+        build_file = self.build_file_of(name)
+        if build_file is not None and self._inside_workspace(name):
+            entry = self.cache.entry(name, build_file, self.rule_versions, lambda: self._list_package(name))
+        self._entries[name] = entry
+        if entry is not None:
+            self.stats["cached"] += 1
+            self._digests[name] = entry.digest
+        return entry
+
+    def _cached_package(self, name: str) -> Package | None:
+        entry = self._cached_entry(name)
+        if entry is None:
+            return None
+        import pickle
+
+        try:
+            targets = pickle.loads(entry.targets)
+        except Exception:  # signed by this user, yet unreadable: evaluate it again
+            self._entries[name] = None
+            return None
+        return Package(name, entry.build_file, targets, files_read=list(dict.fromkeys(f[0] for f in entry.files)))
+
+    def _inside_workspace(self, name: str) -> bool:
+        package_dir = os.path.realpath(os.path.join(self.workspace.root, name))
+        root_real = self._root_real
+        return package_dir == root_real or package_dir.startswith(root_real.rstrip(os.sep) + os.sep)
+
+    @functools.cached_property
+    def _root_real(self) -> str:
+        return os.path.realpath(self.workspace.root)
+
+    def _remember(self, pkg: Package, reads: Sequence[FileRead], rule_calls: Iterable[str]) -> None:
+        """Put a package just evaluated into the package cache."""
+        if self.cache is None:
+            return
+        from dtbuild.engine.package_cache import PackageEntry, dumps
+
+        try:
+            targets = dumps(pkg.targets)
+        except Exception:  # an attribute value that cannot be stored: evaluated every time
+            self._digests[pkg.name] = None
+            return
+        files = tuple(dict.fromkeys(reads))
+        entry = PackageEntry(pkg.build_file, files, self._listing_deps.get(pkg.name),
+                             tuple(sorted({(k, self.rule_versions.get(k, "")) for k in rule_calls})),
+                             tuple(pkg.targets), targets)
+        self.cache.put(pkg.name, entry)
+        self._digests[pkg.name] = entry.digest
 
     def target(self, label: Label, *, referrer: TargetDecl | None = None, attr: str | None = None) -> TargetDecl:
         """The declaration of ``label``; an error with the closest existing target otherwise."""
@@ -136,24 +267,58 @@ class Loader:
         return f" (the '{attr}' attribute refers to {label})" if attr else f" (referred to as {label})"
 
     def all_packages(self, under: str = "") -> list[str]:
-        """Every package at or below ``under``, sorted."""
+        """Every package at or below ``under``, sorted (the package cache's list while
+        no directory of the workspace changed)."""
         if self._all_packages is None:
-            found = []
-            root = self.workspace.root
-            for dirpath, dirnames, filenames in os.walk(root):
-                rel = os.path.relpath(dirpath, root)
-                rel = "" if rel == "." else rel.replace(os.sep, "/")
-                if rel and WORKSPACE_FILE in filenames:
-                    dirnames[:] = []  # a nested workspace is not ours
-                    continue
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                                     and not (rel == "" and d == OUT_DIR_NAME))
-                if any(n in filenames for n in BUILD_FILE_NAMES):
-                    found.append(rel)
-            self._all_packages = sorted(found)
+            stored = self.cache.packages() if self.cache is not None else None
+            if stored is None:
+                stored = self._walk_packages()
+            self._all_packages = stored
         if not under:
             return list(self._all_packages)
         return [p for p in self._all_packages if p == under or p.startswith(under + "/")]
+
+    def _walk_packages(self) -> list[str]:
+        """Walk the workspace for BUILD files (hidden directories, dtbuild-out and nested
+        workspaces left out; symlinks to directories not followed), recording each
+        directory's signature, taken before it is listed, in the package cache."""
+        from dtbuild.engine.package_cache import trusted_signature
+
+        found: list[str] = []
+        dirs: list[tuple[str, Signature | None]] = []
+        now = time.time_ns()
+
+        def walk(directory: str, rel: str) -> None:
+            try:
+                sig = trusted_signature(os.stat(directory), now)
+                entries = list(os.scandir(directory))
+            except OSError:
+                return
+            dirs.append((rel, sig))
+            files: set[str] = set()
+            subdirs: list[str] = []
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                    elif not entry.is_dir():
+                        files.add(entry.name)
+                except OSError:
+                    files.add(entry.name)
+            if rel and WORKSPACE_FILE in files:
+                return  # a nested workspace is not ours
+            if any(n in files for n in BUILD_FILE_NAMES):
+                found.append(rel)
+            for name in sorted(subdirs):
+                if name.startswith(".") or (rel == "" and name == OUT_DIR_NAME):
+                    continue
+                walk(os.path.join(directory, name), f"{rel}/{name}" if rel else name)
+
+        walk(self.workspace.root, "")
+        found.sort()
+        if self.cache is not None:
+            self.cache.put_packages(dirs, found)
+        return found
 
     def expand(self, pattern: TargetPattern) -> list[Label]:
         """The labels a pattern stands for, sorted. A pattern that matches nothing is an error."""
@@ -166,7 +331,7 @@ class Loader:
             if self.build_file_of(pattern.package) is None:
                 self.target(Label(pattern.package, "all"))  # raises the no-package error
             packages = [pattern.package]
-        labels = [decl.label for pkg in packages for decl in self.package(pkg).targets.values()]
+        labels = [Label(pkg, name) for pkg in packages for name in self.target_names(pkg)]
         if not labels:
             raise UnknownTargetError(f"no targets match '{pattern}'")
         return sorted(labels)
@@ -174,8 +339,12 @@ class Loader:
     # ------------------------------------------------------------------ evaluation
 
     def _read(self, rel_path: str) -> str:
+        from dtbuild.engine.package_cache import trusted_signature
+
         with open(os.path.join(self.workspace.root, rel_path), "rb") as f:
+            st = os.fstat(f.fileno())
             data = f.read(MAX_SOURCE_BYTES + 1)
+        self._reads.append((rel_path, trusted_signature(st), hashlib.sha256(data).hexdigest()))
         if len(data) > MAX_SOURCE_BYTES:
             raise BuildFileError(f"{rel_path} is larger than {MAX_SOURCE_BYTES >> 20} MiB",
                                  location=Location(rel_path),
@@ -204,6 +373,7 @@ class Loader:
 
     def _evaluate(self, rel_path: str, source: str, module: Any) -> None:
         sl = self._sl
+        self.stats["evaluated"] += 1
         budget = _Budget(rel_path, self._cancel)
         try:
             ast = sl.parse(rel_path, source, self._dialect)
@@ -237,10 +407,14 @@ class Loader:
                 hint="packages are directories inside the workspace; copy the directory in instead of linking it")
         pkg = Package(name, build_file, files_read=[build_file])
         outer, self._current = self._current, pkg
+        reads_from, calls_from = len(self._reads), len(self._rule_calls)
         try:
             self._on_deep_stack(lambda: self._evaluate(build_file, self._read(build_file), self._new_module()))
         finally:
             self._current = outer
+        # Only a package that loaded without error is stored: a broken one is evaluated
+        # (and its error reported) every time.
+        self._remember(pkg, self._reads[reads_from:], self._rule_calls[calls_from:])
         return pkg
 
     @contextlib.contextmanager
@@ -314,8 +488,11 @@ class Loader:
         key = str(label)
         module = self._modules.get(key)
         if module is not None:
+            # Its reads are this package's too (the .bzl files it loaded included).
+            reads = self._module_reads.get(key, [])
+            self._reads.extend(reads)
             if pkg is not None:
-                pkg.files_read.append(_label_path(label))
+                pkg.files_read.extend(p for p, _, _ in reads if p not in pkg.files_read)
             return module
         path = _label_path(label)
         if not path.endswith(".bzl"):
@@ -329,6 +506,7 @@ class Loader:
             self._pending = BuildFileError(f"cannot load '{text}': {path} does not exist")
             raise _Abort()
         self._loading.append(key)
+        reads_from = len(self._reads)
         try:
             module = self._new_module()
             self._evaluate(path, self._read(path), module)
@@ -336,6 +514,7 @@ class Loader:
         finally:
             self._loading.pop()
         self._modules[key] = frozen
+        self._module_reads[key] = self._reads[reads_from:]
         if pkg is not None:
             pkg.files_read.append(path)
         return frozen
@@ -361,6 +540,7 @@ class Loader:
                                  location=location,
                                  hint="call rules from BUILD files, or from macros that BUILD files call")
         rule = self.rules[kind]
+        self._rule_calls.append(kind)
         name = kwargs.get("name")
         if not isinstance(name, str) or not name:
             raise AttrError(f"{kind}() needs a 'name' attribute (a non-empty string)", location=location)
@@ -433,10 +613,29 @@ class Loader:
         listing = self._listing.get(package)
         if listing is not None:
             return listing
+        out, self._listing_deps[package] = self._list_package(package)
+        self._listing[package] = out
+        return out
+
+    def _list_package(self, package: str) -> tuple[list[str], Listing]:
+        """The files of ``package`` (see :meth:`_package_files`), and what the package
+        cache checks to know the listing is unchanged: the signature of every directory
+        it looked into (taken before listing it) and a digest of the listing."""
+        from dtbuild.engine.package_cache import listing_digest, trusted_signature
+
         root = os.path.join(self.workspace.root, package)
         out: list[str] = []
+        dirs: list[tuple[str, Signature | None]] = []
+        now = time.time_ns()
+
+        def directory_signature(directory: str, rel: str) -> None:
+            try:
+                dirs.append((rel, trusted_signature(os.stat(directory), now)))
+            except OSError:
+                dirs.append((rel, None))
 
         def walk(directory: str, prefix: str) -> None:
+            directory_signature(directory, f"{package}/{prefix}".strip("/") if package else prefix.rstrip("/"))
             try:
                 entries = sorted(os.scandir(directory), key=lambda e: e.name)
             except OSError:
@@ -448,15 +647,17 @@ class Loader:
                         continue
                     sub = os.path.join(directory, entry.name)
                     if any(os.path.isfile(os.path.join(sub, n)) for n in (*BUILD_FILE_NAMES, WORKSPACE_FILE)):
-                        continue  # a subpackage (or a nested workspace) owns its files
+                        # A subpackage (or a nested workspace) owns its files; its BUILD
+                        # file going away changes its directory's signature.
+                        directory_signature(sub, f"{package}/{rel}" if package else rel)
+                        continue
                     walk(sub, rel + "/")
                 elif entry.name not in BUILD_FILE_NAMES:
                     out.append(rel)
 
         walk(root, "")
         out.sort()
-        self._listing[package] = out
-        return out
+        return out, (tuple(dirs), listing_digest(out))
 
     def declared_targets(self) -> Iterable[TargetDecl]:
         for pkg in self._packages.values():

@@ -1,10 +1,23 @@
-"""The output tree: copies of top-level results under ``dtbuild-out/``.
+"""The output tree: top-level results under ``dtbuild-out/``.
+
+Outputs are read-only, as Bazel makes them: a file is 0444 (0555 when executable), and
+where the file system allows it a hard link to the blob in the cache, so writing an
+output costs no copy of its bytes (a reflink, or else a copy, where it does not: the
+cache on another device, an executable, a blob that is a source file of the workspace,
+which is never linked out). A user who makes a linked output writable and edits it
+edits the cache's blob: the store finds that blob changed (its mtime, mode or bytes)
+the next time it is used, deletes it and has it rebuilt, so it never serves the edited
+bytes (see ``store.py``). The files of a tree output are put there the same way.
 
 Each output is written next to its final name and renamed into place, so a reader never
 sees half an output. An index in the workspace state directory remembers what was
-written (digest and a file-system signature), so a no-op build rewrites nothing and an
-output changed by hand is rewritten. The bytes are checked against their digests as
-they are copied (see ``store.py``); a full disk while writing an output is a
+written (digest and a file-system signature: a file's stat, or the stats of a tree's
+directories, trusted for the files in them), so a no-op build rewrites nothing and an
+output replaced, removed or changed by hand is rewritten (a file edited in place inside
+a tree output, which changes no directory: once the tree is removed). A file output
+that is a hard link is also checked to still be its blob. The bytes of a blob this
+process did not write are checked against its digest before they are linked or as
+they are copied; a full disk while writing an output is a
 :class:`~dtbuild.engine.store.DiskError`, and the half-written temporary is removed.
 """
 
@@ -25,21 +38,39 @@ INDEX_FILE = "outputs.json"
 _TEMP_NAME = re.compile(r"\.dtbuild-(?:tmp-(\d+)-\d+|old-(\d+))$")
 
 
-def _signature(path: str, is_tree: bool) -> list[object] | None:
+def _signature(path: str, is_tree: bool, dirs: Iterable[str] | None = None, *,
+               linked: bool = False) -> list[object] | None:
+    """What the index compares to find an output unchanged: the lstat of the file, or
+    of each directory of a tree (``dirs``, relative to it, as the index recorded them;
+    None: found by listing the tree just written). A file added to, removed from or
+    renamed in a tree changes its directory's mtime; the files themselves are not
+    stat'ed, so checking a tree costs one lstat per directory, not one per file."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     if not is_tree:
-        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode]
-    items: list[object] = [st.st_ino]
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            s = os.lstat(p)
-            items.append([os.path.relpath(p, path), s.st_size, s.st_mtime_ns, s.st_mode])
+        # A hard link to a blob (``linked``) is marked so: it is unchanged only while
+        # the blob is still that file.
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, *(["link"] if linked else [])]
+    if dirs is None:
+        dirs = sorted(os.path.relpath(d, path) for d, _, _ in os.walk(path))
+    items: list[object] = ["tree"]
+    for rel in dirs:
+        try:
+            s = st if rel == "." else os.lstat(os.path.join(path, rel))
+        except OSError:
+            return None
+        items.append([rel, s.st_ino, s.st_mtime_ns, s.st_mode])
     return items
+
+
+def _recorded_dirs(signature: object) -> list[str] | None:
+    """The directories a tree's recorded signature names (None: not a tree's)."""
+    if not isinstance(signature, list) or not signature or signature[0] != "tree":
+        return None
+    dirs = [item[0] for item in signature[1:] if isinstance(item, list) and item and isinstance(item[0], str)]
+    return dirs if len(dirs) == len(signature) - 1 else None
 
 
 #: Mode of the directories dtbuild creates to hold outputs: like the outputs' own modes
@@ -111,9 +142,14 @@ class OutputTree:
     def materialize(self, rel_path: str, value: OutputValue) -> str:
         dest = os.path.join(self.root, rel_path)
         record = self._index.get(rel_path)
-        if record is not None and record[0] == value.digest and record[1] == value.is_tree \
-                and record[2] == _signature(dest, value.is_tree):
-            return dest
+        if record is not None and record[0] == value.digest and record[1] == value.is_tree:
+            if value.is_tree:
+                dirs = _recorded_dirs(record[2])
+                if dirs is not None and record[2] == _signature(dest, True, dirs):
+                    return dest
+            elif record[2] == _signature(dest, False, linked=self._linked(record[2], value.digest)):
+                return dest
+        linked = False
         try:
             make_dirs(os.path.dirname(dest))
             if os.path.isdir(dest) and not os.path.islink(dest) and not value.is_tree:
@@ -121,19 +157,30 @@ class OutputTree:
             if value.is_tree:
                 self._write_tree(value, dest)
             else:
-                self.store.materialize_blob(value.digest, dest, value.executable)
+                linked = self.store.materialize_blob(value.digest, dest, value.executable, link=True) == "link"
         except OSError as e:
             raise disk_error(e, f"output {rel_path}", os.path.dirname(dest), needed=value.size) or e from None
-        self._index[rel_path] = [value.digest, value.is_tree, _signature(dest, value.is_tree)]
+        self._index[rel_path] = [value.digest, value.is_tree, _signature(dest, value.is_tree, linked=linked)]
         self._dirty = True
         self.written += 1
         return dest
+
+    def _linked(self, signature: object, digest: str) -> bool:
+        """Whether a file output was recorded as a hard link to blob ``digest`` and still
+        is one (the store deletes a blob it finds edited, and writes a new file when it
+        is rebuilt: the output then holds the edited bytes and must be written again)."""
+        if not (isinstance(signature, list) and len(signature) == 5 and signature[4] == "link"):
+            return False
+        try:
+            return os.stat(self.store.blob_path(digest)).st_ino == signature[2]
+        except OSError:
+            return False
 
     def _write_tree(self, value: OutputValue, dest: str) -> None:
         tmp = f"{dest}.dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
         remove_tree(tmp)
         try:
-            self.store.materialize_tree(value.digest, tmp)
+            self.store.materialize_tree(value.digest, tmp, link=True)
         except BaseException:
             remove_tree(tmp)  # a full disk must not stay full of half an output
             raise

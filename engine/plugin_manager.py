@@ -20,6 +20,7 @@ A name registered twice is an error naming both registrants, unless the second s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -108,7 +109,9 @@ def _entry_points() -> tuple[dict[str, Any], list[Any]]:
     return own, others
 
 
-def _dtbuild_version() -> str:
+@functools.cache
+def dtbuild_version() -> str:
+    """The installed dtbuild's version ("(not installed)" without its metadata)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -128,7 +131,7 @@ def _load_builtins(pm: pluggy.PluginManager, eps: Mapping[str, Any], origins: Pl
                           "its metadata is older than the source",
                           hint="install it again: `pip install -e .` in the checkout (scripts/setup.sh does it when "
                                "pyproject.toml changed)")
-    dist_name = f"{BUILTIN_DISTRIBUTION} {_dtbuild_version()}"
+    dist_name = f"{BUILTIN_DISTRIBUTION} {dtbuild_version()}"
     for name, ep in sorted(eps.items()):
         origins.dists[name] = dist_name
         if block_all or pm.is_blocked(name):

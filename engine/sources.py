@@ -1,8 +1,9 @@
 """Digests of source files, memoized by (size, mtime_ns, inode, ctime_ns) so that a
 no-op build re-hashes nothing and a touched-but-unchanged file costs one hash.
 
-The memo lives in the workspace's state directory; it is an optimisation only (losing
-it costs re-hashing), written atomically at the end of a build.
+The memo lives in the workspace's state database (:mod:`dtbuild.engine.state`), read in
+one query on first use; at the end of a build only the entries that changed are
+written. It is an optimisation only: losing it costs re-hashing.
 
 This module also owns what a source file may be: a regular file or a symlink whose
 directory, with every symlink on the way resolved, is inside the workspace. A symlink
@@ -14,16 +15,14 @@ BUILD file cannot name ``link_dir/secret`` to pull a host file into an image.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 import threading
 from dataclasses import dataclass
 
 from dtbuild.engine.errors import ActionError
-from dtbuild.engine.store import atomic_write, hash_file
-
-MEMO_FILE = "source-digests.json"
+from dtbuild.engine.state import StateDB
+from dtbuild.engine.store import hash_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,28 +62,22 @@ def source_problem(root: str, rel_path: str, *, resolved_root: str | None = None
 
 
 class SourceDigests:
-    def __init__(self, root: str, state_dir: str) -> None:
+    def __init__(self, root: str, state_dir: str, state: StateDB | None = None) -> None:
         self.root = root
         self._root_real = os.path.realpath(root)
         #: Directories (workspace-relative) already checked to resolve inside the workspace.
         self._checked_dirs: set[str] = set()
-        self._memo_path = os.path.join(state_dir, MEMO_FILE)
+        self._state = state or StateDB(state_dir)
         self._memo: dict[str, list] | None = None
-        self._dirty = False
+        self._changed: set[str] = set()  # memo entries to write back
+        #: What :meth:`known` just found, taken by the :meth:`get` that follows it (one stat).
+        self._just_known: dict[str, SourceDigest] = {}
         self._lock = threading.Lock()
         self.hashed = 0  # files hashed in this process, for benchmarks and tests
 
     def _load(self) -> dict[str, list]:
         if self._memo is None:
-            try:
-                with open(self._memo_path, "rb") as f:
-                    loaded = json.loads(f.read())
-            except (OSError, ValueError):
-                loaded = {}
-            # Entries of another shape are dropped: the memo is an optimisation only.
-            self._memo = {k: v for k, v in loaded.items()
-                          if isinstance(v, list) and len(v) == 7 and isinstance(v[5], str)
-                          and (v[6] is None or isinstance(v[6], str))} if isinstance(loaded, dict) else {}
+            self._memo = self._state.sources()
         return self._memo
 
     def _check(self, rel_path: str, st: os.stat_result) -> None:
@@ -99,16 +92,37 @@ class SourceDigests:
                               hint="sources are files inside the workspace; copy the file into it "
                                    "or keep the link itself as a source")
 
+    def known(self, rel_path: str) -> SourceDigest | None:
+        """The source's digest when the memo holds it for the file as it is now (a stat,
+        no read); None when getting it needs a hash (:meth:`get`)."""
+        try:
+            st = os.lstat(os.path.join(self.root, rel_path))
+        except OSError:
+            return None
+        found = self._memoized(rel_path, st)
+        if found is not None:
+            self._just_known[rel_path] = found
+        return found
+
+    def _memoized(self, rel_path: str, st: os.stat_result) -> SourceDigest | None:
+        with self._lock:
+            entry = self._load().get(rel_path)
+        if entry is None or entry[:5] != [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode]:
+            return None
+        self._check(rel_path, st)
+        return SourceDigest(entry[5], st.st_size, bool(st.st_mode & stat.S_IXUSR), entry[6])
+
     def get(self, rel_path: str) -> SourceDigest:
+        just = self._just_known.pop(rel_path, None)
+        if just is not None:
+            return just
         full = os.path.join(self.root, rel_path)
         st = os.lstat(full)
+        known = self._memoized(rel_path, st)
+        if known is not None:
+            return known
         self._check(rel_path, st)
         signature = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_mode]
-        with self._lock:
-            memo = self._load()
-            entry = memo.get(rel_path)
-        if entry is not None and entry[:5] == signature:
-            return SourceDigest(entry[5], st.st_size, bool(st.st_mode & stat.S_IXUSR), entry[6])
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(full)
             digest = hashlib.sha256(b"symlink\0" + os.fsencode(target)).hexdigest()
@@ -119,13 +133,14 @@ class SourceDigests:
             self.hashed += 1
         with self._lock:
             self._load()[rel_path] = [*signature, digest, link]
-            self._dirty = True
+            self._changed.add(rel_path)
         return SourceDigest(digest, st.st_size, bool(st.st_mode & stat.S_IXUSR), link)
 
     def save(self) -> None:
+        """Write the entries that changed since the last save."""
         with self._lock:
-            if not self._dirty or self._memo is None:
+            if not self._changed or self._memo is None:
                 return
-            data = json.dumps(self._memo, separators=(",", ":")).encode()
-            self._dirty = False
-        atomic_write(self._memo_path, data)
+            rows = [(path, self._memo[path]) for path in sorted(self._changed)]
+            self._changed.clear()
+        self._state.put_sources(rows)

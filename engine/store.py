@@ -10,17 +10,28 @@ Layout under the cache directory::
 Every write goes to a unique temporary name in ``tmp/`` (same file system) and is
 renamed into place, so a crash never leaves a partial entry under its final name and two
 processes writing the same entry both end with correct bytes. Durability is one step per
-action rather than one fsync per blob (a tree of 20,000 files would pay 20,000 fsyncs):
-before an action's result enters the action cache, :meth:`Store.make_durable` flushes the
-cache's file system (``syncfs``), so a result never names blobs a power loss could take.
-A blob lost anyway fails verification (its size or bytes) and is rebuilt.
+build rather than one fsync per blob (a tree of 20,000 files would pay 20,000 fsyncs) or
+per action: an action's result is renamed into the action cache after its blobs, and the
+build flushes the cache's file system once (:meth:`Store.make_durable`, ``syncfs``)
+before its workspace's results index (which trusts what it names) is committed. A result
+read from the action cache itself is always checked (sizes and sentinel mtimes of its
+blobs), so one that a power loss separated from its blobs is a miss; a blob lost anyway
+fails verification (its size or bytes) and is rebuilt.
+
+The store's *generation* (:meth:`Store.generation`, a random token in the file
+``generation``) changes whenever anything may remove or rewrite blobs: ``gc``, a corrupt
+blob deleted (:meth:`Store.forget_blob`), ``expunge`` (which removes the file). A
+workspace's results index remembers the generation its entries were checked under, and
+while it is unchanged trusts their outputs present without a stat; a blob deleted by
+hand is caught by the verified reads below and rebuilt.
 
 Two levels of checking keep the no-op build cheap and the bytes right. Deciding whether
-a blob is *present* (a cache hit) trusts a fixed sentinel mtime and the size: a blob
-whose size or mtime differs (someone wrote to it) is re-hashed. Every read of a blob's
-*bytes* that leaves the store (a copy under ``dtbuild-out/`` or into an action's inputs,
-a stream handed to an action kind, ``stream`` or ``push``) hashes the bytes as they go
-by, with no extra pass: a copy hashes its chunks as it writes them, and a stream
+a blob is *present* (a cache hit) trusts a fixed sentinel mtime, its mode (0444) and the
+size: a blob whose size, mtime or mode differs (someone made it writable, or wrote to
+it) is re-hashed. Every read of a blob's *bytes* that leaves the store (a copy into an
+action's inputs, a stream handed to an action kind, ``stream`` or ``push``) hashes the
+bytes as they go by, with no extra pass: a copy hashes its chunks as it writes them, and
+a stream
 (:class:`VerifiedBlobReader`) checks the digest when its last byte is read, before the
 reader gets that byte, or when it is closed early. A mismatch deletes the blob and
 raises :class:`CorruptBlobError`, so bit rot behind a restored mtime is caught the first
@@ -28,6 +39,19 @@ time the bytes are used; the action runner then re-runs the action that produced
 blob (action rewinding, see ``execution.py``). Directory nodes are hashed whenever they
 are read and their names checked (one path component each), since a shared or remote
 cache may hand over anything.
+
+Sources are never copied into the store. The action runner tells the store, when it
+digests a source file, that the file holds that blob (:meth:`Store.register_source`);
+every reader of blobs (streams, copies, presence) falls back to the file when ``cas/``
+has no copy, opens it with O_NOFOLLOW and checks the digest while reading, so a source
+edited (or replaced by a symlink) while the build runs fails the action that read it
+with :class:`SourceChangedError` and never puts wrong bytes in a cache entry. Trees
+(``files`` targets) therefore name blobs that only the workspace holds; such a tree is
+whole in a build that digested its sources, and otherwise its producer runs again
+(rewinding). Outputs under ``dtbuild-out/`` are hard links to blobs where they can be
+(:meth:`Store.link_blob_to`): a blob this process did not hash is hashed before it is
+linked, and a linked output edited by hand changes the blob's mtime or mode (or, behind
+forged ones, its bytes), which the checks above catch.
 
 A full disk (ENOSPC, EDQUOT) or an I/O error while writing a blob is a
 :class:`DiskError` naming what was being written, where, and how much room it needed
@@ -49,6 +73,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
 import stat
 import threading
@@ -58,10 +83,15 @@ from typing import IO, Any
 
 from dtbuild.engine.errors import StoreError
 from dtbuild.plugins.canonical import canonical_json
-from dtbuild.plugins.interfaces import TreeEntry
+from dtbuild.plugins.interfaces import ActionFailed, TreeEntry
 
 #: mtime of every blob in the store: any later write to a blob changes it.
 SENTINEL_MTIME_NS = 1_000_000_000 * 1_000_000_000
+#: Mode of every blob in the store (and of its hard links under ``dtbuild-out/``): a
+#: blob found with another mode was chmodded, maybe to be edited, and is re-hashed.
+BLOB_MODE = 0o444
+#: The file in the cache directory that holds the store's generation.
+GENERATION_FILE = "generation"
 _CHUNK = 1 << 20
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
@@ -123,6 +153,26 @@ class CorruptBlobError(LostBlobError):
 
 class DiskError(StoreError):
     """The disk was full (or failed) while dtbuild wrote to it."""
+
+
+class SourceChangedError(ActionFailed):
+    """A source file read in place (see :meth:`Store.register_source`) no longer holds
+    the bytes the build digested: it was edited, replaced or removed while the build
+    ran. The action that read it fails; nothing it wrote is kept."""
+
+    def __init__(self, name: str, digest: str, why: str = "") -> None:
+        super().__init__(f"source {name} changed while the build read it{why}; run the build again")
+        self.name = name
+        self.digest = digest
+
+
+@dataclass(frozen=True, slots=True)
+class SourceBlob:
+    """Where a blob that is a source file of the workspace can be read."""
+
+    path: str  # absolute
+    name: str  # as the build names it (workspace-relative)
+    size: int
 
 
 #: errno values that mean "the file system cannot take these bytes", not "dtbuild is wrong".
@@ -235,6 +285,12 @@ class BlobWriter:
     def writable(self) -> bool:
         return True
 
+    def hexdigest(self) -> str:
+        """The sha256 (hex) of the bytes written so far: the digest :meth:`commit` will
+        install the blob under. A caller that needs the digest of what it wrote reads it
+        here instead of hashing the same bytes again."""
+        return self._hash.hexdigest()
+
     def flush(self) -> None:
         try:
             self._file.flush()
@@ -270,6 +326,8 @@ class Store:
         #: them need no second check (ImageExport opens one slice of a layer per file).
         self._verified: set[str] = set()
         self._dir_cache: dict[str, dict[str, Any]] = {}
+        #: Blobs that are source files of the workspace, read in place (never copied in).
+        self._sources: dict[str, SourceBlob] = {}
         try:
             for d in (self.cas_dir, self.ac_dir):
                 os.makedirs(d, exist_ok=True)
@@ -309,7 +367,7 @@ class Store:
 
     def _install_blob(self, temp: str, digest: str) -> None:
         final = self.blob_path(digest)
-        os.chmod(temp, 0o444)
+        os.chmod(temp, BLOB_MODE)
         os.utime(temp, ns=(SENTINEL_MTIME_NS, SENTINEL_MTIME_NS))
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(temp, final)
@@ -333,9 +391,31 @@ class Store:
             pass
         os.sync()
 
+    def register_source(self, digest: str, path: str, size: int, name: str | None = None) -> None:
+        """Make blob ``digest`` readable from source file ``path`` (absolute; ``name`` is
+        how errors call it) for the rest of this process, without copying it into the
+        store. Every read of it goes through O_NOFOLLOW and checks the digest as the
+        bytes go by: a source edited meanwhile fails the reader with
+        :class:`SourceChangedError`, and its bytes never enter a cache entry."""
+        known = self._sources.get(digest)
+        if known is None or known.path != path:
+            self._sources[digest] = SourceBlob(path, name or path, size)
+
+    def source_of(self, digest: str) -> SourceBlob | None:
+        """The source file blob ``digest`` is read from when the store has no copy."""
+        return self._sources.get(digest)
+
     def has_blob(self, digest: str, size: int | None = None) -> bool:
-        """Whether an intact copy of the blob is present. A blob that was written to
-        after it was stored is re-hashed; a corrupt one is deleted."""
+        """Whether the blob can be read: a source file of this build holds it
+        (:meth:`register_source`), or an intact copy is stored. A stored blob that was
+        written to or chmodded after it was stored is re-hashed; a corrupt one is
+        deleted."""
+        if digest in self._trusted or digest in self._sources:
+            return True
+        return self._stored(digest, size)
+
+    def _stored(self, digest: str, size: int | None = None) -> bool:
+        """Whether an intact copy of the blob is under ``cas/`` (sources do not count)."""
         if digest in self._trusted:
             return True
         path = self.blob_path(digest)
@@ -343,7 +423,8 @@ class Store:
             st = os.stat(path)
         except FileNotFoundError:
             return False
-        if st.st_mtime_ns == SENTINEL_MTIME_NS and (size is None or st.st_size == size):
+        if st.st_mtime_ns == SENTINEL_MTIME_NS and st.st_mode & 0o7777 == BLOB_MODE \
+                and (size is None or st.st_size == size):
             self._trusted.add(digest)
             return True
         return self.verify_blob(digest)
@@ -359,14 +440,37 @@ class Store:
             self.forget_blob(digest)
             return False
         with contextlib.suppress(OSError):
+            os.chmod(path, BLOB_MODE)  # also the mode of its links under dtbuild-out/
             os.utime(path, ns=(SENTINEL_MTIME_NS, SENTINEL_MTIME_NS))
         self._trusted.add(digest)
         self._verified.add(digest)
         return True
 
+    def generation(self) -> str:
+        """The store's generation: a token that changes whenever anything may have
+        removed or rewritten blobs (made when there is none yet)."""
+        try:
+            with open(os.path.join(self.root, GENERATION_FILE), encoding="ascii") as f:
+                token = f.read(100).strip()
+            if token:
+                return token
+        except (OSError, ValueError):
+            pass
+        return self.note_removed()
+
+    def note_removed(self) -> str:
+        """Start a new generation (call before removing or rewriting blobs): whatever a
+        workspace trusted under the old one is checked again. Returns the new token."""
+        token = secrets.token_hex(16)
+        with contextlib.suppress(OSError):
+            atomic_write(os.path.join(self.root, GENERATION_FILE), token.encode() + b"\n",
+                         tmp=self.temp_path("generation"))
+        return token
+
     def forget_blob(self, digest: str) -> None:
         """Delete a blob (corrupt, or lost in part) and everything this process believed
-        about it."""
+        about it; the store's generation changes first."""
+        self.note_removed()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.blob_path(digest))
         self._trusted.discard(digest)
@@ -389,7 +493,7 @@ class Store:
 
     def put_bytes(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
-        if self.has_blob(digest, len(data)):
+        if self._stored(digest, len(data)):
             return digest
         writer = BlobWriter(self)
         try:
@@ -405,7 +509,7 @@ class Store:
         knows it, only makes a full disk's error say how much room was needed."""
         if digest is not None:
             size = os.stat(path).st_size
-            if self.has_blob(digest, size):
+            if self._stored(digest, size):
                 return digest, size
         writer = BlobWriter(self, expected_size=size)
         try:
@@ -420,14 +524,20 @@ class Store:
                              hint="do not edit sources while a build runs; run the build again")
         return actual, writer.size
 
-    def writer(self) -> BlobWriter:
-        return BlobWriter(self)
+    def writer(self, expected_size: int | None = None) -> BlobWriter:
+        """A writer of one new blob (``expected_size``, when known, is what a full disk's
+        error says it needed)."""
+        return BlobWriter(self, expected_size)
 
     def open_blob(self, digest: str) -> IO[bytes]:
         """A reader of a blob's bytes that checks them against ``digest`` as they are read
         (:class:`VerifiedBlobReader`); a plain file for a blob this process already hashed.
 
+        A blob the store has no copy of is read from the source file that holds it
+        (:meth:`register_source`), always checked.
+
         :raises MissingBlobError: when the blob is not in the store.
+        :raises SourceChangedError: when its source file is no longer what was digested.
         """
         path = self.blob_path(digest)
         try:
@@ -435,14 +545,40 @@ class Store:
                 return open(path, "rb")
             raw = _VerifyingRaw(self, digest, path)
         except FileNotFoundError:
-            raise self.missing(digest) from None
+            source = self._sources.get(digest)
+            if source is None:
+                raise self.missing(digest) from None
+            raw = _VerifyingRaw(self, digest, source.path, source=source)
         return VerifiedBlobReader(raw)
+
+    def _open_source(self, digest: str, source: SourceBlob) -> int:
+        """An fd reading the source file that holds blob ``digest``: never through a
+        symlink, never anything but a regular file of the digested size."""
+        try:
+            fd = os.open(source.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            why = " (it was removed)" if e.errno == errno.ENOENT else \
+                " (it is a symlink now)" if e.errno == errno.ELOOP else f" ({e.strerror})"
+            raise SourceChangedError(source.name, digest, why) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceChangedError(source.name, digest, " (it is not a regular file now)")
+            if st.st_size != source.size:
+                raise SourceChangedError(source.name, digest,
+                                         f" (it has {st.st_size} bytes, not the {source.size} it had)")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def read_blob(self, digest: str) -> bytes:
         with self.open_blob(digest) as f:
             return f.read()
 
     def _read_unverified(self, digest: str) -> bytes:
+        # Directory nodes only, always stored (put_bytes never relies on a source).
         try:
             with open(self.blob_path(digest), "rb") as f:
                 return f.read()
@@ -554,70 +690,141 @@ class Store:
                 return False
         return all(self.tree_blobs_present(d["digest"]) for d in node["directories"])
 
-    def materialize_blob(self, digest: str, dest: str, executable: bool = False) -> None:
+    def materialize_blob(self, digest: str, dest: str, executable: bool = False, *, link: bool = False) -> str:
         """Write a copy of a blob at ``dest`` (atomically), mode 0755 or 0644; the bytes
-        are checked as they are copied (:meth:`copy_blob_to`)."""
+        are checked as they are copied (:meth:`copy_blob_to`). With ``link`` (the
+        output tree), ``dest`` is read-only instead, 0555 or 0444, and where it can be
+        a hard link to the stored blob (:meth:`link_blob_to`). Returns how it was
+        written: "link", "clone" or "copy"."""
         tmp = dest + f".dtbuild-tmp-{os.getpid()}-{threading.get_ident()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # left by a killed build; never written through
         try:
-            self.copy_blob_to(digest, tmp, 0o755 if executable else 0o644)
+            if link:
+                how = self.link_blob_to(digest, tmp, 0o555 if executable else 0o444)
+            else:
+                how = self.copy_blob_to(digest, tmp, 0o755 if executable else 0o644)
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        # rename() does nothing when both names are links to one file (``dest`` already
+        # was a link to the blob): the temporary name is left to remove.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        return how
 
-    def copy_blob_to(self, digest: str, dest: str, mode: int, *, dir_fd: int | None = None) -> None:
+    def link_blob_to(self, digest: str, dest: str, mode: int, *, dir_fd: int | None = None) -> str:
+        """Put a blob at new file ``dest`` for the output tree, read-only (``mode`` without
+        its write bits): a hard link to the stored blob when that mode is the blob's own
+        (0444) and the file system allows it, else a reflink (FICLONE) or a copy with
+        that mode. A blob only a source file holds is always copied: a workspace file is
+        never linked into the output tree. A stored blob this process has not hashed is
+        hashed first (its bytes are checked as a copy would check them). Returns how it
+        was put there: "link", "clone" or "copy".
+
+        A hard link shares the blob's inode: a user who makes the output writable and
+        edits it edits the blob, which then fails the store's check (its mtime, mode or
+        bytes) and is deleted and rebuilt, never used as it is.
+
+        :raises MissingBlobError: when the blob is not in the store.
+        :raises CorruptBlobError: when the stored blob's bytes do not match its digest.
+        """
+        mode &= 0o555
+        path = self.blob_path(digest)
+        if digest not in self._verified:
+            if not os.path.exists(path):
+                if digest in self._sources:
+                    self.copy_blob_to(digest, dest, mode, dir_fd=dir_fd)
+                    return "copy"
+                raise self.missing(digest)
+            if not self.verify_blob(digest):
+                raise self.corrupt(digest)
+        if mode == BLOB_MODE:
+            try:
+                os.link(path, dest, dst_dir_fd=dir_fd)
+                return "link"
+            except FileNotFoundError:
+                if not os.path.exists(path):  # deleted since it was checked
+                    raise self.missing(digest) from None
+                raise
+            except OSError as e:
+                if e.errno not in _LINK_FALLBACK_ERRNOS:
+                    raise
+        return self.copy_blob_to(digest, dest, mode, dir_fd=dir_fd, clone=True)
+
+    def copy_blob_to(self, digest: str, dest: str, mode: int, *, dir_fd: int | None = None,
+                     clone: bool = False) -> str:
         """Write a copy of a blob as a new file ``dest`` (relative to ``dir_fd`` when
         given), with permission bits ``mode & 0o777``. ``dest`` must not exist: an
         existing file or symlink there is never written through. The bytes are hashed as
         they are copied: when they do not match ``digest``, the copy and the blob are
         deleted and :class:`CorruptBlobError` is raised. A failed copy leaves no ``dest``.
+        A blob the store has no copy of is copied from the source file that holds it
+        (:meth:`register_source`). ``clone``: the caller checked the stored blob's
+        bytes, so a reflink (FICLONE) that shares them without reading them will do
+        where the file system makes one. Returns "clone" or "copy".
 
         :raises MissingBlobError: when the blob is not in the store.
+        :raises SourceChangedError: when its source file is no longer what was digested.
         """
+        source = None
         try:
             src = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise self.missing(digest) from None
+            source = self._sources.get(digest)
+            if source is None:
+                raise self.missing(digest) from None
+            src = self._open_source(digest, source)
+        how = "copy"
         try:
             out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                           dir_fd=dir_fd)
             try:
                 try:
-                    actual = _copy_hashing(src, out)
+                    if clone and source is None and _clone(src, out):
+                        actual, how = digest, "clone"
+                    else:
+                        actual = _copy_hashing(src, out)
                     os.fchmod(out, mode & HOST_MODE_MASK)
                 finally:
                     os.close(out)
                 if actual != digest:
-                    raise self.corrupt(digest)
+                    raise self.corrupt(digest) if source is None else SourceChangedError(source.name, digest)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(dest, dir_fd=dir_fd)
                 raise
         finally:
             os.close(src)
-        self._verified.add(digest)
+        if source is None:
+            self._verified.add(digest)
+        return how
 
-    def materialize_tree(self, digest: str, dest: str) -> None:
+    def materialize_tree(self, digest: str, dest: str, *, link: bool = False) -> None:
         """Write a tree as a new directory ``dest`` (which must not exist).
 
         Entries are created relative to directory fds, each with O_EXCL/O_NOFOLLOW
         semantics (names were validated when the nodes were read), so nothing is
         written through a symlink. Host files get permission bits only: setuid, setgid
-        and sticky bits stay in the tree's metadata (layer headers carry them)."""
+        and sticky bits stay in the tree's metadata (layer headers carry them). With
+        ``link`` (the output tree), files are read-only and put there by
+        :meth:`link_blob_to` (hard links where they can be)."""
         node = self.read_directory(digest)
         os.mkdir(dest, 0o700)
         fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            self._materialize_node(node, fd)
+            self._materialize_node(node, fd, link)
         finally:
             os.close(fd)
 
-    def _materialize_node(self, node: dict[str, Any], fd: int) -> None:
+    def _materialize_node(self, node: dict[str, Any], fd: int, link: bool = False) -> None:
         for f in node["files"]:
-            self.copy_blob_to(f["digest"], f["name"], f["mode"], dir_fd=fd)
+            if link:
+                self.link_blob_to(f["digest"], f["name"], f["mode"], dir_fd=fd)
+            else:
+                self.copy_blob_to(f["digest"], f["name"], f["mode"], dir_fd=fd)
         for s in node["symlinks"]:
             os.symlink(s["target"], s["name"], dir_fd=fd)
         for d in node["directories"]:
@@ -625,7 +832,7 @@ class Store:
             os.mkdir(d["name"], 0o700, dir_fd=fd)
             child_fd = os.open(d["name"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             try:
-                self._materialize_node(child, child_fd)
+                self._materialize_node(child, child_fd, link)
             finally:
                 os.close(child_fd)
         os.fchmod(fd, node.get("mode", 0o755) & HOST_MODE_MASK)
@@ -656,10 +863,23 @@ class Store:
     def put_action(self, key: str, result: ActionResult) -> None:
         body = result.to_json()
         data = canonical_json({"result": body, "sha256": hashlib.sha256(canonical_json(body)).hexdigest()})
+        path = self._ac_path(key)
+        tmp = self.temp_path("ac")
+        # Renamed into place after the result's blobs, without a flush of its own: the
+        # build flushes once (make_durable) before its results index trusts the entry,
+        # and an entry read from here is checked against its blobs on every hit.
         try:
-            atomic_write(self._ac_path(key), data, tmp=self.temp_path("ac"))
-        except OSError as e:
-            raise disk_error(e, "an action result", self.root, needed=len(data), in_cache=True) or e from None
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise disk_error(e, "an action result", self.root, needed=len(data), in_cache=True) or e from None
+            raise
 
     # ------------------------------------------------------------------ maintenance
 
@@ -706,6 +926,7 @@ class Store:
 
         removed = {"actions": 0, "blobs": 0, "bytes": 0}
         with self.lock(exclusive=True):
+            self.note_removed()  # before anything goes: workspaces check their results again
             cutoff = time.time() - max_age_seconds
             live: set[str] = set()
             for dirpath, _, filenames in os.walk(self.ac_dir):
@@ -809,6 +1030,25 @@ def _check_int(value: Any, limit: int, what: str) -> None:
         raise ValueError(f"{what} is {value!r}, not an integer from 0 to {limit}")
 
 
+#: errno values of a hard link the file system refuses (another device, too many links,
+#: protected hard links, no links at all): the output is cloned or copied instead.
+_LINK_FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EACCES, errno.EOPNOTSUPP,
+                                   errno.ENOSYS})
+#: The Linux ioctl that makes ``dst`` share ``src``'s extents (a reflink), _IOW(0x94, 9, int).
+_FICLONE = 0x40049409
+
+
+def _clone(src: int, dst: int) -> bool:
+    """Make empty file ``dst`` a reflink of ``src``; False where the file system cannot."""
+    try:
+        import fcntl
+
+        fcntl.ioctl(dst, _FICLONE, src)
+    except (OSError, ImportError):
+        return False
+    return True
+
+
 def _copy_hashing(src: int, dst: int) -> str:
     """Copy all of ``src`` (from its position) to ``dst`` and return the sha256 of what
     was copied: one pass, the hash taken from the buffer that is written."""
@@ -823,26 +1063,32 @@ def _copy_hashing(src: int, dst: int) -> str:
 class _VerifyingRaw(io.RawIOBase):
     """The raw reader under :class:`VerifiedBlobReader`: reads a blob file and hashes the
     bytes read in order from its start (a read after a seek that skips ahead hashes
-    nothing; what was skipped is hashed when the reader is closed)."""
+    nothing; what was skipped is hashed when the reader is closed). A ``source`` file
+    (see :meth:`Store.register_source`) that does not match is not deleted: the reader
+    raises :class:`SourceChangedError` instead."""
 
     mode = "rb"
 
-    def __init__(self, store: Store, digest: str, path: str) -> None:
+    def __init__(self, store: Store, digest: str, path: str, *, source: SourceBlob | None = None) -> None:
         super().__init__()
         self._store = store
         self.digest = digest
         self.name = path
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._source = source
+        if source is None:
+            self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        else:
+            self._file = open(store._open_source(digest, source), "rb", buffering=0)  # noqa: SIM115
         self._size = os.fstat(self._file.fileno()).st_size
         self._hash = hashlib.sha256()
         self._hashed = 0  # bytes [0, _hashed) are in _hash
         self._pos = 0
         self.state = "reading"  # then "verified" or "corrupt"
-        self._error: CorruptBlobError | None = None
+        self._error: CorruptBlobError | SourceChangedError | None = None
         if self._size == 0:
             try:
                 self._check()
-            except CorruptBlobError:
+            except (CorruptBlobError, SourceChangedError):
                 self._file.close()
                 raise
 
@@ -890,10 +1136,14 @@ class _VerifyingRaw(io.RawIOBase):
     def _check(self) -> None:
         if self._hash.hexdigest() == self.digest:
             self.state = "verified"
-            self._store._verified.add(self.digest)
+            if self._source is None:  # a source may change after this read: read it checked
+                self._store._verified.add(self.digest)
             return
         self.state = "corrupt"
-        self._error = self._store.corrupt(self.digest)
+        if self._source is None:
+            self._error = self._store.corrupt(self.digest)
+        else:
+            self._error = SourceChangedError(self._source.name, self.digest)
         raise self._error
 
     def close(self, *, verify: bool = True) -> None:

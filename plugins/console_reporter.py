@@ -110,3 +110,19 @@ class ConsoleReporter:
         if self._live is not None:
             self._live.stop()
             self._live = None
+        line = critical_path_line(summary)
+        if line:
+            self._print(line)
+
+
+def critical_path_line(summary: Mapping[str, Any]) -> str | None:
+    """"critical path: 2.4s through 3 action(s): Genrule //a:x (1.9s) -> ...", or None
+    when no action ran."""
+    path = summary.get("critical_path")
+    if not isinstance(path, Mapping) or not path.get("actions"):
+        return None
+    steps = path["actions"]
+    shown = [f"{step['mnemonic']} {step['label']} ({step['seconds']:.1f}s)" for step in steps[:3]]
+    if len(steps) > 3:
+        shown.append(f"... {len(steps) - 3} more")
+    return f"critical path: {path['seconds']:.1f}s through {len(steps)} action(s): {' -> '.join(shown)}"

@@ -134,8 +134,9 @@ class ActionContext(Protocol):
 
     def output_tree(self, name: str, entries: Sequence[TreeEntry]) -> None:
         """Declare tree output ``name`` as these entries, without writing files: each file
-        entry names a blob already in the store by digest (an input's digest, or the
-        digest of a blob written with :meth:`store_file`). Parents may be implied."""
+        entry names a blob the store can read by digest (an input's digest, a source
+        registered with :meth:`store_file`, or a blob the action wrote). Parents may be
+        implied."""
 
     def put_blob(self, data: bytes) -> str:
         """Store small bytes (a JSON document) and return their sha256 hex digest, for
@@ -145,13 +146,15 @@ class ActionContext(Protocol):
         """Copy a file the action wrote (in its scratch directory) into the store and
         return (sha256 hex digest, size), for use in :meth:`output_tree`."""
 
-    def put_stream(self, source: IO[bytes]) -> tuple[str, int]:
+    def put_stream(self, source: IO[bytes], size: int | None = None) -> tuple[str, int]:
         """Store the bytes read from ``source`` (to its end) straight into the store,
         hashing as they go, and return (sha256 hex digest, size): a tar member's content,
-        for use in :meth:`output_tree`, with no copy on disk."""
+        for use in :meth:`output_tree`, with no copy on disk. ``size``, when known, is
+        what an error for a full disk says the blob needed."""
 
     def store_file(self, artifact: InputArtifact) -> None:
-        """Make sure a file input's bytes are in the store under ``artifact.digest``."""
+        """Make a file input's bytes readable from the store under ``artifact.digest``
+        (sources are read in place, checked while read, never copied into the cache)."""
 
     def run_command(self, request: CommandRequest) -> CommandResult:
         """Run a command through the executor chosen for this action."""

@@ -12,8 +12,9 @@ SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class FilesTree(ActionKind):
-    """Builds the tree of a ``files`` target from its inputs' digests: nothing is copied
-    but sources not yet in the store."""
+    """Builds the tree of a ``files`` target from its inputs' digests: nothing is copied.
+    The tree names sources by their digests; the store reads them in place from the
+    workspace (``store_file``), checking their bytes whenever they are read."""
 
     NAME = "FilesTree"
     VERSION = "1"

@@ -196,7 +196,7 @@ def _extracted_tree(ctx: ActionContext, raw: IO[bytes]) -> list[TreeEntry]:
             tree[path] = replace(tree[entry.target], path=path)
         elif entry.kind == "file":
             assert content is not None
-            digest, size = ctx.put_stream(content)
+            digest, size = ctx.put_stream(content, entry.size)
             tree[path] = TreeEntry(path, "file", 0o755 if entry.mode & 0o100 else 0o644, digest, size)
         else:
             raise tar_extract.UnsafeArchive(

@@ -6,9 +6,11 @@ by the next build."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -79,9 +81,16 @@ def test_a_full_workspace_disk_while_writing_an_output_is_a_clear_error(small_fs
 
 def test_a_full_cache_disk_while_writing_a_blob_is_a_clear_error(small_fs, tmp_path, run_dtbuild) -> None:
     cache = small_fs("cache")
+    # merge_trees extracts the tarball's member into the cache as a blob (sources
+    # themselves are read in place and never written there).
+    member = io.BytesIO()
+    with tarfile.open(fileobj=member, mode="w") as tar:
+        info = tarfile.TarInfo("big.bin")
+        info.size = BIG
+        tar.addfile(info, io.BytesIO(b"x" * BIG))
     ws = write_files(tmp_path / "ws", {
-        "pkg/big.bin": b"x" * BIG,
-        "pkg/BUILD": 'files(name = "data", srcs = ["big.bin"])\n',
+        "pkg/big.tar": member.getvalue(),
+        "pkg/BUILD": 'merge_trees(name = "data", srcs = ["big.tar"])\n',
     })
 
     build = run_dtbuild.build(ws, "//pkg:data", env={"DTBUILD_CACHE_DIR": str(cache)})
@@ -90,7 +99,7 @@ def test_a_full_cache_disk_while_writing_a_blob_is_a_clear_error(small_fs, tmp_p
     assert "Traceback" not in build.stderr
     assert f"no space left on the device while writing a blob to {cache}" in build.stderr, build.stderr
     assert "it needs 3.0 MB" in build.stderr
-    assert "pkg/BUILD:1: in files //pkg:data" in build.stderr
+    assert "pkg/BUILD:1: in merge_trees //pkg:data" in build.stderr
     assert "move the cache to a larger one with DTBUILD_CACHE_DIR" in build.stderr
     # The half-written blob is gone: the disk is not left full.
     assert list((cache / "tmp").iterdir()) == []

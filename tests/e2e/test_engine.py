@@ -65,17 +65,18 @@ def _assert_monorepo_outputs(ws: Path) -> None:
     # The genrule with two outputs, one of them made executable by the command.
     assert _out(ws, "app/report.txt").read_bytes() == REPORT
     assert _out(ws, "app/bin/run").read_bytes() == MAIN_SH
-    assert _mode(_out(ws, "app/bin/run")) == 0o755
-    assert _mode(_out(ws, "app/report.txt")) == 0o644
+    # Outputs are read-only (0555/0444), as Bazel makes them.
+    assert _mode(_out(ws, "app/bin/run")) == 0o555
+    assert _mode(_out(ws, "app/report.txt")) == 0o444
     # files() under /opt/app: the genrule's outputs keep their paths, modes normalized.
     app = _out(ws, "app/app")
     assert _files_below(app) == ["opt/app/bin/run", "opt/app/main.sh", "opt/app/report.txt"]
     assert (app / "opt/app/report.txt").read_bytes() == REPORT
     assert (app / "opt/app/bin/run").read_bytes() == MAIN_SH
     assert (app / "opt/app/main.sh").read_bytes() == MAIN_SH
-    assert _mode(app / "opt/app/bin/run") == 0o755
-    assert _mode(app / "opt/app/main.sh") == 0o755
-    assert _mode(app / "opt/app/report.txt") == 0o644
+    assert _mode(app / "opt/app/bin/run") == 0o555
+    assert _mode(app / "opt/app/main.sh") == 0o555
+    assert _mode(app / "opt/app/report.txt") == 0o444
     for d in (app / "opt", app / "opt/app", app / "opt/app/bin", static / "srv/www/css"):
         assert _mode(d) == 0o755, d
 
@@ -119,7 +120,7 @@ def test_second_build_and_touched_sources_execute_nothing(monorepo, run_dtbuild)
 def _assert_monorepo_outputs_app_only(ws: Path) -> None:
     app = _out(ws, "app/app")
     assert (app / "opt/app/report.txt").read_bytes() == REPORT
-    assert _mode(app / "opt/app/bin/run") == 0o755
+    assert _mode(app / "opt/app/bin/run") == 0o555
 
 
 def test_changing_a_txt_reruns_exactly_its_downstream(monorepo, run_dtbuild) -> None:
@@ -191,14 +192,29 @@ def test_editing_a_macro_reruns_the_actions_it_declares(monorepo, run_dtbuild) -
     assert _files_below(_out(monorepo, "lib/text/notes")) == ["usr/share/notes/notes.txt"]
 
 
-def test_outputs_edited_or_deleted_by_hand_are_restored_without_running_anything(monorepo, run_dtbuild) -> None:
+def test_outputs_replaced_or_deleted_by_hand_are_restored_without_running_anything(monorepo, run_dtbuild) -> None:
     run_dtbuild.build(monorepo, "//...", check=True)
     upper = _out(monorepo, "lib/text/upper.txt")
+    upper.unlink()  # outputs are read-only: replaced, not written through
     upper.write_bytes(b"scribbled over\n")
     (_out(monorepo, "app/app") / "opt/app/main.sh").unlink()
     shutil.rmtree(_out(monorepo, "data/static") / "srv/www/css")
     result = run_dtbuild.build(monorepo, "//...", check=True)
     assert result.executed == 0
+    _assert_monorepo_outputs(monorepo)
+
+
+def test_an_output_edited_in_place_is_restored_and_its_producer_runs_again(monorepo, run_dtbuild) -> None:
+    """A file output is a hard link to the cache's blob: editing it in place (after
+    making it writable) edits the blob, which the cache then refuses to serve."""
+    run_dtbuild.build(monorepo, "//...", check=True)
+    upper = _out(monorepo, "lib/text/upper.txt")
+    os.chmod(upper, 0o644)
+    upper.write_bytes(b"scribbled over\n")
+    result = run_dtbuild.build(monorepo, "//...", check=True)
+    # The Genrule that wrote upper.txt ran again to write its blob again (found changed
+    # when its result was checked, or when the output tree read the blob).
+    assert result.executed + result.summary["actions"].get("rewound", 0) == 1, result.stderr
     _assert_monorepo_outputs(monorepo)
 
 

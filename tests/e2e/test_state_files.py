@@ -5,6 +5,7 @@ observers hear how a build really ended."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-STATE_FILES = ("source-digests.json", "outputs.json", "last-inputs.json", "results.json")
+#: The output index, and the state database (results index, explain record, source
+#: digests, durations): valid JSON written over it makes it a damaged database.
+STATE_FILES = ("outputs.json", "state.db")
 #: Valid JSON of every shape but the right one.
 WRONG_SHAPES = ([1, 2], "text", 7, None, {"x": 5}, {"x": [1]}, {"x": {"y": "z"}})
 
@@ -94,10 +97,44 @@ def test_stream_reports_a_failed_build_as_failed(write_workspace, run_dtbuild, t
 def test_results_index_entries_of_another_shape_are_misses(monorepo, run_dtbuild) -> None:
     run_dtbuild.build(monorepo, "//app:app", check=True)
     expected = _outputs(monorepo)
-    index = monorepo / "dtbuild-out" / ".dtbuild" / "results.json"
-    keys = json.loads(index.read_text())
-    assert keys
-    index.write_text(json.dumps({key: {"outputs": 5} for key in keys}))
+    with sqlite3.connect(monorepo / "dtbuild-out" / ".dtbuild" / "state.db") as db:
+        assert db.execute("SELECT count(*) FROM results").fetchone()[0] == 5
+        db.execute("""UPDATE results SET result = '{"outputs": 5}'""")
+    db.close()
     again = run_dtbuild.build(monorepo, "//app:app", check=True)
     assert again.executed == 0, "the action cache still holds every result"
     assert _outputs(monorepo) == expected
+
+
+def _state_db(ws: Path) -> Path:
+    return ws / "dtbuild-out" / ".dtbuild" / "state.db"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "foreign", "truncated", "wal"])
+def test_a_damaged_or_foreign_state_database_is_a_miss(monorepo, run_dtbuild, damage) -> None:
+    run_dtbuild.build(monorepo, "//app:app", check=True)
+    expected = _outputs(monorepo)
+    db = _state_db(monorepo)
+    if damage == "garbage":
+        db.write_bytes(b"SQLite format 3\0" + b"\xff" * 8192)
+    elif damage == "foreign":
+        db.unlink()
+        with sqlite3.connect(db) as other:
+            other.execute("CREATE TABLE results (x)")
+            other.execute("INSERT INTO results VALUES (1)")
+        other.close()
+    elif damage == "truncated":
+        db.write_bytes(db.read_bytes()[:1500])
+    else:
+        db.with_name("state.db-wal").write_bytes(b"\x37\x7f\x06\x82" + b"\x00" * 100)
+    code, _, err = run_dtbuild(monorepo, "explain", "//app:app")
+    assert code == 0, err
+    assert "Traceback" not in err
+    again = run_dtbuild.build(monorepo, "//app:app", check=True)
+    assert "Traceback" not in again.stderr
+    assert again.executed == 0, "the action cache still holds every result"
+    assert _outputs(monorepo) == expected
+    # The database was made again: the next build finds its results there.
+    with sqlite3.connect(db) as fresh:
+        assert fresh.execute("SELECT count(*) FROM results").fetchone()[0] == 5
+    fresh.close()

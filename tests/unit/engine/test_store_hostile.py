@@ -85,6 +85,7 @@ def test_a_node_rewritten_in_place_is_hashed_on_read_and_deleted(tmp_path: Path)
     evil["files"][0]["name"] = "b"  # same length
     os.chmod(path, 0o644)
     Path(path).write_bytes(canonical_json(evil))
+    os.chmod(path, 0o444)  # the mode, size and mtime the store gave it
     os.utime(path, ns=(SENTINEL_MTIME_NS, SENTINEL_MTIME_NS))
     fresh = Store(str(tmp_path / "cache"))
     assert fresh.has_blob(digest, len(good))  # the cheap check cannot tell
