@@ -62,11 +62,12 @@ class PackageInfo(Provider):
 
 @dataclass(frozen=True, slots=True)
 class LayerInfo(Provider):
-    """One image layer: ``tar`` is the uncompressed layer, ``meta`` a JSON file with its
-    ``diff_id``, ``size`` and the ``packages`` it holds."""
+    """One image layer: ``tar`` is the uncompressed layer (None for a layer written
+    compressed only: its ``blob`` is then the one copy, and readers decompress it),
+    ``meta`` a JSON file with its ``diff_id``, ``size`` and the ``packages`` it holds."""
 
     label: str
-    tar: Artifact
+    tar: Artifact | None
     meta: Artifact
     #: The layer already compressed by ``blob_compressor`` (written in the same pass as
     #: the tar), with its JSON ``{"digest", "size", "media_type", "diff_id"}``; images

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from dtbuild.plugins.builtin import imageformat
 from dtbuild.plugins.builtin.layer_contents import ContentConflict, DirAttrs, MergedTree, Node, base_directories
-from dtbuild.plugins.builtin.layertar import LayerEntry, sorted_entries, write_layer
+from dtbuild.plugins.builtin.layertar import LayerEntry, hashes_itself, sorted_entries, write_layer
 from dtbuild.plugins.canonical import canonical_json
 from dtbuild.plugins.image_description import ImageDescription, ImageDescriptionError, LayerDescriptor
 from dtbuild.plugins.interfaces import (
@@ -34,6 +34,7 @@ from dtbuild.plugins.interfaces import (
     ActionFailed,
     ActionKind,
     CommandRequest,
+    Compressor,
     InputArtifact,
     LayerMember,
     TreeEntry,
@@ -45,17 +46,26 @@ canonical = canonical_json
 
 
 class _Hashing:
-    """A write-through stream that hashes what passes."""
+    """A write-through stream that counts and (unless ``hashing`` is off: the sink hashes
+    itself) hashes what passes."""
 
-    def __init__(self, sink: IO[bytes]) -> None:
+    def __init__(self, sink: IO[bytes], *, hashing: bool = True) -> None:
         self.sink = sink
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashing else None
         self.size = 0
 
+    def hexdigest(self) -> str:
+        if self.hash is not None:
+            return self.hash.hexdigest()
+        return self.sink.hexdigest()  # type: ignore[attr-defined]
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self.sink.write(data) or len(data)
+        if self.hash is not None:
+            self.hash.update(data)
+        n = memoryview(data).nbytes
+        self.size += n
+        self.sink.write(data)
+        return n
 
     def writable(self) -> bool:
         return True
@@ -68,10 +78,14 @@ class _Hashing:
 
 
 class ImageTree:
-    """Read access to an image tree input."""
+    """Read access to an image tree input. ``compressors`` decompress the layers the
+    tree holds only compressed: by default an action's registered ones (or, for a
+    reader without them, the built-in ones)."""
 
-    def __init__(self, ctx: ActionContext, artifact: InputArtifact) -> None:
+    def __init__(self, ctx: ActionContext, artifact: InputArtifact,
+                 compressors: imageformat.Compressors | None = None) -> None:
         self.ctx = ctx
+        self._compressors = compressors
         self.files = {e.path: e for e in ctx.walk_tree(artifact) if e.kind == "file"}
         try:
             self.description = ImageDescription.from_json(self.read("image.json"), "the image tree's image.json")
@@ -80,20 +94,108 @@ class ImageTree:
         self.config_bytes = self.read("config.json")
         self.config = json.loads(self.config_bytes)
         self.manifest_bytes = self.read("manifest.json")
+        self._sizes: dict[str, int] | None = None
 
     def entry(self, path: str) -> TreeEntry:
+        """The tree's file at ``path``. ``layers/<hex>`` of a layer the tree holds only
+        compressed is the plain tar written into the store from its blob first (only
+        in an action; a reader gets the entry of a tar that is not stored, right in its
+        digest and size): readers that stream the tar use :meth:`layer_opener` and
+        :meth:`layer_size` instead, which write nothing."""
         try:
             return self.files[path]
         except KeyError:
+            if path.startswith("layers/"):
+                found = self._stored_layer_tar("sha256:" + path.removeprefix("layers/"))
+                if found is not None:
+                    return found
             raise ActionFailed(f"image tree has no {path}") from None
 
     def read(self, path: str) -> bytes:
         with self.ctx.open_blob(self.entry(path).digest) as f:
             return f.read()
 
+    def _descriptor(self, diff_id: str) -> LayerDescriptor | None:
+        return next((d for d in self.description.layers if d.diff_id == diff_id), None)
+
+    def layer_sizes(self) -> dict[str, int]:
+        """The sizes of the plain tars of the layers the tree holds only compressed
+        (:data:`LAYER_SIZES_FILE`), by diff_id."""
+        if self._sizes is None:
+            self._sizes = {}
+            if LAYER_SIZES_FILE in self.files:
+                try:
+                    doc = json.loads(self.read(LAYER_SIZES_FILE))
+                    self._sizes = {str(k): int(v) for k, v in doc["sizes"].items()}
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ActionFailed(f"the image tree's {LAYER_SIZES_FILE} is not a map of sizes") from None
+        return self._sizes
+
+    def layer_size(self, diff_id: str) -> int:
+        """The size of a layer's plain tar."""
+        entry = self.files.get("layers/" + diff_id.removeprefix("sha256:"))
+        if entry is not None:
+            return entry.size
+        size = self.layer_sizes().get(diff_id)
+        if size is None:
+            raise ActionFailed(f"image tree has no layers/{diff_id.removeprefix('sha256:')} and no size for it")
+        return size
+
     def layer_opener(self, diff_id: str) -> Callable[[], IO[bytes]]:
-        digest = self.entry("layers/" + diff_id.removeprefix("sha256:")).digest
-        return lambda: self.ctx.open_blob(digest)
+        """Opens a layer's plain tar: the stored tar, or (for a layer the tree holds only
+        compressed) its blob decompressed while it is read. Either is checked against its
+        digest by the store as it is read."""
+        entry = self.files.get("layers/" + diff_id.removeprefix("sha256:"))
+        if entry is not None:
+            digest = entry.digest
+            return lambda: self.ctx.open_blob(digest)
+        descriptor = self._descriptor(diff_id)
+        if descriptor is None or diff_id not in self.layer_sizes():
+            raise ActionFailed(f"image tree has no layers/{diff_id.removeprefix('sha256:')}")
+        blob = self.entry("blobs/" + descriptor.digest.removeprefix("sha256:")).digest
+        media_type = descriptor.media_type
+
+        def open_plain() -> IO[bytes]:
+            compressor = self._compressor(media_type)
+            source = self.ctx.open_blob(blob)
+            try:
+                plain = compressor.decompress_from(source)
+            except BaseException:
+                source.close()
+                raise
+            return _ClosingBoth(plain, source)  # type: ignore[return-value]
+
+        return open_plain
+
+    def _compressor(self, media_type: str) -> Compressor:
+        compressors = self._compressors
+        if compressors is None:
+            compressors = (imageformat.Compressors.of(self.ctx) if hasattr(self.ctx, "compressors")
+                           else imageformat.Compressors.builtin())
+        try:
+            name = imageformat.layer_compressor_name(media_type, compressors)
+            return compressors.named(name)
+        except ValueError as e:
+            raise ActionFailed(f"cannot read a layer of media type {media_type!r}: {e}") from None
+
+    def _stored_layer_tar(self, diff_id: str) -> TreeEntry | None:
+        """A layer the tree holds only compressed, as the entry of its plain tar: in an
+        action, the tar is written into the store from the blob (once per tree) and its
+        digest checked against the diff_id; elsewhere the entry names the digest only."""
+        if self._descriptor(diff_id) is None or diff_id not in self.layer_sizes():
+            return None
+        path = "layers/" + diff_id.removeprefix("sha256:")
+        size = self.layer_sizes()[diff_id]
+        put_stream = getattr(self.ctx, "put_stream", None)
+        if put_stream is not None:
+            with self.layer_opener(diff_id)() as plain:
+                digest, written = put_stream(plain)
+            if "sha256:" + digest != diff_id or written != size:
+                raise ActionFailed(f"layer {diff_id} decompresses to {written} bytes with sha256:{digest}, "
+                                   f"not its diff_id and size {size}")
+        entry = TreeEntry(path, "file", 0o644, diff_id.removeprefix("sha256:"), size)
+        self.files[path] = entry
+        return entry
 
     def blob_opener(self, digest: str) -> Callable[[], IO[bytes]]:
         blob = self.entry("blobs/" + digest.removeprefix("sha256:")).digest
@@ -101,6 +203,44 @@ class ImageTree:
 
     def tree_entries(self) -> list[TreeEntry]:
         return list(self.files.values())
+
+
+class _ClosingBoth(io.RawIOBase):
+    """Reads ``stream`` (a decompressor); closing closes it and then ``source`` (the blob
+    it reads, which checks its digest then)."""
+
+    def __init__(self, stream: IO[bytes], source: IO[bytes]) -> None:
+        self._stream = stream
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        readinto = getattr(self._stream, "readinto", None)
+        view = memoryview(buffer).cast("B")
+        if readinto is not None:
+            return readinto(view) or 0
+        data = self._stream.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._stream.close()
+        finally:
+            try:
+                self._source.close()
+            finally:
+                super().close()
+
+
+#: The file of an image tree that gives the size of the plain tar of each layer the tree
+#: holds only compressed (those have a ``blobs/`` entry but no ``layers/`` one). Not part
+#: of the image, as :data:`LAYER_NOTES_FILE`.
+LAYER_SIZES_FILE = "layer-sizes.json"
 
 
 #: The file of an image tree that says, per layer dtbuild wrote, which target and packages
@@ -141,13 +281,18 @@ def _notes_json(notes: Mapping[str, LayerNote]) -> bytes:
 
 def image_tree_entries(ctx: ActionContext, *, description: ImageDescription, config: bytes, manifest: bytes,
                        layers: Sequence[tuple[str, str, int]], blobs: Sequence[tuple[str, str, int]],
-                       notes: Mapping[str, LayerNote] | None = None) -> list[TreeEntry]:
-    """Entries of an image tree. ``layers``: (diff_id, store digest of the tar, size);
-    ``blobs``: (digest, store digest, size); ``notes``: :data:`LAYER_NOTES_FILE` by diff_id."""
+                       notes: Mapping[str, LayerNote] | None = None,
+                       layer_sizes: Mapping[str, int] | None = None) -> list[TreeEntry]:
+    """Entries of an image tree. ``layers``: (diff_id, store digest of the tar, size) of
+    the layers whose plain tar is stored; ``blobs``: (digest, store digest, size);
+    ``notes``: :data:`LAYER_NOTES_FILE` by diff_id; ``layer_sizes``: the tar sizes of the
+    layers stored only compressed (:data:`LAYER_SIZES_FILE`), by diff_id."""
     entries = []
     files = [("image.json", description.to_canonical_json()), ("config.json", config), ("manifest.json", manifest)]
     if notes:
         files.append((LAYER_NOTES_FILE, _notes_json(notes)))
+    if layer_sizes:
+        files.append((LAYER_SIZES_FILE, canonical({"version": 1, "sizes": dict(layer_sizes)})))
     for name, data in files:
         entries.append(TreeEntry(name, "file", 0o644, ctx.put_blob(data), len(data)))
     seen = set()
@@ -182,11 +327,11 @@ def describe_image(*, label: str, repo_tags: Sequence[str], config: bytes, layer
 
 def write_image(ctx: ActionContext, *, description: ImageDescription, config: bytes, manifest: bytes,
                 layers: Sequence[tuple[str, str, int]], blobs: Sequence[tuple[str, str, int]],
-                notes: Mapping[str, LayerNote] | None = None) -> None:
+                notes: Mapping[str, LayerNote] | None = None, layer_sizes: Mapping[str, int] | None = None) -> None:
     """Write an image action's two outputs: the image tree (``image``, see
     :func:`image_tree_entries`) and NAME.json (``description``)."""
     ctx.output_tree("image", image_tree_entries(ctx, description=description, config=config, manifest=manifest,
-                                                layers=layers, blobs=blobs, notes=notes))
+                                                layers=layers, blobs=blobs, notes=notes, layer_sizes=layer_sizes))
     with open(ctx.output_path("description"), "wb") as f:
         f.write(description.to_json())
 
@@ -253,21 +398,27 @@ def read_base_dirs(ctx: ActionContext) -> dict[str, DirAttrs]:
 
 
 def write_layer_outputs(ctx: ActionContext, entries: Iterable[LayerEntry], *, packages: Sequence[str],
-                        compressor_name: str | None = None) -> None:
-    """Write a layer action's outputs from its members, in one pass: ``tar`` (sorted,
-    streamed into the store while its diff_id is computed), ``meta`` (``{"diff_id",
-    "size", "packages"}``) and, with ``compressor_name``, ``blob`` and ``blob_meta``
-    (compressed in the same pass: nothing reads the tar again)."""
+                        compressor_name: str | None = None, keep_tar: bool = False) -> None:
+    """Write a layer action's outputs from its members, in one pass that writes each
+    byte once: without ``compressor_name``, ``tar`` (sorted, streamed into the store,
+    which hashes it: that is its diff_id); with it, ``blob`` (the tar hashed for its
+    diff_id and compressed on the way; no uncompressed copy is kept: readers that need
+    the plain tar decompress the blob, see :meth:`ImageTree.layer_opener`) and
+    ``blob_meta`` (and ``tar`` too with ``keep_tar``, for a rule that declared both);
+    and ``meta`` (``{"diff_id", "size", "packages"}``, the size of the tar) in both cases."""
     try:
         ordered = sorted_entries(entries)
     except ValueError as e:
         raise ActionFailed(str(e)) from None
-    with ctx.output_writer("tar") as out:
-        if compressor_name:
-            with ctx.output_writer("blob") as blob_out:
-                digests = write_layer(ordered, tar_out=out, compressor=ctx.compressor(compressor_name),
-                                      blob_out=blob_out)
-        else:
+    if compressor_name and keep_tar:
+        with ctx.output_writer("tar") as out, ctx.output_writer("blob") as blob_out:
+            digests = write_layer(ordered, tar_out=out, compressor=ctx.compressor(compressor_name),
+                                  blob_out=blob_out)
+    elif compressor_name:
+        with ctx.output_writer("blob") as blob_out:
+            digests = write_layer(ordered, compressor=ctx.compressor(compressor_name), blob_out=blob_out)
+    else:
+        with ctx.output_writer("tar") as out:
             digests = write_layer(ordered, tar_out=out, compressor=None, blob_out=None)
     meta = {"diff_id": digests.diff_id, "size": digests.tar_size, "packages": list(packages)}
     with open(ctx.output_path("meta"), "wb") as f:
@@ -285,11 +436,13 @@ class LayerWrite(ActionKind):
     the owners in the tar headers (numeric owners only by default)."""
 
     NAME = "LayerWrite"
-    VERSION = "1"
+    #: 2: a layer written with a compressor has no ``tar`` output (its blob only).
+    VERSION = "2"
 
     def run(self, ctx: ActionContext) -> None:
         entries, packages = self.package_entries(ctx, ctx.params)
-        write_layer_outputs(ctx, entries, packages=packages, compressor_name=ctx.params.get("compressor"))
+        write_layer_outputs(ctx, entries, packages=packages, compressor_name=ctx.params.get("compressor"),
+                            keep_tar=bool(ctx.params.get("keep_tar")))
 
     @classmethod
     def package_entries(cls, ctx: ActionContext, params: Mapping[str, Any]) -> tuple[list[LayerEntry], list[str]]:
@@ -504,13 +657,14 @@ class LayerCompress(ActionKind):
             layer_meta = json.loads(f.read())
         compressor = ctx.compressor(ctx.params["compressor"])
         with ctx.output_writer("blob") as out:
-            hashing = _Hashing(out)
+            # The store's writer hashes the blob; another writer is hashed here.
+            hashing = _Hashing(out, hashing=not hashes_itself(out))
             stream = compressor.compress_to(hashing)  # type: ignore[arg-type]
             with ctx.open_input(tar) as src:
                 while chunk := src.read(1 << 20):
                     stream.write(chunk)
             stream.close()
-        meta = {"digest": "sha256:" + hashing.hash.hexdigest(), "size": hashing.size,
+        meta = {"digest": "sha256:" + hashing.hexdigest(), "size": hashing.size,
                 "media_type": compressor.OCI_LAYER_MEDIA_TYPE, "diff_id": layer_meta["diff_id"]}
         with open(ctx.output_path("meta"), "wb") as f:
             f.write(canonical(meta))
@@ -539,7 +693,8 @@ def merge_config(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 class ImageAssemble(ActionKind):
     NAME = "ImageAssemble"
     #: 2: image trees carry layer-notes.json (for inspect); image bytes are unchanged.
-    VERSION = "2"
+    #: 3: compressed layers are in the tree as blobs only (sizes in layer-sizes.json).
+    VERSION = "3"
 
     def run(self, ctx: ActionContext) -> None:
         p = ctx.params
@@ -558,10 +713,14 @@ class ImageAssemble(ActionKind):
         descriptors: list[LayerDescriptor] = list(base.description.layers) if base else []
         layer_files: list[tuple[str, str, int]] = []
         blob_files: list[tuple[str, str, int]] = []
+        layer_sizes: dict[str, int] = {}  # of the layers stored only compressed
         if base:
             for d in descriptors:
-                layer_files.append((d.diff_id, base.entry("layers/" + d.diff_id[7:]).digest,
-                                    base.entry("layers/" + d.diff_id[7:]).size))
+                tar_entry = base.files.get("layers/" + d.diff_id[7:])
+                if tar_entry is not None:
+                    layer_files.append((d.diff_id, tar_entry.digest, tar_entry.size))
+                else:
+                    layer_sizes[d.diff_id] = base.layer_size(d.diff_id)
                 blob_files.append((d.digest, base.entry("blobs/" + d.digest[7:]).digest,
                                    base.entry("blobs/" + d.digest[7:]).size))
         new_history: list[dict[str, Any]] = []
@@ -570,7 +729,9 @@ class ImageAssemble(ActionKind):
         metas = ctx.inputs("layer_metas")
         blobs = ctx.inputs("blobs")
         blob_metas = ctx.inputs("blob_metas")
-        for i, (tar, meta_art) in enumerate(zip(tars, metas, strict=True)):
+        if not blobs and len(tars) != len(metas):
+            raise ActionFailed(f"internal error: {len(metas)} layers but {len(tars)} layer tars")
+        for i, meta_art in enumerate(metas):
             with ctx.open_input(meta_art) as f:
                 meta = json.loads(f.read())
             diff_ids.append(meta["diff_id"])
@@ -581,14 +742,18 @@ class ImageAssemble(ActionKind):
             notes.setdefault(meta["diff_id"], LayerNote(
                 p["layer_labels"][i], tuple(meta.get("packages", [])),
                 customisation=p["layer_labels"][i].endswith(" customisation")))
-            layer_files.append((meta["diff_id"], tar.digest, tar.size))
             if blobs:
+                # A compressed layer is stored as its blob only: readers of the plain tar
+                # decompress it (ImageTree.layer_opener).
                 with ctx.open_input(blob_metas[i]) as f:
                     bmeta = json.loads(f.read())
                 descriptors.append(LayerDescriptor(digest=bmeta["digest"], diff_id=meta["diff_id"],
                                                    size=bmeta["size"], media_type=bmeta["media_type"]))
                 blob_files.append((bmeta["digest"], blobs[i].digest, blobs[i].size))
+                layer_sizes[meta["diff_id"]] = meta["size"]
             else:
+                tar = tars[i]
+                layer_files.append((meta["diff_id"], tar.digest, tar.size))
                 descriptors.append(LayerDescriptor(digest=meta["diff_id"], diff_id=meta["diff_id"], size=meta["size"],
                                                    media_type=imageformat.PLAIN_LAYER_MEDIA_TYPE))
                 blob_files.append((meta["diff_id"], tar.digest, tar.size))
@@ -603,22 +768,26 @@ class ImageAssemble(ActionKind):
             label=p["label"], repo_tags=[f"{p['repository']}:{tag}"], config=config_bytes, layers=descriptors,
             archive=p.get("archive"), oci_layout=p.get("oci_layout"))
         write_image(ctx, description=description, config=config_bytes, manifest=manifest_bytes, layers=layer_files,
-                    blobs=blob_files, notes={d.diff_id: notes[d.diff_id] for d in descriptors if d.diff_id in notes})
+                    blobs=blob_files, notes={d.diff_id: notes[d.diff_id] for d in descriptors if d.diff_id in notes},
+                    layer_sizes={d.diff_id: layer_sizes[d.diff_id] for d in descriptors
+                                 if d.diff_id in layer_sizes and not any(f[0] == d.diff_id for f in layer_files)})
 
 
 # --------------------------------------------------------------------------- outputs
 
 
-def archive_images(ctx: ActionContext) -> list[imageformat.ArchiveImage]:
+def archive_images(ctx: ActionContext,
+                   compressors: imageformat.Compressors | None = None) -> list[imageformat.ArchiveImage]:
+    """The images of the ``images`` input slot, to write as a docker-archive (``compressors``
+    as :class:`ImageTree` takes them)."""
     images = []
     for art in ctx.inputs("images"):
-        tree = ImageTree(ctx, art)
+        tree = ImageTree(ctx, art, compressors)
         layers = []
         for d in tree.description.layers:
-            entry = tree.entry("layers/" + d.diff_id[7:])
             blob = tree.blob_opener(d.digest) if d.compressed else None
             layers.append(imageformat.ArchiveLayer(
-                diff_id=d.diff_id, tar_size=entry.size, open_tar=tree.layer_opener(d.diff_id),
+                diff_id=d.diff_id, tar_size=tree.layer_size(d.diff_id), open_tar=tree.layer_opener(d.diff_id),
                 open_blob=blob, blob_media_type=d.media_type))
         images.append(imageformat.ArchiveImage(config=tree.config_bytes, repo_tags=list(tree.description.repo_tags),
                                                layers=layers))

@@ -35,10 +35,17 @@ def image_tree_of(api: CommandAPI, pattern: str, *, jobs: int = 0) -> tuple[Stor
     return api.reader({"images": [tree]}), tree
 
 
-def _tree(reader: StoreTreeReader, artifact: InputArtifact) -> Any:
+def _compressors(api: CommandAPI) -> Any:
+    """The registered compressors, workspace plugins' too, to read layers with."""
+    from dtbuild.plugins.builtin import imageformat
+
+    return imageformat.Compressors(api.compressors(), api.compressor)
+
+
+def _tree(api: CommandAPI, reader: StoreTreeReader, artifact: InputArtifact) -> Any:
     from dtbuild.plugins.builtin.image_actions import ImageTree
 
-    return ImageTree(reader, artifact)  # type: ignore[arg-type]  # the reading part of an ActionContext
+    return ImageTree(reader, artifact, _compressors(api))  # type: ignore[arg-type]  # the reading part of an ActionContext
 
 
 def archive_compressor(api: CommandAPI, archive: str | None) -> str:
@@ -73,9 +80,9 @@ class StreamCommand(Command):
         if sys.stdout.isatty():
             raise CommandFailed("stream writes a tar archive to stdout; pipe it somewhere",
                                 hint=f"dtbuild stream {args.target} | docker load", usage=True)
-        compressor = api.compressor(archive_compressor(api, _tree(reader, artifact).description.archive))
+        compressor = api.compressor(archive_compressor(api, _tree(api, reader, artifact).description.archive))
         out = sys.stdout.buffer
-        imageformat.write_docker_archive(out, archive_images(reader), compressor)  # type: ignore[arg-type]
+        imageformat.write_docker_archive(out, archive_images(reader, _compressors(api)), compressor)  # type: ignore[arg-type]
         out.flush()
         return 0
 
@@ -100,7 +107,7 @@ class InspectCommand(Command):
         from dtbuild.plugins.text import printable as shown  # image text never reaches the terminal raw
 
         reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
-        tree = _tree(reader, artifact)
+        tree = _tree(api, reader, artifact)
         desc = tree.description
         print(f"image: {shown(desc.label)}")
         print(f"tags: {', '.join(shown(t) for t in desc.repo_tags)}")
@@ -133,7 +140,7 @@ class InspectCommand(Command):
             except tar_extract.UnsafeArchive as e:
                 where = f"layer {i + 1} ({layer.diff_id})"
                 raise CommandFailed(f"cannot list the files of {where}: {e}", hint=e.hint or None) from None
-            tar_size = tree.entry("layers/" + layer.diff_id.removeprefix("sha256:")).size
+            tar_size = tree.layer_size(layer.diff_id)
             print(f"  {i + 1}. {shown(layer.digest)}  {_size(layer.size)}  {shown(layer.media_type)}")
             print(f"     diff_id {shown(layer.diff_id)}; {_size(tar_size)} uncompressed; {files} files, "
                   f"{dirs} directories")
@@ -199,13 +206,13 @@ class LoadCommand(Command):
         argv = _load_command(args.tool)  # before building: a missing tool fails fast
         reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
         tool = os.path.basename(argv[0])
-        tags = list(_tree(reader, artifact).description.repo_tags)
+        tags = list(_tree(api, reader, artifact).description.repo_tags)
         # Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
         # and a local pipe gains nothing from compression.
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sys.stderr)
         assert proc.stdin is not None
         try:
-            imageformat.write_docker_archive(proc.stdin, archive_images(reader),  # type: ignore[arg-type]
+            imageformat.write_docker_archive(proc.stdin, archive_images(reader, _compressors(api)),  # type: ignore[arg-type]
                                              api.compressor("none"))
         except BrokenPipeError:
             pass  # the tool stopped reading: its exit status and message say why

@@ -253,16 +253,31 @@ def _check_path(path: str) -> None:
 # --------------------------------------------------------------------------- streaming
 
 
-class _HashingSink:
-    """A write-only stream that hashes and counts what passes to ``sink`` (or nowhere)."""
+def hashes_itself(out: IO[bytes] | None) -> bool:
+    """Whether ``out`` is a writer that hashes what it is given (a store writer: the
+    ``output_writer`` of an action, with ``hexdigest()``), so its digest need not be
+    computed a second time."""
+    return out is not None and callable(getattr(out, "hexdigest", None))
 
-    def __init__(self, sink: IO[bytes] | None) -> None:
+
+class _HashingSink:
+    """A write-only stream that hashes (unless ``hashing`` is off) and counts what passes
+    to ``sink`` (or nowhere)."""
+
+    def __init__(self, sink: IO[bytes] | None, *, hashing: bool = True) -> None:
         self.sink = sink
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashing else None
         self.size = 0
 
+    def hexdigest(self) -> str:
+        """The sha256 of what passed: this sink's, or the sink's own when it hashes."""
+        if self.hash is not None:
+            return self.hash.hexdigest()
+        return self.sink.hexdigest()  # type: ignore[union-attr]
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        self.hash.update(data)
+        if self.hash is not None:
+            self.hash.update(data)
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         self.size += n
         if self.sink is not None:
@@ -370,6 +385,10 @@ def write_layer(entries: Iterable[LayerEntry], *, tar_out: IO[bytes] | None = No
         blob the tar itself.
     :param blob_out: receives the compressed blob (optional; without compression it
         receives the tar too).
+
+    Every byte is hashed once: the tar by this function (or, when a writer that receives
+    exactly the tar hashes it, see :func:`hashes_itself`, by that writer), the compressed
+    blob by ``blob_out`` when it hashes, else here.
     :param chunk_size: size of the one buffer used; memory stays bounded by it whatever
         the file sizes.
     :return: the digests and sizes of the tar and of the blob.
@@ -387,10 +406,12 @@ def write_layer(entries: Iterable[LayerEntry], *, tar_out: IO[bytes] | None = No
             outputs.append(blob_out)
     else:
         assert compressor is not None
-        blob_sink = _HashingSink(blob_out)
+        blob_sink = _HashingSink(blob_out, hashing=not hashes_itself(blob_out))
         blob_stream = compressor.compress_to(blob_sink)  # type: ignore[arg-type]
         outputs.append(blob_stream)
-    stream = TarStream(chunk_size, outputs)
+    # The tar's hash: a writer that gets exactly the tar and hashes it anyway gives it.
+    tar_hasher = next((out for out in outputs if out is not blob_stream and hashes_itself(out)), None)
+    stream = TarStream(chunk_size, outputs, hashing=tar_hasher is None)
     try:
         for entry in entries:
             stream.put(entry_header(entry))
@@ -401,13 +422,13 @@ def write_layer(entries: Iterable[LayerEntry], *, tar_out: IO[bytes] | None = No
     finally:
         if blob_stream is not None:
             blob_stream.close()
-    assert stream.hash is not None
-    diff_id = "sha256:" + stream.hash.hexdigest()
+    diff_id = "sha256:" + (stream.hash.hexdigest() if stream.hash is not None
+                           else tar_hasher.hexdigest())  # type: ignore[union-attr]
     if blob_sink is None:
         # An uncompressed layer has the none compressor's media types.
         plain = compressor if compressor is not None else NoneCompressor
         media_type, docker_type = plain.OCI_LAYER_MEDIA_TYPE, plain.DOCKER_LAYER_MEDIA_TYPE
         return LayerDigests(diff_id, stream.size, diff_id, stream.size, media_type, docker_type)
     assert compressor is not None
-    return LayerDigests(diff_id, stream.size, "sha256:" + blob_sink.hash.hexdigest(), blob_sink.size,
+    return LayerDigests(diff_id, stream.size, "sha256:" + blob_sink.hexdigest(), blob_sink.size,
                         compressor.OCI_LAYER_MEDIA_TYPE, compressor.DOCKER_LAYER_MEDIA_TYPE)

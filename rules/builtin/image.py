@@ -55,7 +55,7 @@ def layer_placements(packages: Sequence[PackageInfo], *, closure: bool = True,
     return arts, placements
 
 
-def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: Sequence[PackageInfo],
+def declare_layer(ctx: RuleContext, *, tar: Artifact | None, meta: Artifact, packages: Sequence[PackageInfo],
                   base: ImageInfo | None = None, description: str | None = None,
                   settings: Mapping[str, Any] | None = None, closure: bool = True,
                   base_dirs: Artifact | None = None, mnemonic: str = "LayerWrite",
@@ -68,8 +68,11 @@ def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: 
     LayerWrite). ``closure=False`` places only ``packages``, not their runtime
     dependencies. ``base_dirs`` (a BaseDirectories output) stands for ``base`` when
     only the base's directories matter, so the base's layers are read once per image
-    rather than once per layer. ``compressor`` (other than none) also writes the
-    compressed blob in the same pass.
+    rather than once per layer. ``compressor`` (other than none) writes the compressed
+    blob in the same pass instead of the tar: give ``tar=None`` then (the layer has no
+    uncompressed copy; readers decompress the blob), or a ``tar`` to keep one as well.
+    Without a compressor ``tar`` is required. The blob's outputs are named after
+    ``meta`` (``layer.json`` -> ``layer.gz``, ``layer.gz.json``).
     """
     arts, placements = layer_placements(packages, closure=closure)
     inputs: dict[str, list[Artifact]] = {"contents": arts}
@@ -81,17 +84,25 @@ def declare_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, packages: 
         settings = {"uid": ctx.attr.uid, "gid": ctx.attr.gid,
                     "keep_contents_dirlinks": ctx.attr.keep_contents_dirlinks,
                     "extra_commands": ctx.attr.extra_commands}
-    outputs = {"tar": tar, "meta": meta}
+    compressed = compressor is not None and compressor != "none"
+    if tar is None and not compressed:
+        raise ValueError("declare_layer: a layer without a compressor needs its tar")
+    outputs = {"meta": meta}
+    if tar is not None:
+        outputs["tar"] = tar
     params = {"placements": placements, **settings}
     blob = blob_meta = None
-    if compressor is not None and compressor != "none":
-        stem = tar.basename.removesuffix(".tar")
+    if compressed:
+        stem = tar.basename.removesuffix(".tar") if tar is not None else meta.basename.removesuffix(".json")
         blob = outputs["blob"] = ctx.declare_internal(f"{stem}.{compressor}")
         blob_meta = outputs["blob_meta"] = ctx.declare_internal(f"{stem}.{compressor}.json")
         params["compressor"] = compressor
+        if tar is not None:
+            params["keep_tar"] = True
     ctx.actions.declare(mnemonic, inputs=inputs, outputs=outputs, params=params,
                         description=description or f"{mnemonic} {ctx.label}",
                         uses={"compressors": [compressor]} if compressor is not None and blob is not None else None)
+    # A layer written compressed only has no tar (LayerInfo.tar is None: see compress_layers).
     return LayerInfo(label=ctx.label, tar=tar, meta=meta, blob=blob, blob_meta=blob_meta,
                      blob_compressor=compressor if blob is not None else None)
 
@@ -183,13 +194,18 @@ def compress_layers(ctx: RuleContext, layers: Sequence[LayerInfo], compressor: s
     shift when layers are added keep the actions' keys, and so their cache entries."""
     inputs: dict[str, list[Artifact]] = {"layer_tars": [], "layer_metas": [], "blobs": [], "blob_metas": []}
     for i, layer in enumerate(layers):
-        inputs["layer_tars"].append(layer.tar)
         inputs["layer_metas"].append(layer.meta)
-        if compressor == "none":
-            continue
+        # The image tree holds a compressed layer as its blob only: the tars go to the
+        # assembly only for an uncompressed image.
         if layer.blob is not None and layer.blob_meta is not None and layer.blob_compressor == compressor:
             inputs["blobs"].append(layer.blob)
             inputs["blob_metas"].append(layer.blob_meta)
+            continue
+        if layer.tar is None:
+            ctx.fail(f"the layer of {layer.label} is stored {layer.blob_compressor}-compressed only, "
+                     f"but this image is compressed with {compressor!r}")
+        if compressor == "none":
+            inputs["layer_tars"].append(layer.tar)
             continue
         stem = names[i] if names is not None else f"layer{i}"
         blob = ctx.declare_internal(f"{stem}.{compressor}")
@@ -297,7 +313,9 @@ def _image_impl(ctx: RuleContext) -> list[Provider]:
             memory_size=ctx.attr.build_vm_memory_size, uid=ctx.attr.uid, gid=ctx.attr.gid,
             keep_contents_dirlinks=ctx.attr.keep_contents_dirlinks))
     elif packages or ctx.attr.extra_commands or not (layers or base):
-        layers.append(declare_layer(ctx, tar=ctx.declare_internal("layer.tar"),
+        # Compressed, the layer is written as its blob only (no uncompressed copy).
+        layers.append(declare_layer(ctx, tar=ctx.declare_internal("layer.tar") if ctx.attr.compressor == "none"
+                                    else None,
                                     meta=ctx.declare_internal("layer.json"), packages=packages, base=base,
                                     compressor=ctx.attr.compressor))
     return declare_image(ctx, layers=layers, base=base, config=config, repository=repo, tag=tag,

@@ -51,8 +51,11 @@ def declare_root_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, base:
     if base is not None or lower_layers:
         rootfs = ctx.declare_internal("rootfs", is_tree=True)
         owners = ctx.declare_internal("rootfs-owners.json")
+        lower_tars = [layer.tar for layer in lower_layers if layer.tar is not None]
+        if len(lower_tars) != len(lower_layers):  # layers of `layers` attributes always have their tar
+            ctx.fail("a lower layer of a root layer has no uncompressed tar", attr="layers")
         unpack_inputs: dict[str, list[Artifact]] = {"base": [base.image] if base is not None else [],
-                                                    "layers": [layer.tar for layer in lower_layers]}
+                                                    "layers": lower_tars}
         ctx.actions.declare("RootfsUnpack", inputs=unpack_inputs, outputs={"rootfs": rootfs, "owners": owners},
                             params={}, description=f"RootfsUnpack {ctx.label}")
         inputs = {"rootfs": [rootfs], "owners": [owners]}
@@ -73,13 +76,14 @@ def _root_layer_impl(ctx: RuleContext) -> list[Provider]:
     if not ctx.attr.run_as_root.strip():
         ctx.fail("must be a shell script, but is empty", attr="run_as_root",
                  hint="use pure_layer for a layer made of files only")
+    tar = ctx.declare_file(f"{ctx.name}.tar")
     layer = declare_root_layer(
-        ctx, tar=ctx.declare_file(f"{ctx.name}.tar"), meta=ctx.declare_internal("layer.json"),
+        ctx, tar=tar, meta=ctx.declare_internal("layer.json"),
         base=ctx.attr.from_image[ImageInfo], lower_layers=[],
         packages=[dep[PackageInfo] for dep in ctx.attr.copy_to_root], script=ctx.attr.run_as_root,
         extra_commands=ctx.attr.extra_commands, disk_size=ctx.attr.disk_size,
         memory_size=ctx.attr.build_vm_memory_size, executor=ctx.attr.executor, network=ctx.attr.network)
-    return [DefaultInfo(files=(layer.tar,)), layer]
+    return [DefaultInfo(files=(tar,)), layer]
 
 
 #: Attribute docs shared with ``image``'s run_as_root.
