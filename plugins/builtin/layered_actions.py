@@ -3,9 +3,11 @@ packages: BaseDirectories, LayerWriteMerged, CustomisationLayer, LayeredImageAss
 MergeImages, ImageExport, MergeTrees and TreeWrite.
 
 Package layers are plain LayerWrite actions (one package each), so images that share a
-package share its layer's bytes. What depends on the base image's layer count, known
-only when the base is built or imported (how many packages get a layer of their own),
-is decided here, at execution, with the rule's pure :func:`plan_layers`.
+package share its layer's bytes. Without a base image the rule assigns packages to
+layers at analysis (the merged layer is a LayerWrite of its packages too). What depends
+on a base image's layer count, known only when the base is built or imported (how many
+packages get a layer of their own), is decided here, at execution, with the rule's pure
+:func:`plan_layers`: by LayerWriteMerged and LayeredImageAssemble.
 """
 
 from __future__ import annotations
@@ -106,9 +108,10 @@ def _plan(ctx: ActionContext, max_layers: int, packages: int) -> LayerPlan:
 
 
 class LayerWriteMerged(LayerWrite):
-    """The layer of the packages beyond the layer budget: LayerWrite of the packages of
-    ``order`` after the first ``plan_layers(...).singles`` (none when all have a layer
-    of their own)."""
+    """The layer of the packages beyond the layer budget of an image on a base image:
+    LayerWrite of the packages of ``order`` after the first ``plan_layers(...).singles``
+    (none when all have a layer of their own), the base's layer count read from
+    ``base_dirs``."""
 
     NAME = "LayerWriteMerged"
     VERSION = "1"
@@ -124,14 +127,21 @@ class LayerWriteMerged(LayerWrite):
 
 class LayeredImageAssemble(ImageAssemble):
     """ImageAssemble of a layered image: of the declared package layers, the ones the
-    layer budget allows once the base image's layer count is known."""
+    layer budget allows once the base image's layer count is known (all of them
+    without a base image). With ``union`` (placements of the ``contents`` slot, when
+    no customisation layer lays the packages out as one tree), it first checks that
+    no two packages provide a path differently, as :func:`union_of_packages`."""
 
     NAME = "LayeredImageAssemble"
     #: 2: image trees carry layer-notes.json (for inspect), as ImageAssemble's do.
-    VERSION = "2"
+    #: 3: the ``union`` check of the packages' paths.
+    #: 4: a compressed layer is held in the tree as its blob only (layer-sizes.json).
+    VERSION = "4"
 
     def run(self, ctx: ActionContext) -> None:
         params = ctx.params
+        if params.get("union"):
+            check_union(ctx, params["union"])
         layering = params["layering"]
         plan = _plan(ctx, layering["max_layers"], layering["packages"])
         declared = layering["singles"]
@@ -186,6 +196,35 @@ def union_of_packages(trees: Iterable[tuple[str, MergedTree]],
                 raise ContentConflict(f"{have.origin} and {label} both provide /{path} {problem}; the image's "
                                       "content would depend on the layer order")
     return union
+
+
+def _place_listed(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
+    """Add a package's artifact to ``tree`` at ``dest`` as :func:`place_artifact` does,
+    from its listing alone (nothing is stored: only paths, kinds, modes and digests
+    matter here)."""
+    if art.is_tree:
+        for e in ctx.walk_tree(art):
+            tree.add(f"{dest}/{e.path}" if dest else e.path, Node(e.kind, e.mode, e.digest, e.size, e.target, label))
+    elif not dest:
+        raise ContentConflict(f"{label} places the file {art.path} at / (the image root)")
+    elif art.symlink is not None:
+        tree.add(dest, Node("symlink", 0o777, target=art.symlink, origin=label))
+    else:
+        tree.add(dest, Node("file", 0o755 if art.executable else 0o644, art.digest, art.size, origin=label))
+
+
+def check_union(ctx: ActionContext, placements: Sequence[Sequence[Any]]) -> None:
+    """Fail when two packages (``[input index, destination, label]`` of the
+    ``contents`` slot) provide a path differently, as their union would
+    (:func:`union_of_packages`; the base image's directories from ``base_dirs``)."""
+    contents = ctx.inputs("contents")
+    trees: dict[str, MergedTree] = {}
+    try:
+        for index, dest, label in placements:
+            _place_listed(ctx, trees.setdefault(label, MergedTree()), contents[index], dest.strip("/"), label)
+        union_of_packages(trees.items(), read_base_dirs(ctx))
+    except ContentConflict as e:
+        raise ActionFailed(str(e)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,7 +650,7 @@ class MergeTrees(ActionKind):
                         files[member.path] = entry
                     elif member.kind == "file":
                         assert content is not None
-                        digest, size = ctx.put_stream(content)
+                        digest, size = ctx.put_stream(content, member.size)
                         entry = TreeEntry(path, "file", member.mode, digest, size)
                         files[member.path] = entry
                     else:

@@ -198,10 +198,16 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
                 "keep_contents_dirlinks": False, "extra_commands": ""}
     layers: list[LayerInfo] = []
     names: list[str] = []
-    # At most max_layers - 2 packages can have layers of their own (with a base image
-    # without layers); how many do is known once the base image is: the assembly
-    # takes the first ones and the merged layer, which picks its packages then too.
-    singles = min(len(layered), max_layers - 2)
+    if base is None:
+        # The budget is known now: each layer action gets exactly its packages.
+        plan = plan_layers(max_layers, 0, len(layered))  # max_layers > 1 was checked above
+        singles, merged = plan.singles, plan.merged
+    else:
+        # How many layers the base has is known once it is built or imported: declare
+        # a layer for each of the first max_layers - 2 packages (the most that can
+        # fit) and a merged layer that picks its packages then; the assembly takes
+        # the layers the budget allows.
+        singles, merged = min(len(layered), max_layers - 2), bool(layered)
     for label in layered[:singles]:
         stem = _layer_stem(label)
         layers.append(declare_layer(
@@ -209,36 +215,50 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
             packages=[packages[label]], closure=False, settings=settings, base_dirs=base_dirs,
             description=f"LayerWrite {ctx.label} {label}"))
         names.append(f"{stem}/layer")
-    merged = bool(layered) and (base is not None or len(layered) >= max_layers - 1)
     if merged:
-        layers.append(declare_layer(
-            ctx, tar=ctx.declare_internal("merged/layer.tar"), meta=ctx.declare_internal("merged/layer.json"),
-            packages=[packages[label] for label in layered], closure=False, base_dirs=base_dirs,
-            settings={**settings, "max_layers": max_layers, "order": layered}, mnemonic="LayerWriteMerged",
-            description=f"LayerWriteMerged {ctx.label}"))
+        merged_tar, merged_meta = ctx.declare_internal("merged/layer.tar"), ctx.declare_internal("merged/layer.json")
+        if base is None:
+            rest = layered[singles:]
+            layers.append(declare_layer(
+                ctx, tar=merged_tar, meta=merged_meta, packages=[packages[label] for label in rest], closure=False,
+                settings=settings, description=f"LayerWrite {ctx.label} merged ({len(rest)} packages)"))
+        else:
+            layers.append(declare_layer(
+                ctx, tar=merged_tar, meta=merged_meta, packages=[packages[label] for label in layered],
+                closure=False, base_dirs=base_dirs, settings={**settings, "max_layers": max_layers, "order": layered},
+                mnemonic="LayerWriteMerged", description=f"LayerWriteMerged {ctx.label}"))
         names.append("merged/layer")
 
-    # The customisation layer sees the union of every package of the closure.
+    # The commands of the customisation layer run in the union of every package of the
+    # closure, so that layer reads them all; without commands it is the empty layer and
+    # reads none, and the image assembly checks that the packages agree on every path.
     arts, placements = layer_placements(contents)
+    commands = bool(ctx.attr.extra_commands or ctx.attr.fakeroot_commands)
     custom_tar = ctx.declare_internal("customisation/layer.tar")
     custom_meta = ctx.declare_internal("customisation/layer.json")
-    inputs: dict[str, list[Artifact]] = {"contents": arts}
-    if base_dirs is not None:
+    inputs: dict[str, list[Artifact]] = {"contents": arts if commands else []}
+    if base_dirs is not None and commands:
         inputs["base_dirs"] = [base_dirs]
     ctx.actions.declare(
         "CustomisationLayer", inputs=inputs, outputs={"tar": custom_tar, "meta": custom_meta},
-        params={"placements": placements, "uid": ctx.attr.uid, "gid": ctx.attr.gid, "uname": uname, "gname": gname,
-                "extra_commands": ctx.attr.extra_commands, "fakeroot_commands": ctx.attr.fakeroot_commands,
-                "enable_fakechroot": ctx.attr.enable_fakechroot},
+        params={"placements": placements if commands else [], "uid": ctx.attr.uid, "gid": ctx.attr.gid,
+                "uname": uname, "gname": gname, "extra_commands": ctx.attr.extra_commands,
+                "fakeroot_commands": ctx.attr.fakeroot_commands, "enable_fakechroot": ctx.attr.enable_fakechroot},
         description=f"CustomisationLayer {ctx.label}")
     layers.append(LayerInfo(label=f"{ctx.label} customisation", tar=custom_tar, meta=custom_meta))
     names.append("customisation/layer")
+    check: dict[str, list[Artifact]] = {}
+    if not commands:
+        check["contents"] = arts
+        if base_dirs is not None:
+            check["base_dirs"] = [base_dirs]
 
     return declare_image(
         ctx, layers=layers, base=base, config=config, repository=repo, tag=tag, compressor=ctx.attr.compressor,
-        mnemonic="LayeredImageAssemble", layer_names=names,
+        mnemonic="LayeredImageAssemble", layer_names=names, extra_inputs=check,
         extra_params={"layering": {"max_layers": max_layers, "packages": len(layered), "singles": singles,
-                                   "merged": merged}})
+                                   "merged": merged},
+                      "union": [] if commands else placements})
 
 
 layered_image = rule(

@@ -169,6 +169,58 @@ def test_images_share_package_layers_and_a_change_rebuilds_only_its_layer(ws, ru
     assert first.executed > 20
 
 
+_ACTION_LINE = re.compile(r"^\[\d+/\d+\] (.+?)(?: \(\d+ files\))?$", re.MULTILINE)
+
+
+def _executed(run) -> set[str]:
+    """The descriptions of the actions a build ran, as its progress lines name them."""
+    lines = _ACTION_LINE.findall(run.stderr)
+    assert len(lines) == run.executed, run.stderr
+    return set(lines)
+
+
+def test_a_change_reruns_only_the_layer_that_holds_it(ws, run_dtbuild) -> None:
+    build = ws / "images" / "BUILD"
+    build.write_text(build.read_text() + '''
+layered_image(name = "planned", tag = "v1", contents = ["//pkgs:app", "//pkgs:tool"], max_layers = 4)
+layered_image(name = "custom", tag = "v1", contents = ["//pkgs:tool"], extra_commands = "mkdir -p var/cache")
+''')
+    run_dtbuild.build(ws, "//images:planned", "//images:custom", check=True)
+    # Five packages, max_layers = 4: libc and libssl have a layer each, libz, app and
+    # tool share the third, then the customisation layer.
+    assert _layer_contents(ws, "images", "planned") == [["//pkgs:libc"], ["//pkgs:libssl"],
+                                                        ["//pkgs:libz", "//pkgs:app", "//pkgs:tool"], "customisation"]
+    before = _description(ws, "images", "planned")["layers"]
+
+    def chain(image: str, layer_action: str, layer: int) -> set[str]:
+        return {layer_action, f"LayerCompress //images:{image} layer {layer} (gz)",
+                f"LayeredImageAssemble //images:{image}", f"DockerArchive //images:{image}",
+                f"OciLayout //images:{image}"}
+
+    # A package with a layer of its own: its layer only (custom has no libssl).
+    (ws / "pkgs" / "libssl" / "usr" / "lib" / "libssl" / "libssl.txt").write_text("libssl 3.1\n")
+    run = run_dtbuild.build(ws, "//images:planned", "//images:custom", check=True)
+    assert _executed(run) == {"FilesTree //pkgs:libssl",
+                              *chain("planned", "LayerWrite //images:planned //pkgs:libssl", 1)}
+    after = _description(ws, "images", "planned")["layers"]
+    assert [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b] == [1]
+
+    # A package of the merged layer: that layer only, not the ones of the other packages.
+    (ws / "pkgs" / "app" / "usr" / "lib" / "app" / "app.txt").write_text("app 1.1\n")
+    run = run_dtbuild.build(ws, "//images:planned", "//images:custom", check=True)
+    assert _executed(run) == {"FilesTree //pkgs:app",
+                              *chain("planned", "LayerWrite //images:planned merged (3 packages)", 2)}
+    again = _description(ws, "images", "planned")["layers"]
+    assert [i for i, (a, b) in enumerate(zip(after, again, strict=True)) if a != b] == [2]
+
+    # The customisation commands: the customisation layer only, not the package layers.
+    build.write_text(build.read_text().replace("mkdir -p var/cache", "mkdir -p var/cache/tool"))
+    run = run_dtbuild.build(ws, "//images:planned", "//images:custom", check=True)
+    assert _executed(run) == chain("custom", "CustomisationLayer //images:custom", 2)
+    (*_, custom) = _archive_layers(_out(ws, "images", "custom.tar.gz"))
+    assert [m.name for m in custom.getmembers()] == ["var", "var/cache", "var/cache/tool"]
+
+
 def test_outputs_are_reproducible(ws, run_dtbuild, tmp_path) -> None:
     run_dtbuild(ws, "build", "//images:runnable", check=True)
     other = tmp_path / "other"
