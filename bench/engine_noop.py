@@ -6,6 +6,7 @@ repository root with the virtualenv made by scripts/setup.sh:
     .venv/bin/python bench/engine_noop.py               # the three measurements
     .venv/bin/python bench/engine_noop.py --runs 10     # medians over 10 runs
     .venv/bin/python bench/engine_noop.py --profile     # + pyinstrument on one no-op build
+    .venv/bin/python bench/engine_noop.py --short       # 50 targets, 1 run (what CI runs)
 
 It measures, each as a fresh `dtbuild` process (start-up included, as a user sees it):
 
@@ -172,7 +173,11 @@ def main() -> int:
     parser.add_argument("--profile-lines", type=int, default=25, help="lines of each profile report to print")
     parser.add_argument("--profile-out", type=Path, metavar="PREFIX",
                         help="keep the whole reports as PREFIX.tree.txt and PREFIX.flat.txt")
+    parser.add_argument("--short", action="store_true",
+                        help="a generated workspace of 5 packages and 1 run: checks that the benchmark works")
     args = parser.parse_args()
+    if args.short:
+        args.runs, args.packages = 1, 5
     command = dtbuild_command(args.python)
     rows: list[tuple[str, float, str]] = []
 

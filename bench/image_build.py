@@ -8,18 +8,25 @@ repository root with the virtualenv made by scripts/setup.sh:
     .venv/bin/python bench/image_build.py --trees small      # only the 20,000-file tree
     .venv/bin/python bench/image_build.py --keep-trees       # reuse generated trees next time
     .venv/bin/python bench/image_build.py --profile DIR      # + py-spy on one cold build per tree
+    .venv/bin/python bench/image_build.py --short            # tiny trees, 1 run (what CI runs)
 
 The trees come from ../shared/bench/gen_tree.py (`small`: 20,000 files of 1-8 KiB;
 `large`: 8 files, ~1 GiB), generated once into a temp dir (or a cache dir kept between
 runs with --keep-trees). For each tree and compressor (gz, zstd, none) it measures, as
-whole processes and medians of N runs:
+whole processes and medians of N runs, all of them in each run (so that the ratios
+compare figures measured side by side):
 
-* floor: `tar --sort=name ... -cf - . | openssl dgst -sha256` (read, tar and hash once);
+* floor: `tar --sort=name ... -cf - . | openssl dgst -sha256` (read, tar and hash once),
+  with `pigz` or `zstd` before the hash for gz and zstd; nothing written;
 * seed: ../shared/bench/seed_pipeline.sh (GNU tar --sort=name, sha256sum, jq, pigz/zstd);
 * dtbuild cold: `dtbuild build //:img_<compressor>` in a generated workspace
   (`files(srcs = glob(["tree/**"]), strip_prefix = "tree")` + `image(copy_to_root =
   [":tree"], compressor = ...)`) with an empty cache and no dtbuild-out/;
-* dtbuild warm: the same build again after one file of the tree changed.
+* dtbuild no-op: the same build again, nothing changed;
+* dtbuild one-file change: the same build again after one file of the tree changed.
+
+Each with wall and CPU seconds, the bytes the process tree wrote and the peak RSS of its
+largest process (bench/measure.py), and its ratios to the seed pipeline and the floor.
 
 A workspace-local plugin module (the `dtbuild_action_*` observer hooks) records when each
 action started and finished, so every dtbuild run also gives its phases: start-up,
@@ -36,15 +43,16 @@ import collections
 import json
 import os
 import re
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import MIB, Measured, dtbuild_command, median, print_table, run_measured
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_BENCH = REPO_ROOT.parent / "shared" / "bench"
@@ -54,6 +62,7 @@ SEED_GZ_SPEEDUP_GOAL = 4.0  # dtbuild at least 4x faster than the seed pipeline 
 FLOOR_RATIO_GOAL = 1.5  # dtbuild's uncompressed path within 1.5x of tar | openssl dgst
 #: The file the warm rebuild changes, per tree (relative to the tree's root).
 CHANGED_FILE = {"small": "d00/e00/f00000.dat", "large": "big0.bin"}
+SHORT_SCALE = 0.01  # --short: 200 small files, 8 files of 1.3 MiB
 DEFAULT_TREE_CACHE = Path(tempfile.gettempdir()) / "dtbuild-bench-trees"
 
 #: Workspace-local plugin: records the phases of a build as JSON in $DTBUILD_BENCH_TIMING.
@@ -93,44 +102,6 @@ def dtbuild_build_finished(summary, success):
     with open(os.environ["DTBUILD_BENCH_TIMING"], "w") as f:
         json.dump(_record, f)
 '''
-
-
-def dtbuild_command(python: str) -> list[str]:
-    """The console script beside `python` (as a user runs it), else `python -m`."""
-    script = Path(python).parent / "dtbuild"
-    return [str(script)] if script.exists() else [python, "-m", "dtbuild.engine.cli"]
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    wall: float
-    #: user + system CPU seconds of the command and every process it waited for (less
-    #: sensitive than wall time to other work on the machine; blind to I/O waits).
-    cpu: float
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def run_timed(argv: list[str] | str, *, cwd: Path | None = None, env: dict[str, str] | None = None,
-              shell: bool = False) -> Timing:
-    """Wall and CPU seconds of one command; exits with its stderr when it fails."""
-    cpu = _children_cpu()
-    start = time.perf_counter()
-    done = subprocess.run(argv, cwd=cwd, env=env, shell=shell, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, executable="/bin/bash" if shell else None)
-    elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"`{argv if shell else ' '.join(map(str, argv))}` exited {done.returncode}:\n"
-                         f"{done.stderr[-3000:]}")
-    return Timing(elapsed, _children_cpu() - cpu)
-
-
-def median(timings: list[Timing]) -> Timing:
-    """Median wall time, and median CPU time (each on its own)."""
-    return Timing(statistics.median(t.wall for t in timings), statistics.median(t.cpu for t in timings))
 
 
 # --------------------------------------------------------------------------- trees
@@ -204,7 +175,7 @@ def write_workspace(root: Path, tree: Path) -> None:
 
 @dataclass
 class DtbuildRun:
-    timing: Timing
+    timing: Measured
     phases: dict[str, float]
     executed: int
     output_bytes: int
@@ -213,7 +184,10 @@ class DtbuildRun:
 def phases_of(timing: dict, started: float, ended: float) -> dict[str, float]:
     """Wall seconds of each phase of one build, from the timing plugin's record. An
     action's time is split into `inputs` (its inputs' digests, its key, the cache check:
-    before it started) and `run`; actions that ran at the same time overlap."""
+    before it started) and `run`; actions that ran at the same time overlap. Empty when
+    the build reported no phases (the plugin's hooks did not run)."""
+    if not {"imported", "build_started", "build_finished"} <= timing.keys():
+        return {}
     phases = {"start-up (interpreter, CLI imports)": timing["imported"] - started,
               "loading + analysis": timing["build_started"] - timing["imported"]}
     last = timing["build_started"]
@@ -238,51 +212,65 @@ def dtbuild_build(command: list[str], workspace: Path, cache: Path, target: str)
     timing_file = workspace / "bench-timing.json"
     summary_file = workspace / "bench-summary.json"
     env = {**os.environ, "DTBUILD_CACHE_DIR": str(cache), "DTBUILD_BENCH_TIMING": str(timing_file)}
+    timing_file.unlink(missing_ok=True)
     started = time.time()
-    timing = run_timed([*command, "build", target, "--summary-json", str(summary_file)], cwd=workspace, env=env)
+    timing = run_measured([*command, "build", target, "--summary-json", str(summary_file)], cwd=workspace, env=env)
     ended = time.time()
     summary = json.loads(summary_file.read_text())
     outputs = summary["targets"][target]["outputs"]
     archive = next(p for p in outputs if ".tar" in p)
-    return DtbuildRun(timing, phases_of(json.loads(timing_file.read_text()), started, ended),
-                      summary["actions"]["executed"], (workspace / archive).stat().st_size)
+    record = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    return DtbuildRun(timing, phases_of(record, started, ended), summary["actions"]["executed"],
+                      (workspace / archive).stat().st_size)
 
 
 # --------------------------------------------------------------------------- measurements
 
 
+#: The dtbuild builds of each run, in order: cold, then (unless --no-warm) the same build
+#: again with nothing changed, then after one file of the tree changed.
+BUILDS = ("cold", "no-op", "one-file change")
+
+
 @dataclass
 class Measurements:
-    floor: list[Timing] = field(default_factory=list)
-    seed: dict[str, list[Timing]] = field(default_factory=lambda: collections.defaultdict(list))
+    floor: dict[str, list[Measured]] = field(default_factory=lambda: collections.defaultdict(list))
+    seed: dict[str, list[Measured]] = field(default_factory=lambda: collections.defaultdict(list))
     seed_bytes: dict[str, int] = field(default_factory=dict)
-    cold: dict[str, list[DtbuildRun]] = field(default_factory=lambda: collections.defaultdict(list))
-    warm: dict[str, list[DtbuildRun]] = field(default_factory=lambda: collections.defaultdict(list))
+    #: (compressor, one of BUILDS) -> runs
+    builds: dict[tuple[str, str], list[DtbuildRun]] = field(default_factory=lambda: collections.defaultdict(list))
 
 
-FLOOR = ("tar -C {tree} --sort=name --mtime=@1 --owner=0 --group=0 --numeric-owner -cf - . "
-         "| openssl dgst -sha256 >/dev/null")
+_TAR = "tar -C {tree} --sort=name --mtime=@1 --owner=0 --group=0 --numeric-owner -cf - ."
+#: The least work an image of the tree takes, nothing written: read, archive and hash it
+#: (none), or read, archive, compress with the seed's compressor and hash (gz, zstd).
+FLOOR = {"none": _TAR + " | openssl dgst -sha256 >/dev/null",
+         "gz": _TAR + " | pigz -p$(nproc) -nTR | openssl dgst -sha256 >/dev/null",
+         "zstd": _TAR + " | zstd -T$(nproc) -q -c | openssl dgst -sha256 >/dev/null"}
 
 
 def measure_tree(kind: str, tree: Path, runs: int, compressors: list[str], command: list[str], tmp: Path,
                  warm: bool) -> Measurements:
     m = Measurements()
-    run_timed(FLOOR.format(tree=tree), shell=True)  # untimed: the tree into the page cache
+    run_measured(FLOOR["none"].format(tree=tree), shell=True)  # unmeasured: the tree into the page cache
     for number in range(runs):
         print(f"  {kind}: run {number + 1}/{runs}", file=sys.stderr, flush=True)
-        m.floor.append(run_timed(FLOOR.format(tree=tree), shell=True))
         for comp in compressors:
+            m.floor[comp].append(run_measured(FLOOR[comp].format(tree=tree), shell=True))
             out = tmp / f"seed-{comp}.tar"
-            m.seed[comp].append(run_timed(["bash", str(SHARED_BENCH / "seed_pipeline.sh"), str(tree), str(out), comp]))
+            m.seed[comp].append(run_measured(["bash", str(SHARED_BENCH / "seed_pipeline.sh"), str(tree), str(out),
+                                              comp]))
             m.seed_bytes[comp] = out.stat().st_size
             out.unlink()
             workspace, cache = tmp / f"ws-{comp}", tmp / f"cache-{comp}"
             write_workspace(workspace, tree)
             try:
-                m.cold[comp].append(dtbuild_build(command, workspace, cache, f"//:img_{comp}"))
+                m.builds[comp, "cold"].append(dtbuild_build(command, workspace, cache, f"//:img_{comp}"))
                 if warm:
+                    m.builds[comp, "no-op"].append(dtbuild_build(command, workspace, cache, f"//:img_{comp}"))
                     change_one_file(workspace / "tree" / CHANGED_FILE[kind])
-                    m.warm[comp].append(dtbuild_build(command, workspace, cache, f"//:img_{comp}"))
+                    m.builds[comp, "one-file change"].append(dtbuild_build(command, workspace, cache,
+                                                                           f"//:img_{comp}"))
             finally:
                 remove(workspace)
                 remove(cache)
@@ -294,48 +282,52 @@ def median_run(runs: list[DtbuildRun]) -> DtbuildRun:
 
 
 def print_results(kind: str, files: int, size: int, runs: int, m: Measurements, compressors: list[str]) -> None:
-    floor = median(m.floor)
-    print(f"\n{kind} tree: {files:,} files, {size / 2**20:,.0f} MiB; medians of {runs} run(s); "
-          f"floor (tar | openssl dgst -sha256) {floor.wall:.2f} s wall, {floor.cpu:.2f} s CPU")
-    header = (f"{'compressor':<10} {'seed s':>7} {'dtbuild s':>9} {'/seed':>6} {'/floor':>7} {'warm s':>7} "
-              f"{'/seed':>6}  {'CPU s: seed dtbuild warm':>24}  {'MiB: seed dtbuild':>17}  actions")
-    print(header)
-    print("-" * len(header))
+    print(f"\n{kind} tree: {files:,} files, {size / MIB:,.0f} MiB; medians of {runs} run(s), measured in turn in "
+          f"each run; peak RSS: the largest process, the largest of the runs")
+    header = ["compressor", "run", "wall s", "/seed", "/floor", "CPU s", "written MiB", "peak RSS MiB",
+              "output MiB", "actions"]
+    rows = []
     for comp in compressors:
-        seed = median(m.seed[comp])
-        cold = median([r.timing for r in m.cold[comp]])
-        warm_runs = m.warm.get(comp) or []
-        warm = median([r.timing for r in warm_runs]) if warm_runs else None
-        warm_text = f"{warm.wall:7.2f} {warm.wall / seed.wall:6.2f}" if warm else f"{'-':>7} {'-':>6}"
-        cpu_text = f"{seed.cpu:7.1f} {cold.cpu:7.1f} " + (f"{warm.cpu:7.1f}" if warm else f"{'-':>7}")
-        did = f"{m.cold[comp][-1].executed}/{warm_runs[-1].executed if warm_runs else '-'}"
-        print(f"{comp:<10} {seed.wall:7.2f} {cold.wall:9.2f} {cold.wall / seed.wall:6.2f} "
-              f"{cold.wall / floor.wall:7.2f} {warm_text}  {cpu_text:>24}  "
-              f"{m.seed_bytes[comp] / 2**20:7.1f} {m.cold[comp][-1].output_bytes / 2**20:9.1f}  {did}")
+        floor, seed = median(m.floor[comp]), median(m.seed[comp])
+        lines: list[tuple[str, Measured, int | None, str]] = [
+            ("floor", floor, None, ""), ("seed pipeline", seed, m.seed_bytes[comp], "")]
+        lines += [(f"dtbuild {build}", median([r.timing for r in m.builds[comp, build]]),
+                   m.builds[comp, build][-1].output_bytes, str(m.builds[comp, build][-1].executed))
+                  for build in BUILDS if m.builds.get((comp, build))]
+        for name, measured, output, actions in lines:
+            rows.append([comp, name, f"{measured.wall:.2f}", f"{measured.wall / seed.wall:.2f}",
+                         f"{measured.wall / floor.wall:.2f}", f"{measured.cpu:.2f}", f"{measured.written / MIB:.1f}",
+                         f"{measured.peak_rss / MIB:.0f}", "-" if output is None else f"{output / MIB:.1f}", actions])
+    print_table(header, rows, left=2)
+    for comp in compressors:
+        print(f"floor {comp}: {FLOOR[comp].format(tree='TREE').removesuffix(' >/dev/null')}")
     if "gz" in compressors:
-        speedup = median(m.seed["gz"]).wall / median([r.timing for r in m.cold["gz"]]).wall
+        speedup = median(m.seed["gz"]).wall / median([r.timing for r in m.builds["gz", "cold"]]).wall
         print(f"gz: dtbuild cold is {speedup:.2f}x as fast as the seed pipeline (goal: at least "
               f"{SEED_GZ_SPEEDUP_GOAL:g}x)")
     if "none" in compressors:
-        ratio = median([r.timing for r in m.cold["none"]]).wall / floor.wall
+        ratio = median([r.timing for r in m.builds["none", "cold"]]).wall / median(m.floor["none"]).wall
         print(f"none: dtbuild cold takes {ratio:.2f}x the floor (goal: at most {FLOOR_RATIO_GOAL:g}x)")
 
-    columns = [(f"cold {c}", median_run(m.cold[c])) for c in compressors]
-    columns += [(f"warm {c}", median_run(m.warm[c])) for c in compressors if m.warm.get(c)]
+    short = {"cold": "cold", "no-op": "no-op", "one-file change": "change"}
+    columns = [(f"{short[build]} {comp}", median_run(m.builds[comp, build]))
+               for build in BUILDS for comp in compressors if m.builds.get((comp, build))]
     names: list[str] = []
     for _, r in columns:
         names += [n for n in r.phases if n not in names]
+    if not names:
+        return
     width = max(len(n) for n in names)
     print(f"\n{kind} tree: dtbuild's phases, wall seconds (of the run at the median; the faster middle one "
-          f"for an even N)")
-    print(f"{'phase':<{width}} " + " ".join(f"{title:>9}" for title, _ in columns))
+          f"for an even N; 'change': after the one-file change)")
+    print(f"{'phase':<{width}} " + " ".join(f"{title:>11}" for title, _ in columns))
     for name in names:
         if all(r.phases.get(name, 0.0) < 0.005 for _, r in columns):
             continue  # nothing to see (an action's cache check, mostly)
-        cells = [f"{r.phases[name]:9.2f}" if name in r.phases else f"{'':>9}" for _, r in columns]
+        cells = [f"{r.phases[name]:11.2f}" if name in r.phases else f"{'':>11}" for _, r in columns]
         print(f"{name:<{width}} " + " ".join(cells))
-    print(f"{'total (process wall)':<{width}} " + " ".join(f"{r.timing.wall:9.2f}" for _, r in columns))
-    print(f"{'total (process CPU)':<{width}} " + " ".join(f"{r.timing.cpu:9.2f}" for _, r in columns))
+    print(f"{'total (process wall)':<{width}} " + " ".join(f"{r.timing.wall:11.2f}" for _, r in columns))
+    print(f"{'total (process CPU)':<{width}} " + " ".join(f"{r.timing.cpu:11.2f}" for _, r in columns))
 
 
 # --------------------------------------------------------------------------- py-spy
@@ -360,8 +352,8 @@ PHASE_MARKERS = (
     ("ImageAssemble.run", "ImageAssemble"),
     ("DockerArchive.run", "DockerArchive"),
     ("OciLayout.run", "OciLayout"),
-    ("OutputTree.materialize", "outputs copied to dtbuild-out/"),
-    ("Session._record_inputs", "bookkeeping: last-inputs.json"),
+    ("OutputTree.materialize", "outputs linked or copied to dtbuild-out/"),
+    ("Session._record_inputs", "bookkeeping: the explain record (state.db)"),
     ("SourceDigests.save", "bookkeeping: source digest memo"),
     ("Loader.", "loading BUILD files (glob)"),
     ("Analyzer.", "analysis"),
@@ -427,8 +419,8 @@ def profile_builds(command: list[str], python: str, trees: dict[str, Path], tmp:
         report = out_dir / f"{kind}-gz-cold.txt"
         try:
             env = {**os.environ, "DTBUILD_CACHE_DIR": str(cache), "DTBUILD_BENCH_TIMING": str(tmp / "t.json")}
-            run_timed([str(py_spy), "record", "--threads", "--idle", "--nonblocking", "-r", str(rate), "-f", "raw",
-                       "-o", str(report), "--", *command, "build", "//:img_gz"], cwd=workspace, env=env)
+            run_measured([str(py_spy), "record", "--threads", "--idle", "--nonblocking", "-r", str(rate), "-f", "raw",
+                          "-o", str(report), "--", *command, "build", "//:img_gz"], cwd=workspace, env=env)
         finally:
             remove(workspace)
             remove(cache)
@@ -447,7 +439,10 @@ def main() -> int:
     parser.add_argument("--runs-small", type=int, default=3, help="runs per median, small tree (default 3)")
     parser.add_argument("--runs-large", type=int, default=1, help="runs per median, large tree (default 1)")
     parser.add_argument("--scale", type=float, default=1.0, help="tree size factor given to gen_tree.py (default 1)")
-    parser.add_argument("--no-warm", action="store_true", help="skip the rebuilds after a one-file change")
+    parser.add_argument("--no-warm", action="store_true",
+                        help="skip the rebuilds (no-op, and after a one-file change)")
+    parser.add_argument("--short", action="store_true",
+                        help=f"tiny trees (--scale {SHORT_SCALE:g}) and 1 run each: checks that the benchmark works")
     parser.add_argument("--keep-trees", nargs="?", type=Path, const=DEFAULT_TREE_CACHE, metavar="DIR",
                         help=f"generate the trees into DIR and reuse them next time (default {DEFAULT_TREE_CACHE})")
     parser.add_argument("--python", default=sys.executable,
@@ -457,6 +452,8 @@ def main() -> int:
     parser.add_argument("--profile-lines", type=int, default=15,
                         help="top functions listed per profile (default 15)")
     args = parser.parse_args()
+    if args.short:
+        args.scale, args.runs_small, args.runs_large = SHORT_SCALE, 1, 1
     kinds = [t for t in args.trees.split(",") if t]
     compressors = [c for c in args.compressors.split(",") if c]
     for name, allowed in ((kinds, TREES), (compressors, COMPRESSORS)):
