@@ -92,3 +92,6 @@ class ImageInfo(Provider):
     image: Artifact
     #: ``name.json`` for users (the same content as the tree's image.json).
     description: Artifact | None = None
+    #: How many layers the image has, when analysis knows it (an image built from known
+    #: layers); None when only its build tells (a pulled or imported base somewhere below).
+    layers: int | None = None

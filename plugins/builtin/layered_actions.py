@@ -145,6 +145,9 @@ class LayeredImageAssemble(ImageAssemble):
         layering = params["layering"]
         plan = _plan(ctx, layering["max_layers"], layering["packages"])
         declared = layering["singles"]
+        if layering.get("planned") and (plan.singles, plan.merged) != (declared, layering["merged"]):
+            raise ActionFailed(f"internal error: analysis planned {declared} single layers (merged: "
+                               f"{layering['merged']}), but the base image's layers give {plan}")
         keep = list(range(plan.singles))
         if plan.merged:
             if not layering["merged"]:

@@ -265,9 +265,13 @@ PURE_LAYER_DOC = ("A layer made of packages' files (mkPureLayer): a deterministi
 def declare_image(ctx: RuleContext, *, layers: Sequence[LayerInfo], base: ImageInfo | None, config: dict[str, Any],
                   repository: str, tag: str | None, compressor: str, mnemonic: str = "ImageAssemble",
                   extra_params: Mapping[str, Any] | None = None, layer_names: Sequence[str] | None = None,
-                  extra_inputs: Mapping[str, Sequence[Artifact]] | None = None) -> list[Provider]:
+                  extra_inputs: Mapping[str, Sequence[Artifact]] | None = None,
+                  layer_count: int | None = -1) -> list[Provider]:
     """Compress ``layers`` and declare the image tree (ImageAssemble, or ``mnemonic``
-    built on it), the docker-archive, OCI layout and NAME.json; return the providers."""
+    built on it), the docker-archive, OCI layout and NAME.json; return the providers.
+    ``layer_count``: how many layers the image has in all when the assembly may leave
+    some of ``layers`` out (None: unknown until it runs); by default the base's and
+    ``layers``."""
     inputs = compress_layers(ctx, layers, compressor, names=layer_names)
     if base is not None:
         inputs["base"] = [base.image]
@@ -286,7 +290,11 @@ def declare_image(ctx: RuleContext, *, layers: Sequence[LayerInfo], base: ImageI
         description=f"{mnemonic} {ctx.label}", cacheable=ctx.attr.created != "now",
         uses={"compressors": [compressor]})
     files = declare_image_outputs(ctx, image_tree=tree, description=description, compressor=compressor)
-    return [DefaultInfo(files=tuple(files)), ImageInfo(label=ctx.label, image=tree, description=description)]
+    if layer_count == -1:
+        base_count = 0 if base is None else base.layers
+        layer_count = None if base_count is None else base_count + len(layers)
+    return [DefaultInfo(files=tuple(files)),
+            ImageInfo(label=ctx.label, image=tree, description=description, layers=layer_count)]
 
 
 def _image_impl(ctx: RuleContext) -> list[Provider]:

@@ -198,9 +198,15 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
                 "keep_contents_dirlinks": False, "extra_commands": ""}
     layers: list[LayerInfo] = []
     names: list[str] = []
-    if base is None:
-        # The budget is known now: each layer action gets exactly its packages.
-        plan = plan_layers(max_layers, 0, len(layered))  # max_layers > 1 was checked above
+    # How many layers the base has is known now unless a pulled or imported image is
+    # below it: then the budget is known now and each layer action gets exactly its
+    # packages.
+    planned = base is None or base.layers is not None
+    if planned:
+        try:
+            plan = plan_layers(max_layers, base.layers or 0 if base is not None else 0, len(layered))
+        except LayerBudgetError as e:
+            ctx.fail(str(e), hint="raise max_layers, or use a base image with fewer layers")
         singles, merged = plan.singles, plan.merged
     else:
         # How many layers the base has is known once it is built or imported: declare
@@ -217,11 +223,12 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
         names.append(f"{stem}/layer")
     if merged:
         merged_tar, merged_meta = ctx.declare_internal("merged/layer.tar"), ctx.declare_internal("merged/layer.json")
-        if base is None:
+        if planned:
             rest = layered[singles:]
             layers.append(declare_layer(
                 ctx, tar=merged_tar, meta=merged_meta, packages=[packages[label] for label in rest], closure=False,
-                settings=settings, description=f"LayerWrite {ctx.label} merged ({len(rest)} packages)"))
+                settings=settings, base_dirs=base_dirs,
+                description=f"LayerWrite {ctx.label} merged ({len(rest)} packages)"))
         else:
             layers.append(declare_layer(
                 ctx, tar=merged_tar, meta=merged_meta, packages=[packages[label] for label in layered],
@@ -256,8 +263,9 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
     return declare_image(
         ctx, layers=layers, base=base, config=config, repository=repo, tag=tag, compressor=ctx.attr.compressor,
         mnemonic="LayeredImageAssemble", layer_names=names, extra_inputs=check,
+        layer_count=(base.layers or 0 if base is not None else 0) + len(layers) if planned else None,
         extra_params={"layering": {"max_layers": max_layers, "packages": len(layered), "singles": singles,
-                                   "merged": merged},
+                                   "merged": merged, "planned": planned},
                       "union": [] if commands else placements})
 
 
