@@ -55,7 +55,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import MIB, Measured, dtbuild_command, median, print_table, run_measured
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_BENCH = REPO_ROOT.parent / "shared" / "bench"
+
+
+def shared_bench() -> Path:
+    """The shared baseline scripts (gen_tree.py, seed_pipeline.sh): $DTBUILD_SHARED_BENCH,
+    else ../shared/bench beside this checkout, else /work/shared/bench."""
+    for candidate in (os.environ.get("DTBUILD_SHARED_BENCH"), REPO_ROOT.parent / "shared" / "bench",
+                      "/work/shared/bench"):
+        if candidate and (Path(candidate) / "gen_tree.py").is_file():
+            return Path(candidate)
+    return REPO_ROOT.parent / "shared" / "bench"
+
+
+SHARED_BENCH = shared_bench()
 COMPRESSORS = ("gz", "zstd", "none")
 TREES = ("small", "large")
 SEED_GZ_SPEEDUP_GOAL = 4.0  # dtbuild at least 4x faster than the seed pipeline with gz

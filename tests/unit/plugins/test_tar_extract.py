@@ -199,7 +199,7 @@ class FakeContext:
     def put_file(self, path: str) -> tuple[str, int]:
         return self.store.put_file(path)
 
-    def put_stream(self, source: IO[bytes]) -> tuple[str, int]:
+    def put_stream(self, source: IO[bytes], size: int | None = None) -> tuple[str, int]:
         data = source.read()
         return self.store.put_bytes(data), len(data)
 
