@@ -114,14 +114,10 @@ class Analyzer:
 
     def sources_usable(self, paths: Sequence[str]) -> bool:
         """Whether every source file of a stored analysis would still pass its checks."""
-        for path in paths:
-            full = os.path.join(self.loader.workspace.root, path)
-            if source_problem(self.loader.workspace.root, path, resolved_root=self._root_real,
-                              checked_dirs=self._source_dirs) is not None:
-                return False
-            if os.path.isdir(full) and not os.path.islink(full):
-                return False
-        return True
+        # source_problem refuses a directory (it is neither a regular file nor a symlink).
+        root = self.loader.workspace.root
+        return all(source_problem(root, path, resolved_root=self._root_real, checked_dirs=self._source_dirs) is None
+                   for path in paths)
 
     def output_dirs_usable(self, directories: Sequence[str]) -> bool:
         """Whether no directory a stored analysis's outputs go through is a symlink now."""

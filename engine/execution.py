@@ -560,6 +560,8 @@ class ActionRunner:
         #: Keys whose action-cache entry this build marked used.
         self.marked_now: set[str] = set()
         self.used_results: dict[str, Any] = {}
+        #: Results decoded from ``known_results``, by key.
+        self._from_index: dict[str, ActionResult] = {}
         #: The store's generation when the build started: what its results are recorded under.
         self.generation = generation
         #: Seconds each action (by :func:`action_id`) took when it last ran; read only
@@ -604,9 +606,10 @@ class ActionRunner:
         if known is None:
             return None
         try:
-            return ActionResult.from_json(known)
+            result = self._from_index[key] = ActionResult.from_json(known)
         except (AttributeError, KeyError, TypeError, ValueError):  # the index is an optimisation only
             return None
+        return result
 
     def reusable(self, result: ActionResult, action: ActionDecl, *, trusted: bool = False) -> bool:
         """Whether a cached result can stand for running ``action``: every output is in
@@ -672,7 +675,9 @@ class ActionRunner:
         for slot, art in action.outputs.items():
             self.values[art.path] = result.outputs[slot]
         if action.cacheable:
-            self.used_results[key] = result.to_json()
+            # A result taken from the index is recorded as the index holds it (no encoding).
+            from_index = self._from_index.get(key) is result
+            self.used_results[key] = self.known_results[key] if from_index else result.to_json()
 
     def _hit_inline(self, action: ActionDecl) -> tuple[ActionOutcome | None, _Prepared | None]:
         """On the scheduler thread: the outcome of ``action`` when the cache has it and

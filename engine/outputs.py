@@ -121,7 +121,8 @@ class OutputTree:
         state files without the workspace lock); the caller holds the workspace lock, so
         any of this process's own is a leftover of an earlier process with the same pid."""
         state_dir = os.path.dirname(self._index_path)
-        dirs = {state_dir} | {os.path.dirname(os.path.join(self.root, p)) for p in [*self._index, *rel_paths]}
+        rel_dirs = {os.path.dirname(p) for p in {*self._index, *rel_paths}}
+        dirs = {state_dir} | {os.path.join(self.root, d) if d else self.root for d in rel_dirs}
         removed = 0
         for directory in sorted(dirs):
             try:

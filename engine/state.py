@@ -152,11 +152,21 @@ class StateDB:
     def results(self) -> dict[str, KnownResult]:
         """The results index (entries that do not parse are left out: misses)."""
         known: dict[str, KnownResult] = {}
-        for key, text, generation, used in self._read("SELECT key, result, generation, used FROM results"):
-            try:
-                value = json.loads(text)
-            except (TypeError, ValueError):
-                continue
+        rows = self._read("SELECT key, result, generation, used FROM results")
+        try:
+            # One parse for all rows. A row that is not one JSON value either breaks the
+            # array (empty, or closing it early) or changes its length: then row by row.
+            values = json.loads("[" + ",".join(row[1] for row in rows) + "]")
+            if len(values) != len(rows):
+                raise ValueError("a row that is not one JSON value")
+        except (TypeError, ValueError):
+            values = []
+            for row in rows:
+                try:
+                    values.append(json.loads(row[1]))
+                except (TypeError, ValueError):
+                    values.append(None)
+        for (key, _, generation, used), value in zip(rows, values, strict=True):
             if isinstance(value, dict) and isinstance(key, str):
                 known[key] = KnownResult(value, str(generation), float(used or 0))
         return known

@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+#: Made once: ``json.dumps`` with options makes a new encoder per call, which costs more
+#: than encoding a small document (an action key is one per action of every build).
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
 
 def canonical_json(value: Any) -> bytes:
     """``value`` as canonical JSON bytes: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 __all__ = ["canonical_json"]
