@@ -12,6 +12,7 @@ The documents themselves (config, manifest, index, archives) are written by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -465,7 +466,8 @@ class LayerWrite(ActionKind):
             entries = cls._run_extra_commands(ctx, tree, params["extra_commands"], uid, gid)
         else:
             entries = cls._entries(ctx, tree, uid, gid)
-        entries = [cls._with_base_dir(e, base_dirs) for e in entries]
+        if base_dirs:
+            entries = [cls._with_base_dir(e, base_dirs) for e in entries]
         uname, gname = params.get("uname", ""), params.get("gname", "")
         if uname or gname:
             from dataclasses import replace
@@ -487,12 +489,12 @@ class LayerWrite(ActionKind):
     @staticmethod
     def _entries(ctx: ActionContext, tree: MergedTree, uid: int, gid: int) -> list[LayerEntry]:
         out = []
+        nodes, open_blob = tree.nodes, ctx.open_blob
         for path in tree.sorted_paths():
-            node = tree.nodes[path]
+            node = nodes[path]
             if node.kind == "file":
-                digest = node.digest
                 out.append(LayerEntry(path=path, kind="file", mode=node.mode, uid=uid, gid=gid, size=node.size,
-                                      open=lambda d=digest: ctx.open_blob(d)))
+                                      open=functools.partial(open_blob, node.digest)))
             elif node.kind == "dir":
                 out.append(LayerEntry(path=path, kind="dir", mode=node.mode, uid=uid, gid=gid))
             else:

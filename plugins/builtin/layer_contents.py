@@ -69,6 +69,9 @@ class MergedTree:
 
     def _ensure_parents(self, path: str, origin: str) -> None:
         parent = posixpath.dirname(path)
+        node = self.nodes.get(parent) if parent else None
+        if node is not None and node.kind == "dir":
+            return  # the common case: the parent is already a directory of the tree
         missing = []
         while parent:
             node = self.nodes.get(parent)

@@ -94,8 +94,8 @@ class LayerDigests:
     docker_media_type: str | None
 
 
-def _path_key(path: str) -> tuple[bytes, ...]:
-    return tuple(part.encode("utf-8", "surrogateescape") for part in path.split("/"))
+def _path_key(path: str) -> list[bytes]:
+    return path.encode("utf-8", "surrogateescape").split(b"/")
 
 
 def sorted_entries(entries: Iterable[LayerEntry]) -> list[LayerEntry]:
@@ -141,15 +141,36 @@ _MAGIC_VERSION = b"ustar\x0000"
 _CONSTANT_CHECKSUM = sum(_MTIME_FIELD) + sum(_MAGIC_VERSION) + 2 * sum(_ZERO_DEVICE) + 8 * 0x20
 
 
+#: The fields a layer's entries mostly share, by (mode, uid, gid, typeflag, uname,
+#: gname): (mode+uid+gid fields, magic through device numbers, their checksum share
+#: with the constant fields and the typeflag).
+_SHARED_FIELDS: dict[tuple[int, int, int, bytes, bytes, bytes], tuple[bytes, bytes, int]] = {}
+
+
+def _shared_fields(mode: int, uid: int, gid: int, typeflag: bytes, uname: bytes,
+                   gname: bytes) -> tuple[bytes, bytes, int]:
+    key = (mode, uid, gid, typeflag, uname, gname)
+    shared = _SHARED_FIELDS.get(key)
+    if shared is None:
+        owner = b"%07o\0%07o\0%07o\0" % (mode, uid, gid)
+        tail = b"".join((_MAGIC_VERSION, uname.ljust(32, b"\0"), gname.ljust(32, b"\0"), _ZERO_DEVICE,
+                         _ZERO_DEVICE))
+        shared = (owner, tail, _CONSTANT_CHECKSUM + sum(owner) + typeflag[0] + sum(uname) + sum(gname))
+        if len(_SHARED_FIELDS) >= 256:
+            _SHARED_FIELDS.clear()
+        _SHARED_FIELDS[key] = shared
+    return shared
+
+
 def _ustar_header(name: bytes, mode: int, uid: int, gid: int, size: int, typeflag: bytes, linkname: bytes,
                   uname: bytes, gname: bytes, prefix: bytes) -> bytes:
-    mode_f, uid_f, gid_f, size_f = b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid, b"%011o\0" % size
+    owner, tail, shared_sum = _shared_fields(mode, uid, gid, typeflag, uname, gname)
+    size_f = b"%011o\0" % size
     # Padding is NUL, so the checksum sums the fields' contents only.
-    checksum = (_CONSTANT_CHECKSUM + sum(name) + sum(mode_f) + sum(uid_f) + sum(gid_f) + sum(size_f)
-                + typeflag[0] + sum(linkname) + sum(uname) + sum(gname) + sum(prefix))
-    return b"".join((name.ljust(100, b"\0"), mode_f, uid_f, gid_f, size_f, _MTIME_FIELD, b"%06o\0 " % checksum,
-                     typeflag, linkname.ljust(100, b"\0"), _MAGIC_VERSION, uname.ljust(32, b"\0"),
-                     gname.ljust(32, b"\0"), _ZERO_DEVICE, _ZERO_DEVICE, prefix.ljust(155, b"\0"), _HEADER_TAIL))
+    checksum = shared_sum + sum(name) + sum(size_f) + (sum(linkname) if linkname else 0) + (
+        sum(prefix) if prefix else 0)
+    return b"".join((name.ljust(100, b"\0"), owner, size_f, _MTIME_FIELD, b"%06o\0 " % checksum, typeflag,
+                     linkname.ljust(100, b"\0"), tail, prefix.ljust(155, b"\0"), _HEADER_TAIL))
 
 
 def _pax_records(records: dict[str, bytes]) -> bytes:
@@ -183,13 +204,13 @@ def entry_header(entry: LayerEntry) -> bytes:
         raise ValueError(f"layer entry /{entry.path}: unknown kind {kind!r} "
                          f"(one of {', '.join(sorted(_TYPEFLAGS))})")
     _check_path(entry.path)
-    path = _encode(entry.path)
+    path = entry.path.encode("utf-8", "surrogateescape")
     if kind == "dir":
         path += b"/"
     size = entry.size if kind == "file" else 0
     if size < 0:
         raise ValueError(f"layer entry /{entry.path}: negative size {size}")
-    linkname = _encode(entry.linkname)
+    linkname = _encode(entry.linkname) if entry.linkname else b""
     if kind in ("symlink", "hardlink"):
         if not linkname:
             raise ValueError(f"layer entry /{entry.path}: a {kind} needs a linkname")
@@ -197,7 +218,8 @@ def entry_header(entry: LayerEntry) -> bytes:
             _check_path(entry.linkname)
     elif linkname:
         raise ValueError(f"layer entry /{entry.path}: a {kind} has no linkname")
-    uname, gname = _encode(entry.uname), _encode(entry.gname)
+    uname = _encode(entry.uname) if entry.uname else b""
+    gname = _encode(entry.gname) if entry.gname else b""
     uid, gid = entry.uid, entry.gid
     if uid < 0 or gid < 0:
         raise ValueError(f"layer entry /{entry.path}: negative owner {uid}:{gid}")
@@ -238,13 +260,20 @@ def entry_header(entry: LayerEntry) -> bytes:
     return b"".join((pax_header, records, _padding(len(records)), header))
 
 
+#: Zero bytes for any padding to a block boundary.
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
+
+
 def _padding(size: int) -> bytes:
-    return bytes(-size % BLOCK_SIZE)
+    return _ZERO_BLOCK[: -size % BLOCK_SIZE]
 
 
 def _check_path(path: str) -> None:
-    if not path or path.startswith("/") or path.endswith("/") or "\0" in path:
+    if not path or path[0] == "/" or path[-1] == "/" or "\0" in path:
         raise ValueError(f"layer entry path {path!r} must be relative, non-empty, without a trailing '/'")
+    if "//" not in path and not (path in (".", "..") or path.startswith(("./", "../"))
+                                 or path.endswith(("/.", "/..")) or "/./" in path or "/../" in path):
+        return  # no empty, '.' or '..' component
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise ValueError(f"layer entry path {path!r} has an empty, '.' or '..' component")
@@ -351,6 +380,12 @@ class TarStream:
         with opener() as stream:
             readinto = getattr(stream, "readinto", None)
             remaining = size
+            if readinto is not None and 0 < size <= buffer_size - self.pos:
+                # A file that fits in the buffer (the common small file): one read.
+                pos = self.pos
+                n = readinto(self.view[pos: pos + size]) or 0
+                self.pos = pos + n
+                remaining -= n
             while remaining:
                 if self.pos == buffer_size:
                     self.flush()
@@ -372,7 +407,11 @@ class TarStream:
                                          f"archived")
         pad = -size % BLOCK_SIZE
         if pad:
-            self.put(bytes(pad))
+            if pad <= buffer_size - self.pos:
+                self.view[self.pos: self.pos + pad] = _ZERO_BLOCK[:pad]
+                self.pos += pad
+            else:
+                self.put(_ZERO_BLOCK[:pad])
 
 
 def write_layer(entries: Iterable[LayerEntry], *, tar_out: IO[bytes] | None = None,
@@ -413,10 +452,11 @@ def write_layer(entries: Iterable[LayerEntry], *, tar_out: IO[bytes] | None = No
     tar_hasher = next((out for out in outputs if out is not blob_stream and hashes_itself(out)), None)
     stream = TarStream(chunk_size, outputs, hashing=tar_hasher is None)
     try:
+        put, put_contents = stream.put, stream.put_contents
         for entry in entries:
-            stream.put(entry_header(entry))
-            if entry.kind == "file":
-                stream.put_contents(entry.open, entry.size, f"/{entry.path}")
+            put(entry_header(entry))
+            if entry.kind == "file" and (entry.size or entry.open is not None):
+                put_contents(entry.open, entry.size, "/" + entry.path)
         stream.put(END_OF_ARCHIVE)
         stream.flush()
     finally:

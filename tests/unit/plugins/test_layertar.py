@@ -296,3 +296,43 @@ def test_memory_stays_bounded_for_a_200_mb_file(tmp_path):
         tracemalloc.stop()
     assert digests.tar_size == 512 + size + (-size % 512) + 1024
     assert peak < 50 * 1000 * 1000, f"peak {peak} bytes"
+
+
+class Trickle(io.RawIOBase):
+    """A stream whose ``readinto`` gives at most 7 bytes at a time."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        n = min(len(buffer), len(self.data), 7)
+        buffer[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+
+def test_small_files_read_in_short_pieces_keep_their_bytes():
+    files = {f"d/f{i}": bytes(range(i, i + 30 + i)) for i in range(5)}
+    entries = [LayerEntry("d", "dir", mode=0o755)] + [
+        LayerEntry(path, "file", size=len(data), open=functools.partial(Trickle, data))
+        for path, data in files.items()]
+    with tarfile.open(fileobj=io.BytesIO(layer_bytes(entries))) as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()} == files  # type: ignore[union-attr]
+
+
+def test_entries_of_one_layer_keep_their_own_modes_and_owners():
+    entries = [
+        LayerEntry("a", "file", mode=0o644, uid=0, gid=0),
+        LayerEntry("b", "file", mode=0o4755, uid=1000, gid=100, uname="app", gname="users"),
+        LayerEntry("c", "file", mode=0o644, uid=0, gid=0),
+        LayerEntry("d", "dir", mode=0o700, uid=1000, gid=100, uname="app", gname="users"),
+        LayerEntry("e", "symlink", mode=0o777, uid=5, gid=6, linkname="a"),
+    ]
+    with tarfile.open(fileobj=io.BytesIO(layer_bytes(entries))) as tar:
+        got = [(m.name, m.mode, m.uid, m.gid, m.uname, m.gname, m.linkname) for m in tar.getmembers()]
+    assert got == [("a", 0o644, 0, 0, "", "", ""), ("b", 0o4755, 1000, 100, "app", "users", ""),
+                   ("c", 0o644, 0, 0, "", "", ""), ("d", 0o700, 1000, 100, "app", "users", ""),
+                   ("e", 0o777, 5, 6, "", "", "a")]
