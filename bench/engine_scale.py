@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import MIB, Measured, dtbuild_command, median, print_table, run_measured
+from measure import MIB, Measured, dtbuild_command, median, print_table, remove, run_measured
 
 TARGETS_PER_PACKAGE = 10
 CHAIN_GENRULES_PER_PACKAGE = 4  # gen0..gen3 (gen4 or img is the 10th target)
@@ -188,16 +187,6 @@ def bench_size(command: list[str], tmp: Path, targets: int, chain_depth: int, ru
     repeat("query rdeps", lambda run: None, lambda: dtbuild.query(f"rdeps(//..., {repo.bottom})"))
     remove(cache)
     return repo, results
-
-
-def remove(path: Path) -> None:
-    """Remove a directory tree, read-only parts included (the store's blobs are 0444)."""
-    def retry(func, failed, _exc):  # type: ignore[no-untyped-def]
-        os.chmod(os.path.dirname(failed), 0o755)
-        func(failed)
-
-    if path.exists():
-        shutil.rmtree(path, onerror=retry)
 
 
 def print_results(by_size: list[tuple[Monorepo, list[Result]]], startup: Measured, runs: int) -> None:

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import MIB, Measured, dtbuild_command, median, print_table, run_measured
+from measure import MIB, Measured, dtbuild_command, median, print_table, remove, run_measured
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,16 +148,6 @@ def link_tree(src: Path, dest: Path) -> None:
     if subprocess.run(["cp", "-al", str(src), str(dest)], capture_output=True).returncode != 0:
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(src, dest)
-
-
-def remove(path: Path) -> None:
-    """Remove a directory tree, read-only parts included (the store's blobs are 0444)."""
-    def retry(func, failed, _exc):  # type: ignore[no-untyped-def]
-        os.chmod(os.path.dirname(failed), 0o755)
-        func(failed)
-
-    if path.exists():
-        shutil.rmtree(path, onerror=retry)
 
 
 def change_one_file(path: Path) -> None:

@@ -14,6 +14,7 @@ peak RSS and bytes written.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -99,3 +100,13 @@ def print_table(header: list[str], rows: list[list[str]], left: int = 1) -> None
     print("-" * len(line(header)))
     for row in rows:
         print(line(row))
+
+
+def remove(path: Path) -> None:
+    """Remove a directory tree, read-only parts included (the store's blobs are 0444)."""
+    def retry(func, failed, _exc):  # type: ignore[no-untyped-def]
+        os.chmod(os.path.dirname(failed), 0o755)
+        func(failed)
+
+    if path.exists():
+        shutil.rmtree(path, onerror=retry)
