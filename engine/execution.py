@@ -347,8 +347,13 @@ class ActionContextImpl:
             raise self._note(e) from None
         except SourceChangedError as e:
             raise self._note_changed(e) from None
-        if isinstance(reader, VerifiedBlobReader):
-            self._readers.append(reader)
+        if isinstance(reader, VerifiedBlobReader):  # an in-memory source was checked already
+            readers = self._readers
+            n = len(readers)
+            if n >= 256 and n & (n - 1) == 0:
+                # Drop the readers closed after their bytes matched: nothing left to check.
+                readers[:] = [r for r in readers if not (r.closed and r.verifier.state == "verified")]
+            readers.append(reader)
         return reader
 
     def check_reads(self) -> LostBlobError | None:

@@ -93,6 +93,9 @@ BLOB_MODE = 0o444
 #: The file in the cache directory that holds the store's generation.
 GENERATION_FILE = "generation"
 _CHUNK = 1 << 20
+#: Registered sources up to this size are read whole in one read and checked at once
+#: (:meth:`Store.open_blob` returns the bytes in memory); larger ones are streamed.
+SMALL_SOURCE_MAX = 1 << 20
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
@@ -534,26 +537,67 @@ class Store:
         (:class:`VerifiedBlobReader`); a plain file for a blob this process already hashed.
 
         A blob the store has no copy of is read from the source file that holds it
-        (:meth:`register_source`), always checked.
+        (:meth:`register_source`), always checked: a small one (up to
+        ``SMALL_SOURCE_MAX`` bytes) is read whole and checked before this returns (an
+        in-memory reader, nothing left to check), without looking in ``cas/`` first.
 
         :raises MissingBlobError: when the blob is not in the store.
         :raises SourceChangedError: when its source file is no longer what was digested.
         """
         path = self.blob_path(digest)
+        source = self._sources.get(digest)
+        if source is not None and source.size <= SMALL_SOURCE_MAX and digest not in self._trusted \
+                and digest not in self._verified:
+            # Sources are never copied into cas/: read this one first (one open, not a
+            # failed open of cas/ then one of the source). A copy in cas/ (the same bytes
+            # stored by an action, or an older dtbuild's) is used when the file changed.
+            try:
+                return io.BytesIO(self._read_small_source(digest, source))
+            except SourceChangedError:
+                try:
+                    return VerifiedBlobReader(_VerifyingRaw(self, digest, path))
+                except FileNotFoundError:
+                    pass
+                raise
         try:
             if digest in self._verified:
                 return open(path, "rb")
             raw = _VerifyingRaw(self, digest, path)
         except FileNotFoundError:
-            source = self._sources.get(digest)
             if source is None:
                 raise self.missing(digest) from None
             raw = _VerifyingRaw(self, digest, source.path, source=source)
         return VerifiedBlobReader(raw)
 
-    def _open_source(self, digest: str, source: SourceBlob) -> int:
+    def _read_small_source(self, digest: str, source: SourceBlob) -> bytes:
+        """The bytes of a small source file, read whole and checked against ``digest``
+        before they are returned (no reader to check later)."""
+        fd = self._open_source(digest, source, blocking=False)
+        try:
+            want = source.size + 1  # one byte more: a file that grew since its fstat
+            try:
+                data = os.read(fd, want)
+            except BlockingIOError:  # a file system that honours O_NONBLOCK on files
+                os.set_blocking(fd, True)
+                data = os.read(fd, want)
+            if 0 < len(data) < source.size:  # a short read: read on to the end
+                parts = [data]
+                got = len(data)
+                while got < want and (chunk := os.read(fd, want - got)):
+                    parts.append(chunk)
+                    got += len(chunk)
+                data = b"".join(parts)
+        finally:
+            os.close(fd)
+        if len(data) != source.size or hashlib.sha256(data).hexdigest() != digest:
+            raise SourceChangedError(source.name, digest)
+        return data
+
+    def _open_source(self, digest: str, source: SourceBlob, *, blocking: bool = True) -> int:
         """An fd reading the source file that holds blob ``digest``: never through a
-        symlink, never anything but a regular file of the digested size."""
+        symlink, never anything but a regular file of the digested size (opened
+        O_NONBLOCK so that a FIFO put in its place does not hang the open; ``blocking``:
+        set back to blocking reads)."""
         try:
             fd = os.open(source.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
@@ -567,7 +611,8 @@ class Store:
             if st.st_size != source.size:
                 raise SourceChangedError(source.name, digest,
                                          f" (it has {st.st_size} bytes, not the {source.size} it had)")
-            os.set_blocking(fd, True)
+            if blocking:
+                os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise
