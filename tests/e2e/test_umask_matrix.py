@@ -69,6 +69,7 @@ TARGETS: dict[str, str | None] = {
     "//images:app_root": None,
     "//images:imported": None,
     "//images:on_imported": None,
+    "//images:layered_on_imported": None,
     "//root:layer": None,
     "//root:with_layer": None,
     "//root:run_as_root": None,
