@@ -272,11 +272,14 @@ def workspace(tmp_path: Path) -> Callable[..., Path]:
 def write_workspace(tmp_path: Path) -> Callable[..., Path]:
     """``write_workspace({"pkg/BUILD": "...", ...}, name="ws", config="")``: a new workspace
     under ``tmp_path`` holding these files (text; a ``bytes`` value is written as is) and a
-    ``dtbuild.toml`` with ``config``. Returns its root."""
+    ``dtbuild.toml`` with ``config``. Returns its root. The directory may exist already if
+    it is empty (a file system mounted there)."""
 
     def make(files: Mapping[str, str | bytes], name: str = "ws", config: str = "") -> Path:
         root = tmp_path / name
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if any(root.iterdir()):
+            raise FileExistsError(f"workspace directory {root} is not empty")
         (root / "dtbuild.toml").write_text(config)
         for rel, content in files.items():
             path = root / rel

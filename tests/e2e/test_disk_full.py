@@ -49,24 +49,12 @@ def temporaries(root: Path) -> list[str]:
                   if ".dtbuild-tmp-" in p.name or ".dtbuild-old-" in p.name)
 
 
-def write_files(root: Path, files: dict[str, str | bytes]) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dtbuild.toml").write_text("")
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    return root
-
-
 BIG_GENRULE = f'genrule(name = "big", outs = ["big.bin"], cmd = "head -c {BIG} /dev/zero > $OUT")\n'
 
 
-def test_a_full_workspace_disk_while_writing_an_output_is_a_clear_error(small_fs, run_dtbuild) -> None:
-    ws = write_files(small_fs("ws"), {"pkg/BUILD": BIG_GENRULE})
+def test_a_full_workspace_disk_while_writing_an_output_is_a_clear_error(small_fs, write_workspace,
+                                                                        run_dtbuild) -> None:
+    ws = write_workspace({"pkg/BUILD": BIG_GENRULE}, name=small_fs("ws").name)  # the small fs' mount point
 
     build = run_dtbuild.build(ws, "//pkg:big")
 
@@ -79,7 +67,7 @@ def test_a_full_workspace_disk_while_writing_an_output_is_a_clear_error(small_fs
     assert not (ws / "dtbuild-out/pkg/big.bin").exists()
 
 
-def test_a_full_cache_disk_while_writing_a_blob_is_a_clear_error(small_fs, tmp_path, run_dtbuild) -> None:
+def test_a_full_cache_disk_while_writing_a_blob_is_a_clear_error(small_fs, write_workspace, run_dtbuild) -> None:
     cache = small_fs("cache")
     # merge_trees extracts the tarball's member into the cache as a blob (sources
     # themselves are read in place and never written there).
@@ -88,7 +76,7 @@ def test_a_full_cache_disk_while_writing_a_blob_is_a_clear_error(small_fs, tmp_p
         info = tarfile.TarInfo("big.bin")
         info.size = BIG
         tar.addfile(info, io.BytesIO(b"x" * BIG))
-    ws = write_files(tmp_path / "ws", {
+    ws = write_workspace({
         "pkg/big.tar": member.getvalue(),
         "pkg/BUILD": 'merge_trees(name = "data", srcs = ["big.tar"])\n',
     })
@@ -110,8 +98,9 @@ def test_a_full_cache_disk_while_writing_a_blob_is_a_clear_error(small_fs, tmp_p
 def test_the_next_build_removes_what_a_build_killed_while_writing_outputs_left(write_workspace,
                                                                                run_dtbuild) -> None:
     size = 300_000_000  # a copy that takes long enough to be caught in the middle
+    # Executable, so dtbuild-out/ gets a copy (a hard link to the blob would be instant).
     ws = write_workspace({"pkg/BUILD": f'genrule(name = "big", outs = ["big.bin"], '
-                                       f'cmd = "head -c {size} /dev/zero > $OUT")\n'})
+                                       f'cmd = "head -c {size} /dev/zero > $OUT && chmod +x $OUT")\n'})
     run_dtbuild.build(ws, "//pkg:big", check=True)
     os.unlink(ws / "dtbuild-out/pkg/big.bin")  # so the next build copies it out again
 
