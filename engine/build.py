@@ -174,7 +174,8 @@ class Session:
         """The workspace's state database (results index, explain record, source memo)."""
         found: StateDB | None = getattr(self, "_state", None)
         if found is None:
-            found = self._state = StateDB(self.workspace.state_dir)
+            # Bound to the key that signs the package cache: another user's database is foreign.
+            found = self._state = StateDB(self.workspace.state_dir, self.package_cache.key)
         return found
 
     def _save_results_index(self, runner: ActionRunner, store: Store) -> None:

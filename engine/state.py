@@ -14,12 +14,17 @@ of:
 
 The database is an optimisation only: a damaged, foreign or unreadable one is a miss
 (it is deleted and made again), never a failed build. Every method swallows SQLite's
-errors for the same reason.
+errors for the same reason. A workspace copied from someone else may carry its state
+directory, and forged results rows would name blobs for keys anyone can compute: so a
+database is bound to this user's state key (the one that signs the package cache), an
+HMAC of it in the ``meta`` table, and one made under another key is foreign.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import sqlite3
@@ -59,8 +64,11 @@ class KnownResult:
 class StateDB:
     """The state database of one workspace (opened on first use, thread-safe)."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, owner_key: bytes | None = None) -> None:
+        """``owner_key``: the user's state key; a database made under another is foreign
+        (None: the database is not bound to a key)."""
         self.path = os.path.join(state_dir, STATE_DB_FILE)
+        self._owner = hmac.new(owner_key, SCHEMA.encode(), hashlib.sha256).hexdigest() if owner_key else None
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
         self._broken = False  # the database could not be made: work without it
@@ -86,10 +94,16 @@ class StateDB:
                     schema = conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
                     if schema is None or schema[0] != SCHEMA:
                         raise sqlite3.DatabaseError("a database of another program or version")
+                    if self._owner is not None:
+                        owner = conn.execute("SELECT value FROM meta WHERE name='owner'").fetchone()
+                        if owner is None or not hmac.compare_digest(str(owner[0]), self._owner):
+                            raise sqlite3.DatabaseError("a database made under another user's key")
                 with _transaction(conn):
                     for statement in _TABLES:
                         conn.execute(statement)
                     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
+                    if self._owner is not None:
+                        conn.execute("INSERT OR IGNORE INTO meta VALUES ('owner', ?)", (self._owner,))
                 self._conn = conn
                 return conn
             except sqlite3.Error:

@@ -32,6 +32,20 @@ def test_results_survive_a_reopen_and_only_changed_rows_are_written(tmp_path: Pa
     assert again.results()["k1"].generation == "g2" and again.results()["k2"].generation == "g1"
 
 
+def test_a_database_made_under_another_users_key_is_foreign(tmp_path: Path) -> None:
+    """A workspace copied with its state directory: rows someone else wrote are never
+    read (forged results could name blobs for keys anyone can compute)."""
+    mine, theirs = b"m" * 32, b"t" * 32
+    db = StateDB(str(tmp_path), theirs)
+    db.put_results([("k1", {"outputs": {}, "meta": {}}, "g1", 5.0)])
+    db.close()
+    assert StateDB(str(tmp_path), mine).results() == {}  # made again, empty
+    db = StateDB(str(tmp_path), mine)
+    db.put_results([("k2", {"outputs": {}, "meta": {}}, "g1", 5.0)])
+    db.close()
+    assert sorted(StateDB(str(tmp_path), mine).results()) == ["k2"]
+
+
 @pytest.mark.parametrize("content", [b"", b"not a database at all" * 100, b"SQLite format 3\0" + b"\xff" * 4096])
 def test_a_damaged_database_is_an_empty_one(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "state.db").write_bytes(content)
