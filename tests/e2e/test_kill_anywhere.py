@@ -45,7 +45,7 @@ SEED = 20240611
 KILLS = 24
 MAX_ROUNDS = 60
 #: One cycle of rounds: where the signal is meant to land.
-MODES = ["random"] * 6 + ["loading", "root layer", "root layer", "output writing", "output writing"]
+MODES = ["random"] * 6 + ["loading", "execution", "root layer", "root layer", "output writing", "output writing"]
 #: How long a process left behind by a killed build may take to go away.
 ORPHAN_GRACE = 3.0
 #: How long a build may take to stop after SIGINT or SIGTERM.
@@ -221,6 +221,12 @@ def _writing_outputs(pid: int, ws: Path) -> bool:
 
 def _in_root_layer(pid: int) -> bool:
     return any("unshare" in (cmd := _cmdline(kid)) or "namespace_executor" in cmd for kid in _descendants(pid))
+
+
+def _executing(proc: subprocess.Popen[bytes], err_path: Path, ws: Path) -> bool:
+    """Whether the build has started actions and is neither in a root layer nor writing
+    dtbuild-out/."""
+    return bool(_progress(err_path)) and not _writing_outputs(proc.pid, ws) and not _in_root_layer(proc.pid)
 
 
 def _phase(proc: subprocess.Popen[bytes], err_path: Path, ws: Path) -> str:
