@@ -34,6 +34,10 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 FIXTURES_DIR = TESTS_DIR / "fixtures"
 REPO_ROOT = TESTS_DIR.parent
+# Plain helper modules that tests and bench/ both import (tests/servers_*.py: the remote
+# cache servers a test or a benchmark starts on loopback).
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
 
 #: How long one CLI run may take before the test fails (a hung build is a bug, not a wait).
 DEFAULT_TIMEOUT = 120.0
