@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from dtbuild.engine.analysis import AnalysisResult, Analyzer
 from dtbuild.engine.errors import BuildFailure, DtbuildError, PluginError
-from dtbuild.engine.execution import ActionRunner, ExecutionStats, PluginItems, action_id, action_key
+from dtbuild.engine.execution import RAN, ActionRunner, ExecutionStats, PluginItems, action_id, action_key
 from dtbuild.engine.labels import Label, parse_pattern
 from dtbuild.engine.load import Loader
 from dtbuild.engine.plugin_manager import collect_registry, make_plugin_manager, plugin_distributions
@@ -47,6 +47,8 @@ class BuildResult:
     #: BUILD files evaluated by Starlark in this process and packages taken from the
     #: package cache.
     packages: dict[str, int] = field(default_factory=lambda: {"evaluated": 0, "cached": 0})
+    #: The remote cache and executor used, and what moved (None without a remote).
+    remote: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         # manifest_digest is a field of every target in SPEC's summary (null unless a
@@ -56,10 +58,12 @@ class BuildResult:
             "targets": {label: {"outputs": paths, "manifest_digest": None, **self.described.get(label, {})}
                         for label, paths in sorted(self.outputs.items())},
             "actions": {"executed": self.stats.executed, "cached": self.stats.cached,
-                        "remote_cached": self.stats.remote_cached, "failed": self.stats.failed,
+                        "remote_cached": self.stats.remote_cached, "remote_executed": self.stats.remote_executed,
+                        "failed": self.stats.failed,
                         # Only when it happened: cache entries found corrupt and rebuilt.
                         **({"rewound": self.stats.rewound} if self.stats.rewound else {})},
             "packages": dict(self.packages),
+            **({"remote": dict(self.remote)} if self.remote is not None else {}),
             # The chain of dependent executed actions that took longest.
             "critical_path": {"seconds": round(sum(step.seconds for step in path), 3),
                               "actions": [{"label": step.label, "mnemonic": step.mnemonic,
@@ -189,7 +193,7 @@ class Session:
                 continue
             used = now if key in runner.marked_now else runner.marked_used.get(key, now)
             changed.append((key, result, runner.generation, used))
-        if changed or runner.stats.executed:
+        if changed or runner.stats.executed or runner.stats.remote_executed or runner.stats.remote_cached:
             store.make_durable()  # once per build
         self.state.put_results(changed)
         rewritten = {row[0] for row in changed}
@@ -200,17 +204,55 @@ class Session:
         generation = store.generation()  # before any result is trusted under it
         index = self.state.results()
         state = self.state
+        plugins = self.plugin_items()
+        remote, remote_executor = self._remote(store, plugins)
         runner = ActionRunner(
             root=self.workspace.root, store=store,
             sources=SourceDigests(self.workspace.root, self.workspace.state_dir, state),
-            plugins=self.plugin_items(), jobs=options.jobs or os.cpu_count() or 1, keep_going=options.keep_going,
+            plugins=plugins, jobs=options.jobs or os.cpu_count() or 1, keep_going=options.keep_going,
             cancel=cancel, locations={k: d.location for k, d in decls.items()},
             kinds={k: d.kind for k, d in decls.items()}, debug=options.debug,
             known_results={k: v.result for k, v in index.items()},
             trusted_results={k for k, v in index.items() if v.generation == generation},
             marked_used={k: v.used for k, v in index.items()}, durations=state.durations,
-            generation=generation)
+            generation=generation, remote=remote, remote_executor=remote_executor)
         return runner
+
+    def _remote(self, store: Store, plugins: PluginItems) -> tuple[Any, str | None]:
+        """The build's remote cache (or None) and the remote executor's URL (or None).
+
+        :raises WorkspaceError: for bad [remote] settings or flags.
+        """
+        settings = self.workspace.settings()
+        from dtbuild.engine.remote.config import configured, remote_config
+
+        if not configured(settings):
+            return None, None
+        config = remote_config(settings)
+        cache = None
+        if config.cache is not None:
+            from dtbuild.engine.remote import open_transport
+            from dtbuild.engine.remote.cache import RemoteCache
+
+            cache = RemoteCache(open_transport(config.cache), store, upload=config.upload, warn=plugins.warn)
+        return cache, config.executor.url if config.executor is not None else None
+
+    @staticmethod
+    def _finish_remote(runner: ActionRunner, result: BuildResult | None) -> None:
+        """Wait for the uploads and put what moved into the summary."""
+        remote = runner.remote
+        if remote is not None:
+            remote.finish()
+        if result is None or (remote is None and not runner.remote_executor):
+            return
+        result.remote = {
+            "cache": remote.url if remote is not None else None,
+            "executor": runner.remote_executor,
+            "downloaded_bytes": remote.stats.downloaded_bytes if remote is not None else 0,
+            "uploaded_bytes": remote.stats.uploaded_bytes if remote is not None else 0,
+            "uploaded_results": remote.stats.uploaded_results if remote is not None else 0,
+            "warnings": list(remote.warnings) if remote is not None else [],
+        }
 
     def _save_state(self, runner: ActionRunner, store: Store, actions: Sequence[ActionDecl]) -> None:
         """What a build leaves for the next one: source digests, the results index (after
@@ -219,7 +261,7 @@ class Session:
         self._save_results_index(runner, store)
         self._record_inputs(runner, actions)
         self.state.put_durations((action_id(o.action), o.seconds) for o in runner.outcomes
-                                 if o.status == "executed")
+                                 if o.status in RAN)
 
     def build(self, labels: Sequence[Label], options: BuildOptions, cancel: threading.Event) -> BuildResult:
         """Build ``labels``; outputs of requested targets are copied under dtbuild-out/."""
@@ -242,6 +284,7 @@ class Session:
             except DtbuildError as e:
                 result.error = e
             finally:
+                self._finish_remote(runner, result)
                 self._save_state(runner, store, actions)
             # Every requested target whose outputs exist gets them (all of them, or with
             # --keep-going those that do not depend on a failure).
@@ -294,6 +337,7 @@ class Session:
                 runner.run(needed, analysis.producers)
                 finished = True
             finally:
+                self._finish_remote(runner, None)
                 self._save_state(runner, store, needed)
                 self.pm.hook.dtbuild_build_finished(summary=BuildResult([label], runner.stats).summary(),
                                                     success=finished)
@@ -380,12 +424,21 @@ class Session:
                     runner.values[art.path] = cached.outputs[slot]
                 lines.append(f"{action.description}: cached")
                 continue
+            remote = runner.remote
+            found = remote.peek(key, set(action.outputs)) if remote is not None and action.cacheable else None
+            if remote is not None and found is not None:
+                for slot, art in action.outputs.items():
+                    runner.values[art.path] = found[slot]
+                lines.append(f"{action.description}: from the remote cache {remote.url}")
+                continue
             will_run.update(a.path for a in action.outputs.values())
             why = (f"a plugin it uses changed: {', '.join(stale)}" if stale
                    else self._why(action, kind.VERSION, inputs, plugins.uses_of(action),
                                   self.state.input_record(action_id(action))))
             lines.append(f"{action.description}: would run, because {why}")
         runner.sources.save()
+        if runner.remote is not None:
+            runner.remote.finish()
         return lines
 
     def _why(self, action: ActionDecl, kind_version: str, inputs: dict[str, list[Any]],

@@ -41,6 +41,11 @@ def _parser(commands: Any = None) -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     common.add_argument("-p", dest="plugin_flags", action="append", default=[], metavar="no:NAME",
                         help="block the plugin NAME (repeatable)")
+    remote = common.add_argument_group("remote cache and execution (over $DTBUILD_REMOTE_* and [remote])")
+    remote.add_argument("--remote-cache", metavar="URL", help="http://, https://, grpc:// or grpcs:// remote cache")
+    remote.add_argument("--remote-executor", metavar="URL", help="grpc:// or grpcs:// REAPI execution service")
+    remote.add_argument("--remote-upload", metavar="BOOL", choices=("true", "false"),
+                        help="upload results made here to the remote cache (default true)")
     parser = argparse.ArgumentParser(
         prog="dtbuild", parents=[common],
         description="Build reproducible container images from BUILD files. `dtbuild //images:web` builds a target.")
@@ -232,6 +237,10 @@ def _make_session(blocked: Sequence[str]) -> Any:
 
 def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
     session = _make_session(_blocked(args.plugin_flags))
+    for flag, key in (("--remote-cache", "cache"), ("--remote-executor", "executor"), ("--remote-upload", "upload")):
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            session.workspace.override(f"remote.{key}", value, flag)
     # The reporter is an observer plugin like any other: -p no:reporter silences it.
     if reporter is not None and not session.pm.is_blocked("reporter") and not session.pm.has_plugin("reporter"):
         session.pm.register(reporter, name="reporter")
@@ -301,13 +310,26 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return result.error.exit_code
     rebuilt = (f" {stats.rewound} corrupt cache entr{'y' if stats.rewound == 1 else 'ies'} rebuilt."
                if stats.rewound else "")
-    print(f"Built {len(labels)} target(s): {stats.executed} action(s) executed, "
+    remotely = f", {stats.remote_executed} executed remotely" if stats.remote_executed else ""
+    print(f"Built {len(labels)} target(s): {stats.executed} action(s) executed{remotely}, "
           f"{stats.cached} cached, {stats.remote_cached} from the remote cache.{rebuilt}", file=out)
+    if result.remote is not None and result.remote.get("cache"):
+        moved = result.remote
+        print(f"  remote cache {moved['cache']}: {_size(moved['downloaded_bytes'])} downloaded, "
+              f"{moved['uploaded_results']} result(s) and {_size(moved['uploaded_bytes'])} uploaded", file=out)
     for label, paths in summary["targets"].items():
         shown = ", ".join(paths["outputs"]) or "(no outputs)"
         digest = paths.get("manifest_digest")
         print(f"  {label}: {shown}" + (f"  {digest}" if digest else ""), file=out)
     return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
 
 
 def _query_graph(session: Any) -> Any:

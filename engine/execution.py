@@ -38,7 +38,7 @@ import time
 import traceback
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from dtbuild.engine.errors import ActionError, BuildFailure, CycleError, Interrupted, Location, StoreError
 from dtbuild.engine.sources import SourceDigests
@@ -71,6 +71,9 @@ from dtbuild.plugins.interfaces import (
 from dtbuild.rules.api import ActionDecl
 from dtbuild.rules.artifacts import Artifact
 
+if TYPE_CHECKING:
+    from dtbuild.engine.remote.cache import RemoteCache
+
 _T = TypeVar("_T")
 
 #: Bump when the key encoding or the store's result format changes.
@@ -91,6 +94,8 @@ class ExecutionStats:
     executed: int = 0
     cached: int = 0
     remote_cached: int = 0
+    #: Executed on the remote executor (not counted in ``executed``).
+    remote_executed: int = 0
     failed: int = 0
     skipped: int = 0
     #: Cache entries found missing or corrupt when read, and rebuilt (action rewinding).
@@ -106,10 +111,14 @@ class ExecutionStats:
 @dataclass
 class ActionOutcome:
     action: ActionDecl
-    status: str  # executed | cached | remote_cached | failed | skipped
+    status: str  # executed | remote_executed | cached | remote_cached | failed | skipped
     key: str = ""
     error: BaseException | None = None
     seconds: float = 0.0
+
+
+#: Statuses of actions that ran (here or on the remote executor).
+RAN = frozenset({"executed", "remote_executed"})
 
 
 def action_id(action: ActionDecl) -> str:
@@ -179,6 +188,10 @@ class PluginItems:
                                        f"(registered: {', '.join(sorted(classes)) or 'none'})")
                 inst = self._instances[f"{kind}:{name}"] = cls()
             return inst
+
+    def warn(self, message: str) -> None:
+        """A warning for the user that no one action owns (the remote is gone)."""
+        self.hook.dtbuild_action_log(label="dtbuild", mnemonic="warning", message=f"warning: {message}")
 
     def executor_context(self, name: str) -> ExecutorContext:
         """The context executor ``name`` is made with."""
@@ -329,6 +342,8 @@ class ActionContextImpl:
         #: The first source file found changed while the action read it: the action
         #: fails with it, whatever an action kind made of it.
         self.changed: SourceChangedError | None = None
+        #: Whether a command of the action ran on the remote executor.
+        self.ran_remotely = False
 
     def _note(self, error: LostBlobError) -> LostBlobError:
         if self.lost is None:
@@ -463,8 +478,22 @@ class ActionContextImpl:
         self.direct_outputs[name] = OutputValue(digest, total, True, False)
 
     def run_command(self, request: CommandRequest) -> CommandResult:
-        executor = self._runner.plugins.executor(self.action.mnemonic, self.action.executor)
-        return executor.run(request, self._runner.cancel)
+        runner = self._runner
+        if runner.remote_executor_usable and getattr(runner.kind_for(self.action), "COMMAND", False):
+            from dtbuild.engine.remote import RemoteAuthError, RemoteError
+
+            try:
+                result = runner.plugins.executor_instance("remote").run(request, runner.cancel)
+            except RemoteAuthError as e:
+                raise ActionFailed(str(e)) from None
+            except RemoteError as e:
+                if runner.remote_executor_failed(e):
+                    runner.plugins.warn(f"the remote executor cannot be used ({e}); commands run here")
+            else:
+                self.ran_remotely = True
+                return result
+        executor = runner.plugins.executor(self.action.mnemonic, self.action.executor)
+        return executor.run(request, runner.cancel)
 
     def compressor(self, name: str) -> Compressor:
         found = self._runner.plugins.compressor(name)
@@ -538,7 +567,8 @@ class ActionRunner:
                  locations: Mapping[str, Location], kinds: Mapping[str, str] | None = None,
                  debug: bool = False, known_results: Mapping[str, Any] | None = None,
                  trusted_results: Collection[str] = (), marked_used: Mapping[str, float] | None = None,
-                 durations: Callable[[], Mapping[str, float]] | None = None, generation: str = "") -> None:
+                 durations: Callable[[], Mapping[str, float]] | None = None, generation: str = "",
+                 remote: RemoteCache | None = None, remote_executor: str | None = None) -> None:
         self.root = root
         self.store = store
         self.sources = sources
@@ -575,6 +605,12 @@ class ActionRunner:
         #: The action that produces each generated artifact (set by :meth:`run`).
         self.producers: Mapping[str, ActionDecl] = {}
         self._rewind_lock = threading.RLock()
+        #: The remote cache (looked up on a local miss, given what runs here), or None.
+        self.remote = remote
+        #: The URL of the remote executor that runs the commands of COMMAND kinds, or None.
+        self.remote_executor = remote_executor
+        self._remote_exec_failed = False
+        self._remote_exec_lock = threading.Lock()
 
     # ------------------------------------------------------------------ reporting
 
@@ -676,6 +712,34 @@ class ActionRunner:
             return result
         return None
 
+    def _remote_hit(self, action: ActionDecl, key: str) -> ActionResult | None:
+        """The remote cache's result for ``action`` (its blobs fetched into the store and
+        the result written to the local action cache), or None."""
+        from dtbuild.engine.remote import RemoteAuthError
+
+        assert self.remote is not None
+        try:
+            result = self.remote.lookup(key, set(action.outputs),
+                                        lambda meta: not self.stale_uses(ActionResult({}, meta)))
+        except RemoteAuthError as e:
+            raise ActionFailed(str(e)) from None
+        if result is None:
+            return None
+        self.store.put_action(key, result)
+        return result
+
+    def remote_executor_failed(self, error: Exception) -> bool:
+        """Note that the remote executor failed (``error``); True the first time, when
+        the caller warns that commands run here from now on."""
+        with self._remote_exec_lock:
+            first = not self._remote_exec_failed
+            self._remote_exec_failed = True
+        return first
+
+    @property
+    def remote_executor_usable(self) -> bool:
+        return self.remote_executor is not None and not self._remote_exec_failed
+
     def _record(self, action: ActionDecl, key: str, result: ActionResult) -> None:
         for slot, art in action.outputs.items():
             self.values[art.path] = result.outputs[slot]
@@ -725,11 +789,16 @@ class ActionRunner:
             if result is not None:
                 status = "cached"
                 break
+            if self.remote is not None and action.cacheable and not rerun:
+                result = self._remote_hit(action, key)
+                if result is not None:
+                    status = "remote_cached"
+                    break
             if not rerun and not rebuilt:
                 self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
                             description=action.description)
             try:
-                result = self._execute(action, kind, inputs)
+                result, remotely = self._execute(action, kind, inputs)
             except LostBlobError as lost:
                 if lost.digest in rebuilt:
                     raise self._still_wrong(lost, rebuilt[lost.digest], action) from None
@@ -738,7 +807,9 @@ class ActionRunner:
             if action.cacheable:
                 # After its blobs; flushed once per build (the build's make_durable).
                 self.store.put_action(key, result)
-            status = "executed"
+                if self.remote is not None:
+                    self.remote.upload(key, result)
+            status = "remote_executed" if remotely else "executed"
             break
         self._record(action, key, result)
         return status, key
@@ -848,7 +919,9 @@ class ActionRunner:
             f"even after {made_by} wrote it again", hint="something damages the cache: check the disk (dmesg) "
             "and what else writes there, or move the cache with DTBUILD_CACHE_DIR")
 
-    def _execute(self, action: ActionDecl, kind: ActionKind, inputs: dict[str, list[InputArtifact]]) -> ActionResult:
+    def _execute(self, action: ActionDecl, kind: ActionKind, inputs: dict[str, list[InputArtifact]]
+                 ) -> tuple[ActionResult, bool]:
+        """Run the action; (its result, whether its commands ran on the remote executor)."""
         work_dir = self.store.temp_path("action")
         os.makedirs(work_dir, mode=0o700)  # an action's files are no other user's business
         ctx = ActionContextImpl(self, action, inputs, work_dir)
@@ -893,7 +966,7 @@ class ActionRunner:
                 used.setdefault(registry, {}).update(names)
             if used:
                 meta["uses"] = used
-            return ActionResult(outputs, meta)
+            return ActionResult(outputs, meta), ctx.ran_remotely
         finally:
             ctx.abort_streams()
             remove_tree(work_dir)
@@ -1088,7 +1161,7 @@ class ActionRunner:
         before: dict[int, int | None] = {}
         outcomes = dict(finished)
         for i, outcome in finished:
-            own = outcome.seconds if outcome.status == "executed" else 0.0
+            own = outcome.seconds if outcome.status in RAN else 0.0
             upstream = max((j for j in deps[i] if j in longest), key=longest.__getitem__, default=None)
             longest[i] = own + (longest[upstream] if upstream is not None else 0.0)
             before[i] = upstream
@@ -1098,7 +1171,7 @@ class ActionRunner:
         at: int | None = max(longest, key=longest.__getitem__)
         while at is not None:
             outcome = outcomes[at]
-            if outcome.status == "executed":
+            if outcome.status in RAN:
                 steps.append(CriticalStep(actions[at].owner, actions[at].mnemonic, outcome.seconds))
             at = before[at]
         steps.reverse()

@@ -61,13 +61,24 @@ SETTINGS: Mapping[str, Mapping[str, SettingSpec]] = {
                                  "wins over it, the XDG cache directory is the default")},
     "plugins": {"modules": SettingSpec("workspace plugins: Python files (relative to the workspace root) or "
                                        "importable module names")},
-    # SPEC.md's remote settings; the remote cache and executor are not built yet, so
-    # they are accepted (a workspace written for them loads) and not used.
-    "remote": {"cache": SettingSpec("the URL of a remote cache (not used yet)"),
-               "executor": SettingSpec("the URL of a remote executor (not used yet)"),
-               "upload": SettingSpec("whether to upload results to the remote cache (not used yet)"),
-               "instance_name": SettingSpec("the REAPI instance name (not used yet)"),
-               "headers": SettingSpec("extra headers for remote requests (not used yet)")},
+    # The remote cache and executor (engine/remote/, docs/remote.md). --remote-cache,
+    # --remote-executor and --remote-upload win over the environment, which wins over these.
+    "remote": {"cache": SettingSpec("the URL of a remote cache: http://, https://, grpc:// or grpcs://",
+                                    "DTBUILD_REMOTE_CACHE"),
+               "executor": SettingSpec("the URL of a REAPI execution service: grpc:// or grpcs://",
+                                       "DTBUILD_REMOTE_EXECUTOR"),
+               "upload": SettingSpec("whether results made here are uploaded to the remote cache (default true)",
+                                     "DTBUILD_REMOTE_UPLOAD"),
+               "instance_name": SettingSpec("the REAPI instance name (gRPC only)"),
+               "headers": SettingSpec("extra headers sent with every remote request, a table of name = value"),
+               "platform": SettingSpec("REAPI platform properties of remotely executed commands, a table of "
+                                       "name = value (OSFamily, container-image, ...)"),
+               "username": SettingSpec("the user name for basic auth", "DTBUILD_REMOTE_USERNAME"),
+               "password": SettingSpec("the password for basic auth; prefer $DTBUILD_REMOTE_PASSWORD or a netrc "
+                                       "file to a password in a file that is committed", "DTBUILD_REMOTE_PASSWORD"),
+               "token": SettingSpec("a bearer token; prefer $DTBUILD_REMOTE_TOKEN", "DTBUILD_REMOTE_TOKEN"),
+               "timeout": SettingSpec("seconds a remote request may take before the remote counts as gone "
+                                      "(default 60)")},
     "sandbox": {"commands": SettingSpec(SANDBOX_COMMANDS_DOC, "DTBUILD_SANDBOX")},
     "network": {
         "connect_timeout": _network("connect_timeout", "seconds to open a connection (TCP and TLS)"),
@@ -93,6 +104,14 @@ class Workspace:
     root: str
     config: dict[str, Any] = field(default_factory=dict)
     _settings: Settings | None = field(default=None, init=False, repr=False, compare=False)
+    #: Settings given on the command line ("section.key" -> (value, the flag)): they win
+    #: over the environment and the file.
+    overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
+
+    def override(self, dotted: str, value: Any, flag: str) -> None:
+        """Set ``dotted`` ("remote.cache") from command-line flag ``flag``."""
+        self.overrides[dotted] = (value, flag)
+        self._settings = None
 
     @property
     def out_dir(self) -> str:
@@ -135,6 +154,8 @@ class Workspace:
                 if spec.env and override:
                     values[key] = override
                     origins[f"{name}.{key}"] = spec.env
+                if f"{name}.{key}" in self.overrides:
+                    values[key], origins[f"{name}.{key}"] = self.overrides[f"{name}.{key}"]
             if values or isinstance(table, dict):
                 sections[name] = MappingProxyType(values)
         settings = Settings(MappingProxyType(sections), MappingProxyType(origins))
@@ -142,10 +163,6 @@ class Workspace:
         if environ is None:
             self._settings = settings
         return settings
-
-    def remote_cache(self) -> str | None:
-        value = self.config.get("remote", {}).get("cache")
-        return str(value) if value else None
 
     def sandbox_commands(self) -> str:
         """The command sandbox: ``$DTBUILD_SANDBOX``, else ``[sandbox] commands``, else

@@ -186,6 +186,11 @@ class ActionKind(abc.ABC):
 
     NAME: ClassVar[str]
     VERSION: ClassVar[str] = "1"
+    #: Whether the kind's work is commands it runs through ``ctx.run_command`` with
+    #: every input under the request's ``cwd`` and its ``outputs`` declared. With a
+    #: remote executor configured, the commands of such kinds run there; all other
+    #: kinds run here (and still use the remote cache).
+    COMMAND: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, ctx: ActionContext) -> None: ...
@@ -248,6 +253,10 @@ class CommandRequest:
     writable: Sequence[str] = ()
     #: Absolute paths the command may read but not write.
     readonly: Sequence[str] = ()
+    #: What the command produces, relative to ``cwd`` (files or directories). A local
+    #: executor may ignore it; a remote one (REAPI) fetches exactly these back into
+    #: ``cwd`` and needs them declared.
+    outputs: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)

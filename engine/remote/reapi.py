@@ -1,0 +1,241 @@
+"""The store's results and trees as REAPI's own messages, and back.
+
+A remote cache holds what any REAPI client can read:
+
+* the action cache entry of an action is an ``ActionResult``: each file output an
+  ``OutputFile`` (its path is the output's slot name, with ``is_executable``), each tree
+  output an ``OutputDirectory`` whose ``tree_digest`` names a ``Tree`` message in the
+  CAS; the facts the engine keeps about a result (its mnemonic, the versions of the
+  plugins it used) travel as a ``google.protobuf.Struct`` in
+  ``execution_metadata.auxiliary_metadata``;
+* a tree is a ``Tree`` of ``Directory`` messages, modes in ``node_properties.unix_mode``
+  (REAPI's field for them), so a tree converts to the store's Directory nodes and back
+  without loss; file blobs are the same bytes under the same sha256 in both.
+
+The action cache key of an action is the digest of an ``Action`` message whose ``salt``
+holds the engine's own key (kind version, parameters, inputs, plugin versions): it is a
+valid REAPI action digest, and no other client's action can have it.
+
+Everything read from a remote is hostile: :func:`parse_action_result` and
+:func:`import_tree` check every name, digest, size and mode as the local store checks
+its own nodes, and raise :class:`BadRemoteEntry` for anything else (the entry is then a
+miss). Bytes are never trusted: the caller checks every blob against its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dtbuild.engine.remote import Digest
+
+if TYPE_CHECKING:
+    from dtbuild.engine.store import ActionResult, Store
+
+#: The salt prefix of the Action messages that name dtbuild's cache entries.
+SALT_PREFIX = b"dtbuild-action-key/1:"
+#: How deep a tree from a remote may nest (deeper is refused, not recursed into).
+MAX_TREE_DEPTH = 200
+META_TYPE_URL = "type.googleapis.com/google.protobuf.Struct"
+
+
+class BadRemoteEntry(ValueError):
+    """A remote action result or tree that is not what the engine writes."""
+
+
+def _pb() -> Any:
+    from dtbuild.engine.remote._reapi.build.bazel.remote.execution.v2 import remote_execution_pb2
+
+    return remote_execution_pb2
+
+
+def digest_of(data: bytes) -> Digest:
+    return Digest(hashlib.sha256(data).hexdigest(), len(data))
+
+
+def action_digest(key: str) -> Digest:
+    """The REAPI action digest under which the result of the action with engine key
+    ``key`` is cached."""
+    action = _pb().Action(salt=SALT_PREFIX + key.encode())
+    return digest_of(action.SerializeToString(deterministic=True))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteOutput:
+    """One output of a remote ActionResult: a file (its blob) or a tree (its Tree blob)."""
+
+    digest: Digest
+    is_tree: bool
+    executable: bool = False
+
+
+def _check_digest(d: Any, what: str) -> Digest:
+    h, size = d.hash, d.size_bytes
+    if len(h) != 64 or any(c not in "0123456789abcdef" for c in h) or not 0 <= size < 1 << 62:
+        raise BadRemoteEntry(f"{what} has the digest {h!r}/{size}, not a sha256 digest")
+    return Digest(h, size)
+
+
+def encode_action_result(outputs: dict[str, RemoteOutput], meta: dict[str, Any]) -> bytes:
+    """The serialized ActionResult of a result whose outputs are ``outputs`` (slot ->
+    file or Tree digest)."""
+    from google.protobuf import any_pb2, json_format, struct_pb2
+
+    pb = _pb()
+    result = pb.ActionResult(exit_code=0)
+    for slot, out in sorted(outputs.items()):
+        digest = pb.Digest(hash=out.digest.hash, size_bytes=out.digest.size)
+        if out.is_tree:
+            result.output_directories.add(path=slot, tree_digest=digest)
+        else:
+            result.output_files.add(path=slot, digest=digest, is_executable=out.executable)
+    struct = struct_pb2.Struct()
+    json_format.ParseDict(json.loads(json.dumps(meta)), struct)
+    packed = any_pb2.Any(type_url=META_TYPE_URL, value=struct.SerializeToString(deterministic=True))
+    result.execution_metadata.auxiliary_metadata.append(packed)
+    return result.SerializeToString(deterministic=True)
+
+
+def parse_action_result(data: bytes, slots: set[str]) -> tuple[dict[str, RemoteOutput], dict[str, Any]]:
+    """The outputs and meta of a serialized ActionResult, which must have exactly the
+    output slots ``slots`` and exit code 0.
+
+    :raises BadRemoteEntry: for anything else.
+    """
+    from google.protobuf import json_format, message, struct_pb2
+
+    pb = _pb()
+    result = pb.ActionResult()
+    try:
+        result.ParseFromString(data)
+    except message.DecodeError as e:
+        raise BadRemoteEntry(f"not an ActionResult message ({e})") from None
+    if result.exit_code != 0:
+        raise BadRemoteEntry(f"it records a command that exited with status {result.exit_code}")
+    outputs: dict[str, RemoteOutput] = {}
+    for f in result.output_files:
+        outputs[f.path] = RemoteOutput(_check_digest(f.digest, f"output {f.path!r}"), False, f.is_executable)
+    for d in result.output_directories:
+        if d.path in outputs:
+            raise BadRemoteEntry(f"output {d.path!r} appears twice")
+        outputs[d.path] = RemoteOutput(_check_digest(d.tree_digest, f"output {d.path!r}"), True)
+    if len(outputs) != len(result.output_files) + len(result.output_directories) or set(outputs) != slots:
+        raise BadRemoteEntry(f"its outputs {sorted(outputs)} are not the action's {sorted(slots)}")
+    if result.output_symlinks or result.output_file_symlinks or result.output_directory_symlinks:
+        raise BadRemoteEntry("it has symlink outputs, which dtbuild actions never declare")
+    meta: dict[str, Any] = {}
+    for packed in result.execution_metadata.auxiliary_metadata:
+        if packed.type_url == META_TYPE_URL:
+            struct = struct_pb2.Struct()
+            try:
+                struct.ParseFromString(packed.value)
+            except message.DecodeError:
+                raise BadRemoteEntry("its metadata is not a Struct") from None
+            meta = json_format.MessageToDict(struct)
+            break
+    return outputs, meta
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def export_tree(store: Store, root: str) -> tuple[bytes, list[Digest]]:
+    """The serialized ``Tree`` of the store's tree ``root`` and the file blobs it names
+    (each once)."""
+    pb = _pb()
+    children: dict[str, Any] = {}
+    files: dict[str, Digest] = {}
+
+    def convert(digest: str) -> Any:
+        node = store.read_directory(digest)
+        directory = pb.Directory()
+        for f in node["files"]:
+            entry = directory.files.add(name=f["name"], digest=pb.Digest(hash=f["digest"], size_bytes=f["size"]),
+                                        is_executable=bool(f["mode"] & 0o100))
+            entry.node_properties.unix_mode.value = f["mode"]
+            files.setdefault(f["digest"], Digest(f["digest"], f["size"]))
+        for d in node["directories"]:
+            child = convert(d["digest"])
+            data = child.SerializeToString(deterministic=True)
+            child_digest = digest_of(data)
+            children.setdefault(child_digest.hash, child)
+            directory.directories.add(name=d["name"], digest=pb.Digest(hash=child_digest.hash,
+                                                                       size_bytes=child_digest.size))
+        for s in node["symlinks"]:
+            directory.symlinks.add(name=s["name"], target=s["target"])
+        directory.node_properties.unix_mode.value = node.get("mode", 0o755)
+        return directory
+
+    tree = pb.Tree(root=convert(root))
+    for _, child in sorted(children.items()):
+        tree.children.append(child)
+    return tree.SerializeToString(deterministic=True), list(files.values())
+
+
+def import_tree(store: Store, data: bytes) -> tuple[str, int, list[Digest]]:
+    """Put the store's Directory nodes of serialized ``Tree`` ``data`` into ``store``
+    (checked as the store checks its own) and return (root digest, total file bytes,
+    the file blobs it names).
+
+    :raises BadRemoteEntry: for a Tree that is not a valid, complete tree.
+    """
+    from dtbuild.engine.store import check_directory_node
+    from google.protobuf import message
+
+    pb = _pb()
+    tree = pb.Tree()
+    try:
+        tree.ParseFromString(data)
+    except message.DecodeError as e:
+        raise BadRemoteEntry(f"not a Tree message ({e})") from None
+    by_digest = {digest_of(c.SerializeToString(deterministic=True)).hash: c for c in tree.children}
+    files: dict[str, Digest] = {}
+    total = 0
+
+    def convert(directory: Any, depth: int) -> str:
+        nonlocal total
+        if depth > MAX_TREE_DEPTH:
+            raise BadRemoteEntry(f"it nests deeper than {MAX_TREE_DEPTH} directories")
+        node: dict[str, Any] = {"files": [], "directories": [], "symlinks": []}
+        for f in directory.files:
+            digest = _check_digest(f.digest, f"file {f.name!r}")
+            mode = f.node_properties.unix_mode.value if f.node_properties.HasField("unix_mode") \
+                else (0o755 if f.is_executable else 0o644)
+            node["files"].append({"name": f.name, "digest": digest.hash, "size": digest.size, "mode": mode})
+            files.setdefault(digest.hash, digest)
+            total += digest.size
+        for d in directory.directories:
+            child = by_digest.get(_check_digest(d.digest, f"directory {d.name!r}").hash)
+            if child is None:
+                raise BadRemoteEntry(f"directory {d.name!r} is not among the tree's children")
+            node["directories"].append({"name": d.name, "digest": convert(child, depth + 1)})
+        for s in directory.symlinks:
+            node["symlinks"].append({"name": s.name, "target": s.target})
+        node["mode"] = directory.node_properties.unix_mode.value \
+            if directory.node_properties.HasField("unix_mode") else 0o755
+        try:
+            check_directory_node(node)
+        except ValueError as e:
+            raise BadRemoteEntry(str(e)) from None
+        return store.put_directory_node(node["files"], node["directories"], node["symlinks"], node["mode"])
+
+    root = convert(tree.root, 0)
+    return root, total, list(files.values())
+
+
+def result_blobs(store: Store, result: ActionResult) -> Iterator[tuple[str, RemoteOutput, bytes | None, list[Digest]]]:
+    """For each output of ``result``: (slot, its remote output, the serialized Tree of a
+    tree output or None, the file blobs it needs in the CAS)."""
+    for slot, value in sorted(result.outputs.items()):
+        if value.is_tree:
+            data, files = export_tree(store, value.digest)
+            yield slot, RemoteOutput(digest_of(data), True), data, files
+        else:
+            digest = Digest(value.digest, value.size)
+            yield slot, RemoteOutput(digest, False, value.executable), None, [digest]
