@@ -52,14 +52,29 @@ _T = TypeVar("_T")
 
 #: Blobs up to this size are fetched and sent in batches (gRPC Batch*Blobs).
 SMALL_BLOB = 256 * 1024
-#: How many small blobs one batch holds at most.
+#: How many small blobs, and how many bytes of them, one batch holds at most (memory
+#: stays bounded: a batch is in memory whole).
 BATCH_COUNT = 500
+BATCH_BYTES = 4 * 1024 * 1024
 #: Upload threads (uploads run beside the build, which does not wait for them).
 UPLOAD_THREADS = 4
 
 
 def _give(data: bytes, sink: Callable[[bytes], object]) -> None:
     sink(data)
+
+
+def _batches(digests: list[Digest]) -> list[list[Digest]]:
+    """``digests`` in batches of at most BATCH_COUNT blobs and about BATCH_BYTES bytes."""
+    batches: list[list[Digest]] = []
+    size = BATCH_BYTES
+    for digest in digests:
+        if size + digest.size > BATCH_BYTES or len(batches[-1]) >= BATCH_COUNT:
+            batches.append([])
+            size = 0
+        batches[-1].append(digest)
+        size += digest.size
+    return batches
 
 
 class CorruptRemoteBlob(RemoteError):
@@ -219,9 +234,7 @@ class RemoteCache:
     def _fetch_into_store(self, digests: list[Digest]) -> bool:
         """Fetch the blobs of ``digests`` the store lacks (True when done)."""
         missing = list({d.hash: d for d in digests if not self.store.has_blob(d.hash, d.size)}.values())
-        small = [d for d in missing if d.size <= SMALL_BLOB]
-        for start in range(0, len(small), BATCH_COUNT):
-            batch = small[start:start + BATCH_COUNT]
+        for batch in _batches([d for d in missing if d.size <= SMALL_BLOB]):
             for digest, data in self._fetch_bytes(batch).items():
                 self._install(digest, functools.partial(_give, data))
         for digest in missing:
@@ -289,7 +302,7 @@ class RemoteCache:
                 else:
                     self.transport.write_blob(d, functools.partial(self.store.open_blob, d.hash))
                     self._add_uploaded(d.size)
-                if len(small) >= BATCH_COUNT:
+                if len(small) >= BATCH_COUNT or sum(d.size for d in small) >= BATCH_BYTES:
                     self._send_small(small)
             self._send_small(small)
             self.transport.put_action_result(action_digest(key), encode_action_result(outputs, result.meta))

@@ -33,12 +33,14 @@ Errors: 401 and 403 are :class:`RemoteAuthError`, saying where the credentials c
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import urllib3
 from dtbuild.engine.remote import (
@@ -78,6 +80,8 @@ EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 _HASH = re.compile(r"[0-9a-f]{40,128}")
 _OK = (200, 201, 204)
 
+
+_T = TypeVar("_T")
 
 class _Retry(Exception):
     """A kept connection was closed under a request before any answer: send it again."""
@@ -125,21 +129,37 @@ class HttpTransport(Transport):
 
     def find_missing(self, digests: Iterable[Digest]) -> set[Digest]:
         wanted = [d for d in dict.fromkeys(digests) if not _is_empty(d)]
-        if len(wanted) <= 1:
-            return {d for d in wanted if not self._has_blob(d)}
-        missing: set[Digest] = set()
-        pool = ThreadPoolExecutor(max_workers=min(FIND_MISSING_THREADS, len(wanted)),
-                                  thread_name_prefix="dtbuild-remote-head")
+        return {d for d, present in zip(wanted, self._each(self._has_blob, wanted), strict=True) if not present}
+
+    def read_small_blobs(self, digests: list[Digest]) -> dict[Digest, bytes]:
+        def read(digest: Digest) -> bytes | None:
+            chunks: list[bytes] = []
+            try:
+                self.read_blob(digest, chunks.append)
+            except MissingRemoteBlob:
+                return None
+            return b"".join(chunks)
+
+        wanted = list(dict.fromkeys(digests))
+        return {d: data for d, data in zip(wanted, self._each(read, wanted), strict=True) if data is not None}
+
+    def write_small_blobs(self, blobs: Mapping[Digest, bytes]) -> None:
+        self._each(lambda item: self.write_blob(item[0], functools.partial(io.BytesIO, item[1])),
+                   list(blobs.items()))
+
+    def _each(self, call: Callable[[Any], _T], items: list[Any]) -> list[_T]:
+        """``[call(item) for item in items]``, several requests at once (HTTP/1.1 has one
+        request in flight per connection)."""
+        if len(items) <= 1:
+            return [call(item) for item in items]
+        pool = ThreadPoolExecutor(max_workers=min(FIND_MISSING_THREADS, len(items)),
+                                  thread_name_prefix="dtbuild-remote-http")
         try:
-            futures = [pool.submit(self._has_blob, d) for d in wanted]
-            for digest, future in zip(wanted, futures, strict=True):
-                if not future.result():
-                    missing.add(digest)
+            return [future.result() for future in [pool.submit(call, item) for item in items]]
         finally:
             # After a failure the queued requests are dropped: a dead cache costs the
             # requests already under way, not one timeout per digest.
             pool.shutdown(wait=True, cancel_futures=True)
-        return missing
 
     def read_blob(self, digest: Digest, sink: Callable[[bytes], object]) -> None:
         url = self._url("cas", digest)
