@@ -180,7 +180,8 @@ def dtbuild_action_finished(label: str, mnemonic: str, description: str, status:
     :param label: the target that declared it.
     :param mnemonic: the action kind.
     :param description: the same text as in :func:`dtbuild_action_started`.
-    :param status: ``"executed"``, ``"cached"``, ``"remote_cached"`` or ``"failed"``.
+    :param status: ``"executed"``, ``"remote_executed"``, ``"cached"``, ``"remote_cached"`` or
+        ``"failed"``.
     :param seconds: wall time spent on it in this build.
     """
 
