@@ -167,10 +167,16 @@ class Session:
         for name, digest in self.registry.versions.get("action_kinds", {}).items():
             cls = kinds[name]
             kinds[name] = type(cls.__name__, (cls,), {"VERSION": f"{cls.VERSION}+{digest}"})
-        return PluginItems(kinds, dict(self.registry.get("executors")), dict(self.registry.get("compressors")),
+        executors = dict(self.registry.get("executors"))
+        settings = self.workspace.settings()
+        if "remote" not in executors and settings.setting("remote", "executor"):
+            from dtbuild.engine.remote.executor import RemoteExecutor
+
+            executors["remote"] = RemoteExecutor  # the engine's own; a plugin's "remote" replaces it
+        return PluginItems(kinds, executors, dict(self.registry.get("compressors")),
                            self.pm.hook, fingerprints=self.registry.fingerprints(plugin_distributions(self.pm)),
                            workspace_root=self.workspace.root, cache_dir=self.workspace.cache_dir(),
-                           settings=self.workspace.settings(),
+                           settings=settings,
                            layer_kinds=dict(self.registry.get("layer_kinds")))
 
     @property

@@ -93,6 +93,8 @@ class Endpoint:
     credentials: Credentials = field(default_factory=Credentials)
     connect_timeout: float = 5.0
     timeout: float = 60.0
+    #: What it is to the build, in messages: "remote cache" or "remote executor".
+    role: str = "remote cache"
 
     @property
     def scheme(self) -> str:

@@ -83,7 +83,8 @@ def remote_config(settings: Settings) -> RemoteConfig:
         except ValueError as e:
             raise WorkspaceError(str(e)) from None
         endpoints[key] = Endpoint(endpoint.url, endpoint.origin, endpoint.instance_name, endpoint.headers,
-                                  endpoint.credentials, timeout=timeout, connect_timeout=min(5.0, timeout))
+                                  endpoint.credentials, timeout=timeout, connect_timeout=min(5.0, timeout),
+                                  role=f"remote {key}")
     return RemoteConfig(endpoints["cache"], endpoints["executor"], _flag(settings, "upload", True),
                         _table(settings, "platform"))
 

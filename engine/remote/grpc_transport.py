@@ -191,23 +191,28 @@ class GrpcTransport(Transport):
         details = exc.details() if callable(getattr(exc, "details", None)) else None
         return self._status_error(code, details or "", what)
 
+    @property
+    def _who(self) -> str:
+        """"remote cache grpc://host:port" (or "remote executor ..."), for messages."""
+        return f"{self.endpoint.role} {self.endpoint.url}"
+
     def _status_error(self, code: grpc.StatusCode | None, details: str, what: str) -> RemoteError:
         name = code.name if code is not None else "UNKNOWN"
         said = f"{name}: {details}" if details else name
-        url = self.endpoint.url
+        url = self._who
         redact = self.endpoint.redact
         if code in _AUTH_CODES:
             origin = self.endpoint.credentials.origin or "the [remote] headers"
-            return RemoteAuthError(redact(f"the remote cache {url} refused the credentials from {origin} ({said}): "
+            return RemoteAuthError(redact(f"the {url} refused the credentials from {origin} ({said}): "
                                           "fix them, or unset them"))
         if code is grpc.StatusCode.NOT_FOUND:
-            return MissingRemoteBlob(redact(f"the remote cache {url} has no {what.split(' ', 1)[-1]} ({said})"))
+            return MissingRemoteBlob(redact(f"the {url} has no {what.split(' ', 1)[-1]} ({said})"))
         if code is grpc.StatusCode.UNAVAILABLE:
-            text = f"cannot reach the remote cache {url} while {what} ({said})"
+            text = f"cannot reach the {url} while {what} ({said})"
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            text = f"the remote cache {url} did not answer in time while {what} ({said})"
+            text = f"the {url} did not answer in time while {what} ({said})"
         else:
-            text = f"the remote cache {url} failed while {what} ({said})"
+            text = f"the {url} failed while {what} ({said})"
             if self.instance_name and "instance" in details.lower():
                 text += f"; the instance name is {self.instance_name!r} ([remote] instance_name)"
         return RemoteError(redact(text))
@@ -240,7 +245,7 @@ class GrpcTransport(Transport):
         if re_pb2.DigestFunction.SHA256 not in functions:
             offered = ", ".join(re_pb2.DigestFunction.Value.Name(f) for f in functions) or "none"
             raise RemoteError(self.endpoint.redact(
-                f"the remote cache {self.endpoint.url} does not support SHA256 digests (it offers {offered}), and "
+                f"the {self._who} does not support SHA256 digests (it offers {offered}), and "
                 "dtbuild names everything by SHA256: configure the server for SHA256, or use another cache"))
         limit = GRPC_MESSAGE_LIMIT
         if cache.max_batch_total_size_bytes > 0:
@@ -278,7 +283,7 @@ class GrpcTransport(Transport):
 
     def put_action_result(self, action: Digest, result: bytes) -> None:
         if not self.update_enabled:
-            raise RemoteError(self.endpoint.redact(f"the remote cache {self.endpoint.url} does not accept action "
+            raise RemoteError(self.endpoint.redact(f"the {self._who} does not accept action "
                                                    "results from clients (update_enabled is false)"))
         message = re_pb2.ActionResult()
         message.ParseFromString(result)
@@ -392,14 +397,14 @@ class GrpcTransport(Transport):
                 received += len(response.data)
                 if received > digest.size:
                     raise RemoteError(self.endpoint.redact(
-                        f"the remote cache {self.endpoint.url} sent more than the {digest.size} bytes of blob "
+                        f"the {self._who} sent more than the {digest.size} bytes of blob "
                         f"{digest.hash}"))
                 if response.data:
                     sink(response.data)
         except grpc.RpcError as exc:
             raise self.error(exc, what) from None
         if received != digest.size:
-            raise RemoteError(self.endpoint.redact(f"the remote cache {self.endpoint.url} sent {received} of the "
+            raise RemoteError(self.endpoint.redact(f"the {self._who} sent {received} of the "
                                                    f"{digest.size} bytes of blob {digest.hash}"))
 
     def write_blob(self, digest: Digest, open_blob: Callable[[], IO[bytes]]) -> None:
@@ -459,7 +464,7 @@ class GrpcTransport(Transport):
         # full size or -1 (REAPI v2.1+).
         if answer.committed_size not in (digest.size, -1):
             raise RemoteError(self.endpoint.redact(
-                f"the remote cache {self.endpoint.url} kept {answer.committed_size} of the {digest.size} bytes of "
+                f"the {self._who} kept {answer.committed_size} of the {digest.size} bytes of "
                 f"blob {digest.hash}"))
 
     def _local_problem(self, digest: Digest, problem: str) -> RemoteError:

@@ -50,6 +50,9 @@ class Genrule(ActionKind):
     NAME = "Genrule"
     #: 2: commands run with umask 022 (the builder's umask changed bytes before).
     VERSION = "2"
+    #: Its command may run on the remote executor: every input is in the execroot and
+    #: the outputs are declared.
+    COMMAND = True
 
     def run(self, ctx: ActionContext) -> None:
         execroot = os.path.join(ctx.scratch_dir, "execroot")
@@ -83,7 +86,7 @@ class Genrule(ActionKind):
         # inputs and the output directory), its HOME and TMPDIR, and the host's tools.
         result = ctx.run_command(CommandRequest(
             argv=["/bin/bash", "-c", "set -e -o pipefail\numask 022\n" + cmd], cwd=execroot, env=env, network=False,
-            writable=[home, tmp]))
+            writable=[home, tmp], outputs=outs))
         if result.exit_code != 0:
             raise ActionFailed(f"command exited with status {result.exit_code}", output_tail=result.output,
                                exit_code=result.exit_code, command=shlex.quote(cmd) if "\n" in cmd else cmd)
