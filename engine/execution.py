@@ -479,7 +479,9 @@ class ActionContextImpl:
 
     def run_command(self, request: CommandRequest) -> CommandResult:
         runner = self._runner
-        if runner.remote_executor_usable and getattr(runner.kind_for(self.action), "COMMAND", False):
+        # A command that needs the network runs here: remote execution gives none.
+        if runner.remote_executor_usable and getattr(runner.kind_for(self.action), "COMMAND", False) \
+                and not request.network:
             from dtbuild.engine.remote import RemoteAuthError, RemoteError
 
             try:
