@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -76,7 +77,12 @@ class Credentials:
         return None
 
     def secrets(self) -> list[str]:
-        return [s for s in (self.password, self.token) if s]
+        """What must never be shown: the password, the token, and the header they make."""
+        found = [s for s in (self.password, self.token) if s]
+        header = self.header()
+        if header is not None:
+            found.append(header[1].split(" ", 1)[1])
+        return found
 
 
 @dataclass(frozen=True)
@@ -187,14 +193,19 @@ def parse_endpoint(raw: str, origin: str, *, schemes: tuple[str, ...], instance_
     :raises ValueError: for a URL that is not one of ``schemes``, with what to write.
     """
     env = os.environ if environ is None else environ
-    parts = urllib.parse.urlsplit(raw.strip())
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ValueError(f"{origin}: {raw!r} is not a remote URL: write "
+    try:
+        parts = urllib.parse.urlsplit(raw.strip())
+        port = parts.port  # raises for a port that is not a number from 0 to 65535
+        host = parts.hostname
+    except ValueError:
+        parts, port, host = None, None, None
+    if parts is None or parts.scheme not in schemes or not host:
+        shown = re.sub(r"//[^@/]*@", "//", raw.strip())  # never a password in a message
+        raise ValueError(f"{origin}: {shown!r} is not a remote URL: write "
                          + " or ".join(f"{s}://HOST:PORT" for s in schemes))
-    host = parts.hostname
     netloc = host if ":" not in host else f"[{host}]"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
+    if port is not None:
+        netloc += f":{port}"
     url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
     creds = credentials or Credentials()
     if parts.username is not None:

@@ -10,7 +10,10 @@ A remote cache holds what any REAPI client can read:
   ``execution_metadata.auxiliary_metadata``;
 * a tree is a ``Tree`` of ``Directory`` messages, modes in ``node_properties.unix_mode``
   (REAPI's field for them), so a tree converts to the store's Directory nodes and back
-  without loss; file blobs are the same bytes under the same sha256 in both.
+  without loss; file blobs are the same bytes under the same sha256 in both. A server
+  that names an output directory only by its root ``Directory``
+  (``root_directory_digest``, REAPI 2.3) is read through ``GetTree`` and
+  :func:`tree_from_directories`, so both forms are checked by the same code.
 
 The action cache key of an action is the digest of an ``Action`` message whose ``salt``
 holds the engine's own key (kind version, parameters, inputs, plugin versions): it is a
@@ -68,11 +71,15 @@ def action_digest(key: str) -> Digest:
 
 @dataclass(frozen=True, slots=True)
 class RemoteOutput:
-    """One output of a remote ActionResult: a file (its blob) or a tree (its Tree blob)."""
+    """One output of a remote ActionResult: a file (its blob) or a tree (its Tree blob,
+    or with ``root_directory`` its root Directory, read with GetTree)."""
 
     digest: Digest
     is_tree: bool
     executable: bool = False
+    #: ``digest`` names the tree's root Directory (REAPI's ``root_directory_digest``,
+    #: set without a ``tree_digest``), not a Tree.
+    root_directory: bool = False
 
 
 def _check_digest(d: Any, what: str) -> Digest:
@@ -124,7 +131,11 @@ def parse_action_result(data: bytes, slots: set[str]) -> tuple[dict[str, RemoteO
     for d in result.output_directories:
         if d.path in outputs:
             raise BadRemoteEntry(f"output {d.path!r} appears twice")
-        outputs[d.path] = RemoteOutput(_check_digest(d.tree_digest, f"output {d.path!r}"), True)
+        if not d.tree_digest.hash and d.root_directory_digest.hash:
+            outputs[d.path] = RemoteOutput(_check_digest(d.root_directory_digest, f"output {d.path!r}"), True,
+                                           root_directory=True)
+        else:
+            outputs[d.path] = RemoteOutput(_check_digest(d.tree_digest, f"output {d.path!r}"), True)
     if len(outputs) != len(result.output_files) + len(result.output_directories) or set(outputs) != slots:
         raise BadRemoteEntry(f"its outputs {sorted(outputs)} are not the action's {sorted(slots)}")
     if result.output_symlinks or result.output_file_symlinks or result.output_directory_symlinks:
@@ -137,7 +148,10 @@ def parse_action_result(data: bytes, slots: set[str]) -> tuple[dict[str, RemoteO
                 struct.ParseFromString(packed.value)
             except message.DecodeError:
                 raise BadRemoteEntry("its metadata is not a Struct") from None
-            meta = json_format.MessageToDict(struct)
+            try:
+                meta = json_format.MessageToDict(struct)
+            except (ValueError, json_format.Error) as e:  # NaN and infinities: not JSON
+                raise BadRemoteEntry(f"its metadata is not JSON ({e})") from None
             break
     return outputs, meta
 
@@ -178,6 +192,42 @@ def export_tree(store: Store, root: str) -> tuple[bytes, list[Digest]]:
     return tree.SerializeToString(deterministic=True), list(files.values())
 
 
+def tree_from_directories(root: bytes, children: list[bytes]) -> bytes:
+    """The serialized ``Tree`` whose root is serialized Directory ``root`` and whose
+    children are ``children`` (serialized Directories, as ``GetTree`` sends them; the
+    root may be among them), for a result that names its output directory by its root
+    Directory (REAPI's ``root_directory_digest``) instead of a Tree. The Tree is then
+    read as any other (:func:`import_tree`), which takes a child only under the digest
+    of its own bytes, so a child that is not what its parent names is never used.
+
+    :raises BadRemoteEntry: for bytes that are not a Directory message.
+    """
+    from google.protobuf import message
+
+    pb = _pb()
+    tree = pb.Tree()
+    try:
+        tree.root.ParseFromString(root)
+        for data in children:
+            tree.children.add().ParseFromString(data)
+    except message.DecodeError as e:
+        raise BadRemoteEntry(f"not a Directory message ({e})") from None
+    return tree.SerializeToString(deterministic=True)
+
+
+def tree_of_root(root: Digest, directories: list[bytes]) -> bytes:
+    """The serialized ``Tree`` of the directory ``root`` from ``directories`` (what
+    ``GetTree`` sent for it): the one whose bytes hash to ``root`` is the root, the
+    others its children (:func:`tree_from_directories`).
+
+    :raises BadRemoteEntry: when none of them is the root, or one is not a Directory.
+    """
+    root_bytes = next((data for data in directories if digest_of(data) == root), None)
+    if root_bytes is None:
+        raise BadRemoteEntry(f"the tree of directory {root.hash} arrived without that directory")
+    return tree_from_directories(root_bytes, [data for data in directories if data != root_bytes])
+
+
 def import_tree(store: Store, data: bytes) -> tuple[str, int, list[Digest]]:
     """Put the store's Directory nodes of serialized ``Tree`` ``data`` into ``store``
     (checked as the store checks its own) and return (root digest, total file bytes,
@@ -194,14 +244,18 @@ def import_tree(store: Store, data: bytes) -> tuple[str, int, list[Digest]]:
         tree.ParseFromString(data)
     except message.DecodeError as e:
         raise BadRemoteEntry(f"not a Tree message ({e})") from None
-    by_digest = {digest_of(c.SerializeToString(deterministic=True)).hash: c for c in tree.children}
+    by_digest = {digest_of(c.SerializeToString(deterministic=True)): c for c in tree.children}
     files: dict[str, Digest] = {}
-    total = 0
+    #: Each child converted once, however many directories name it (a small hostile Tree
+    #: naming one child twice at every level would otherwise take exponential time):
+    #: digest -> (its node's digest, its file bytes, its height).
+    done: dict[Digest, tuple[str, int, int]] = {}
 
-    def convert(directory: Any, depth: int) -> str:
-        nonlocal total
+    def convert(directory: Any, depth: int) -> tuple[str, int, int]:
         if depth > MAX_TREE_DEPTH:
             raise BadRemoteEntry(f"it nests deeper than {MAX_TREE_DEPTH} directories")
+        total = 0
+        height = 0
         node: dict[str, Any] = {"files": [], "directories": [], "symlinks": []}
         for f in directory.files:
             digest = _check_digest(f.digest, f"file {f.name!r}")
@@ -211,21 +265,30 @@ def import_tree(store: Store, data: bytes) -> tuple[str, int, list[Digest]]:
             files.setdefault(digest.hash, digest)
             total += digest.size
         for d in directory.directories:
-            child = by_digest.get(_check_digest(d.digest, f"directory {d.name!r}").hash)
-            if child is None:
-                raise BadRemoteEntry(f"directory {d.name!r} is not among the tree's children")
-            node["directories"].append({"name": d.name, "digest": convert(child, depth + 1)})
-        for s in directory.symlinks:
-            node["symlinks"].append({"name": s.name, "target": s.target})
+            key = _check_digest(d.digest, f"directory {d.name!r}")
+            converted = done.get(key)
+            if converted is None:
+                child = by_digest.get(key)
+                if child is None:
+                    raise BadRemoteEntry(f"directory {d.name!r} is not among the tree's children")
+                converted = done[key] = convert(child, depth + 1)
+            elif depth + 1 + converted[2] > MAX_TREE_DEPTH:
+                raise BadRemoteEntry(f"it nests deeper than {MAX_TREE_DEPTH} directories")
+            node["directories"].append({"name": d.name, "digest": converted[0]})
+            total += converted[1]
+            height = max(height, converted[2] + 1)
+        for link in directory.symlinks:
+            node["symlinks"].append({"name": link.name, "target": link.target})
         node["mode"] = directory.node_properties.unix_mode.value \
             if directory.node_properties.HasField("unix_mode") else 0o755
         try:
             check_directory_node(node)
         except ValueError as e:
             raise BadRemoteEntry(str(e)) from None
-        return store.put_directory_node(node["files"], node["directories"], node["symlinks"], node["mode"])
+        digest = store.put_directory_node(node["files"], node["directories"], node["symlinks"], node["mode"])
+        return digest, total, height
 
-    root = convert(tree.root, 0)
+    root, total, _ = convert(tree.root, 0)
     return root, total, list(files.values())
 
 
