@@ -35,19 +35,34 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
+#: Global flags that take a value (``--flag VALUE`` as well as ``--flag=VALUE``).
+VALUE_FLAGS = ("-p", "--remote-cache", "--remote-executor", "--remote-upload")
+
+
+def _common(*, top: bool) -> argparse.ArgumentParser:
+    """The flags every command takes, before or after the command word. The copy a
+    command's parser gets has no defaults (``SUPPRESS``), so that it does not overwrite a
+    flag given before the command; the top parser's copy sets them."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = {} if top else {"default": argparse.SUPPRESS}
+    common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors", **default)
+    common.add_argument("-p", dest="plugin_flags", action="append", metavar="no:NAME",
+                        help="block the plugin NAME (repeatable)", **({"default": []} if top else default))
+    remote = common.add_argument_group("remote cache and execution (over $DTBUILD_REMOTE_* and [remote])")
+    remote.add_argument("--remote-cache", metavar="URL", help="http://, https://, grpc:// or grpcs:// remote cache",
+                        **default)
+    remote.add_argument("--remote-executor", metavar="URL", help="grpc:// or grpcs:// REAPI execution service",
+                        **default)
+    remote.add_argument("--remote-upload", metavar="BOOL", choices=("true", "false"),
+                        help="upload results made here to the remote cache (default true)", **default)
+    return common
+
+
 def _parser(commands: Any = None) -> argparse.ArgumentParser:
     """The parser of the engine's commands and of ``commands`` (a CommandTable)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
-    common.add_argument("-p", dest="plugin_flags", action="append", default=[], metavar="no:NAME",
-                        help="block the plugin NAME (repeatable)")
-    remote = common.add_argument_group("remote cache and execution (over $DTBUILD_REMOTE_* and [remote])")
-    remote.add_argument("--remote-cache", metavar="URL", help="http://, https://, grpc:// or grpcs:// remote cache")
-    remote.add_argument("--remote-executor", metavar="URL", help="grpc:// or grpcs:// REAPI execution service")
-    remote.add_argument("--remote-upload", metavar="BOOL", choices=("true", "false"),
-                        help="upload results made here to the remote cache (default true)")
+    common = _common(top=False)
     parser = argparse.ArgumentParser(
-        prog="dtbuild", parents=[common],
+        prog="dtbuild", parents=[_common(top=True)],
         description="Build reproducible container images from BUILD files. `dtbuild //images:web` builds a target.")
     parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -101,7 +116,7 @@ def _first_word(args: Sequence[str]) -> str | None:
     for arg in args:
         if skip:
             skip = False
-        elif arg == "-p":
+        elif arg in VALUE_FLAGS:
             skip = True
         elif not arg.startswith("-"):
             return arg

@@ -172,6 +172,15 @@ class Transport(abc.ABC):
         for digest, data in blobs.items():
             self.write_blob(digest, functools.partial(io.BytesIO, data))
 
+    def get_tree(self, root: Digest) -> list[bytes]:
+        """Every Directory (serialized) of the tree under Directory ``root`` (gRPC
+        GetTree), for a result that names an output directory by its root Directory.
+
+        :raises RemoteError: where the protocol has no such call (HTTP).
+        """
+        raise RemoteError(f"the {self.endpoint.role} {self.endpoint.url} cannot list a tree by its root directory "
+                          "(its protocol has no GetTree)")
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections."""
 

@@ -163,6 +163,7 @@ class RemoteCache:
                      ) -> tuple[dict[str, OutputValue], dict[str, Any], list[Digest]] | None:
         """(output values, meta, the file blobs they name) of the remote's result, trees
         imported into the store; None for a miss."""
+        from dtbuild.engine.remote.reapi import tree_of_root
         from dtbuild.engine.store import OutputValue
 
         data = self.transport.get_action_result(action_digest(key))
@@ -180,8 +181,17 @@ class RemoteCache:
                 files.append(out.digest)
                 outputs[slot] = OutputValue(out.digest.hash, out.digest.size, False, out.executable)
         if trees:
-            tree_data = self._fetch_bytes([out.digest for out in trees.values()])
+            tree_data = self._fetch_bytes([out.digest for out in trees.values() if not out.root_directory])
             for slot, out in trees.items():
+                if out.root_directory:
+                    # Named by its root Directory (REAPI 2.3): only GetTree reads the
+                    # whole tree, and Bazel's HTTP cache protocol has none.
+                    if type(self.transport).get_tree is Transport.get_tree:
+                        raise BadRemoteEntry(f"output {slot!r} is named by its root directory, not a Tree, "
+                                             "which only a gRPC remote cache can read")
+                    directories = self.transport.get_tree(out.digest)
+                    self._add_downloaded(sum(len(d) for d in directories))
+                    tree_data[out.digest] = tree_of_root(out.digest, directories)
                 root, total, tree_files = import_tree(self.store, tree_data[out.digest])
                 files += tree_files
                 outputs[slot] = OutputValue(root, total, True)
@@ -282,10 +292,9 @@ class RemoteCache:
             outputs: dict[str, RemoteOutput] = {}
             blobs: dict[str, Digest] = {}
             trees: dict[Digest, bytes] = {}
-            for slot, out, tree, files in result_blobs(self.store, result):
+            for slot, out, tree_blobs, files in result_blobs(self.store, result):
                 outputs[slot] = out
-                if tree is not None:
-                    trees[out.digest] = tree
+                trees.update(tree_blobs)
                 for d in files:
                     blobs.setdefault(d.hash, d)
             with self._lock:

@@ -15,9 +15,10 @@ command to run in one of its subdirectories, and does what a REAPI client does:
    breaks before the operation is done). A cancelled build cancels the call and the
    operation (``CancelOperation``), and the command's result is that of a killed one.
 4. On completion it writes the output files (and output directories, from their
-   ``Tree``) back into the input root at their paths, executable bits set, every blob
-   checked against its digest; stdout and stderr (inline or by digest) make the output
-   tail.
+   ``Tree``, or from ``GetTree`` when the service names only the root ``Directory``:
+   ``root_directory_digest``) back into the input root at their paths, executable bits
+   set, every blob and Directory checked against its digest; stdout and stderr (inline
+   or by digest) make the output tail.
 
 A non-zero exit code is a normal result. Anything else that goes wrong (the service
 could not run the command: a ``status`` that is not OK; a transport failure; a blob that
@@ -470,13 +471,29 @@ class RemoteExecution:
         for d in result.output_directories:
             rel = _check_output_path(d.path, declared)
             tree = re_pb2.Tree()
-            tree.ParseFromString(self._fetch(d.tree_digest))
+            tree.ParseFromString(self._tree_bytes(d, rel))
             children = {_digest_of(c.SerializeToString(deterministic=True)): c for c in tree.children}
             dest = os.path.join(workdir, rel)
             _replace_path(dest)
             self._write_directory(tree.root, children, dest, 0)
             written.append(rel)
         return written
+
+    def _tree_bytes(self, output: Any, rel: str) -> bytes:
+        """The serialized Tree of OutputDirectory ``output``: its ``tree_digest`` blob or,
+        from a server that names only the root Directory (``root_directory_digest``,
+        REAPI 2.3+), the tree read with GetTree, the root checked against its digest
+        (the children are taken only under the digests of their own bytes)."""
+        from dtbuild.engine.remote.reapi import BadRemoteEntry, tree_of_root
+
+        if output.tree_digest.hash or not output.root_directory_digest.hash:
+            return self._fetch(output.tree_digest)
+        root = Digest(output.root_directory_digest.hash, output.root_directory_digest.size_bytes)
+        try:
+            return tree_of_root(root, self.transport.get_tree(root))
+        except BadRemoteEntry as e:
+            raise RemoteError(f"the remote executor's CAS sent an unusable tree for output directory {rel} "
+                              f"({e})") from None
 
     def _write_directory(self, directory: Any, children: Mapping[Digest, Any], dest: str, depth: int) -> None:
         if depth > 200:

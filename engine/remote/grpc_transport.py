@@ -26,6 +26,11 @@ warning, a local build), except UNAUTHENTICATED and PERMISSION_DENIED, which bec
 (None, :class:`MissingRemoteBlob`). Every message goes through ``endpoint.redact``, so
 no secret reaches the terminal even when a server echoes a header back.
 
+``GetTree`` (:meth:`GrpcTransport.get_tree`) reads a whole tree of ``Directory``
+messages in one streamed call, following the server's pages; its answer is bounded (a
+million directories, 256 MiB of them) and the caller checks every Directory against its
+digest, since a server leaves out what its CAS lacks.
+
 The remote execution client reuses :attr:`GrpcTransport.channel`,
 :attr:`GrpcTransport.metadata` and :meth:`GrpcTransport.error` so that both talk to the
 server, and fail, the same way.
@@ -71,6 +76,12 @@ FIND_MISSING_BATCH = 5000
 CHUNK_SIZE = 1024 * 1024
 #: A ByteStream transfer's deadline grows by one second per this many bytes.
 STREAM_BYTES_PER_SECOND = 1024 * 1024
+#: The most Directory messages, and serialized bytes of them, one GetTree answer may
+#: hold (a tree is in memory whole; a server that sends more is refused, not followed).
+MAX_TREE_DIRECTORIES = 1_000_000
+MAX_TREE_BYTES = 256 * 1024 * 1024
+#: Directories asked for per GetTree page (a server may send fewer, or ignore it).
+TREE_PAGE_SIZE = 10_000
 #: The PEM bundle a ``grpcs://`` remote's certificate is checked against, instead of the
 #: system's roots.
 CA_FILE_ENV = "DTBUILD_REMOTE_CA_FILE"
@@ -365,6 +376,56 @@ class GrpcTransport(Transport):
                     what = f"storing blob {response.digest.hash}"
                     error = self._status_error(code, response.status.message, what)
                     raise error if not isinstance(error, MissingRemoteBlob) else RemoteError(str(error))
+
+    def get_tree(self, root: Digest, *, page_size: int = TREE_PAGE_SIZE) -> list[bytes]:
+        """Every ``Directory`` (serialized) of the tree under directory ``root``, the root
+        among them, each once, as the server sends them (``GetTree``, following its
+        pages). The caller checks each against the digest that names it: a server omits
+        the parts of a tree its CAS lacks.
+
+        :raises MissingRemoteBlob: the server has no directory ``root``.
+        :raises RemoteError: the call failed, or the tree holds more than
+            :data:`MAX_TREE_DIRECTORIES` directories or :data:`MAX_TREE_BYTES` bytes.
+        """
+        self._ensure_capabilities()
+        what = f"reading directory {root.hash}"
+        stub = self._stub("cas")
+        seen: dict[bytes, None] = {}
+        count = total = 0
+        token = ""
+        tokens: set[str] = set()
+        while True:
+            request = re_pb2.GetTreeRequest(instance_name=self.instance_name, root_digest=_digest(root),
+                                            page_size=page_size, page_token=token,
+                                            digest_function=re_pb2.DigestFunction.SHA256)
+            token = ""
+            received = 0
+            try:
+                for response in stub.GetTree(request, timeout=self._stream_timeout(MAX_TREE_BYTES),
+                                             metadata=self._metadata, wait_for_ready=False):
+                    for directory in response.directories:
+                        data = directory.SerializeToString(deterministic=True)
+                        count += 1
+                        total += len(data)
+                        if count > MAX_TREE_DIRECTORIES or total > MAX_TREE_BYTES:
+                            raise RemoteError(self.endpoint.redact(
+                                f"the {self._who} sent a tree of directory {root.hash} with more than "
+                                f"{MAX_TREE_DIRECTORIES} directories or {MAX_TREE_BYTES >> 20} MiB of them, "
+                                "more than dtbuild accepts"))
+                        seen.setdefault(data, None)
+                        received += 1
+                    token = response.next_page_token
+            except grpc.RpcError as exc:
+                raise self.error(exc, what) from None
+            if not token:
+                return list(seen)
+            # The stream ended with more to come: ask again from there, but only for a
+            # server that moves on (a repeated token or an empty page would loop forever).
+            if received == 0 or token in tokens:
+                raise RemoteError(self.endpoint.redact(
+                    f"the {self._who} sent the tree of directory {root.hash} in pages that do not "
+                    f"advance (GetTree page token {token!r} again, or an empty page)"))
+            tokens.add(token)
 
     def _batches(self, digests: list[Digest]) -> Iterator[list[Digest]]:
         batch: list[Digest] = []

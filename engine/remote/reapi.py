@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 SALT_PREFIX = b"dtbuild-action-key/1:"
 #: How deep a tree from a remote may nest (deeper is refused, not recursed into).
 MAX_TREE_DEPTH = 200
+#: How many entries (files, directories, symlinks) a tree from a remote may expand to.
+MAX_TREE_ENTRIES = 10_000_000
 META_TYPE_URL = "type.googleapis.com/google.protobuf.Struct"
 
 
@@ -80,6 +82,8 @@ class RemoteOutput:
     #: ``digest`` names the tree's root Directory (REAPI's ``root_directory_digest``,
     #: set without a ``tree_digest``), not a Tree.
     root_directory: bool = False
+    #: Written beside a ``tree_digest``: the digest of the tree's root Directory.
+    root_directory_digest: Digest | None = None
 
 
 def _check_digest(d: Any, what: str) -> Digest:
@@ -99,7 +103,10 @@ def encode_action_result(outputs: dict[str, RemoteOutput], meta: dict[str, Any])
     for slot, out in sorted(outputs.items()):
         digest = pb.Digest(hash=out.digest.hash, size_bytes=out.digest.size)
         if out.is_tree:
-            result.output_directories.add(path=slot, tree_digest=digest)
+            entry = result.output_directories.add(path=slot, tree_digest=digest)
+            if out.root_directory_digest is not None:
+                entry.root_directory_digest.hash = out.root_directory_digest.hash
+                entry.root_directory_digest.size_bytes = out.root_directory_digest.size
         else:
             result.output_files.add(path=slot, digest=digest, is_executable=out.executable)
     struct = struct_pb2.Struct()
@@ -159,11 +166,14 @@ def parse_action_result(data: bytes, slots: set[str]) -> tuple[dict[str, RemoteO
 # --------------------------------------------------------------------------- trees
 
 
-def export_tree(store: Store, root: str) -> tuple[bytes, list[Digest]]:
-    """The serialized ``Tree`` of the store's tree ``root`` and the file blobs it names
-    (each once)."""
+def export_tree(store: Store, root: str) -> tuple[bytes, Digest, dict[Digest, bytes], list[Digest]]:
+    """The serialized ``Tree`` of the store's tree ``root``, the digest of its root
+    Directory, every Directory of it serialized (servers that check a result's
+    completeness, as buildbox-casd does, want each in the CAS, as REAPI's
+    ``root_directory_digest`` readers do) and the file blobs it names (each once)."""
     pb = _pb()
     children: dict[str, Any] = {}
+    directories: dict[Digest, bytes] = {}
     files: dict[str, Digest] = {}
 
     def convert(digest: str) -> Any:
@@ -179,6 +189,7 @@ def export_tree(store: Store, root: str) -> tuple[bytes, list[Digest]]:
             data = child.SerializeToString(deterministic=True)
             child_digest = digest_of(data)
             children.setdefault(child_digest.hash, child)
+            directories[child_digest] = data
             directory.directories.add(name=d["name"], digest=pb.Digest(hash=child_digest.hash,
                                                                        size_bytes=child_digest.size))
         for s in node["symlinks"]:
@@ -189,7 +200,10 @@ def export_tree(store: Store, root: str) -> tuple[bytes, list[Digest]]:
     tree = pb.Tree(root=convert(root))
     for _, child in sorted(children.items()):
         tree.children.append(child)
-    return tree.SerializeToString(deterministic=True), list(files.values())
+    root_data = tree.root.SerializeToString(deterministic=True)
+    root_digest = digest_of(root_data)
+    directories[root_digest] = root_data
+    return tree.SerializeToString(deterministic=True), root_digest, directories, list(files.values())
 
 
 def tree_from_directories(root: bytes, children: list[bytes]) -> bytes:
@@ -248,14 +262,17 @@ def import_tree(store: Store, data: bytes) -> tuple[str, int, list[Digest]]:
     files: dict[str, Digest] = {}
     #: Each child converted once, however many directories name it (a small hostile Tree
     #: naming one child twice at every level would otherwise take exponential time):
-    #: digest -> (its node's digest, its file bytes, its height).
-    done: dict[Digest, tuple[str, int, int]] = {}
+    #: digest -> (its node's digest, its file bytes, its height, its entries).
+    done: dict[Digest, tuple[str, int, int, int]] = {}
 
-    def convert(directory: Any, depth: int) -> tuple[str, int, int]:
+    def convert(directory: Any, depth: int) -> tuple[str, int, int, int]:
         if depth > MAX_TREE_DEPTH:
             raise BadRemoteEntry(f"it nests deeper than {MAX_TREE_DEPTH} directories")
         total = 0
         height = 0
+        # Entries as the tree expands on disk (a child named twice counts twice): a small
+        # Tree must not stand for more files than any output could hold.
+        entries = len(directory.files) + len(directory.directories) + len(directory.symlinks)
         node: dict[str, Any] = {"files": [], "directories": [], "symlinks": []}
         for f in directory.files:
             digest = _check_digest(f.digest, f"file {f.name!r}")
@@ -277,6 +294,9 @@ def import_tree(store: Store, data: bytes) -> tuple[str, int, list[Digest]]:
             node["directories"].append({"name": d.name, "digest": converted[0]})
             total += converted[1]
             height = max(height, converted[2] + 1)
+            entries += converted[3]
+            if entries > MAX_TREE_ENTRIES or total >= 1 << 62:
+                raise BadRemoteEntry(f"it expands to more than {MAX_TREE_ENTRIES:,} entries")
         for link in directory.symlinks:
             node["symlinks"].append({"name": link.name, "target": link.target})
         node["mode"] = directory.node_properties.unix_mode.value \
@@ -285,20 +305,23 @@ def import_tree(store: Store, data: bytes) -> tuple[str, int, list[Digest]]:
             check_directory_node(node)
         except ValueError as e:
             raise BadRemoteEntry(str(e)) from None
-        digest = store.put_directory_node(node["files"], node["directories"], node["symlinks"], node["mode"])
-        return digest, total, height
+        node_digest = store.put_directory_node(node["files"], node["directories"], node["symlinks"], node["mode"])
+        return node_digest, total, height, entries
 
-    root, total, _ = convert(tree.root, 0)
+    root, total, _, _ = convert(tree.root, 0)
     return root, total, list(files.values())
 
 
-def result_blobs(store: Store, result: ActionResult) -> Iterator[tuple[str, RemoteOutput, bytes | None, list[Digest]]]:
-    """For each output of ``result``: (slot, its remote output, the serialized Tree of a
-    tree output or None, the file blobs it needs in the CAS)."""
+def result_blobs(store: Store, result: ActionResult
+                 ) -> Iterator[tuple[str, RemoteOutput, dict[Digest, bytes], list[Digest]]]:
+    """For each output of ``result``: (slot, its remote output, the small blobs a tree
+    output adds (its Tree and every Directory; none for a file), the file blobs it needs
+    in the CAS)."""
     for slot, value in sorted(result.outputs.items()):
         if value.is_tree:
-            data, files = export_tree(store, value.digest)
-            yield slot, RemoteOutput(digest_of(data), True), data, files
+            data, root, directories, files = export_tree(store, value.digest)
+            yield slot, RemoteOutput(digest_of(data), True, root_directory_digest=root), \
+                {digest_of(data): data, **directories}, files
         else:
             digest = Digest(value.digest, value.size)
-            yield slot, RemoteOutput(digest, False, value.executable), None, [digest]
+            yield slot, RemoteOutput(digest, False, value.executable), {}, [digest]

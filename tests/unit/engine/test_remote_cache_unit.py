@@ -135,7 +135,7 @@ def _remote_result(transport: MemoryTransport, tmp_path: Path, key: str = "k1") 
     root, total = build_tree(other, [TreeEntry("bin/tool", "file", 0o755, big, len(BIG)),
                                      TreeEntry("etc/conf", "file", 0o600, small, 11),
                                      TreeEntry("lnk", "symlink", target="bin/tool")])
-    tree_data, files = export_tree(other, root)
+    tree_data, _, _, files = export_tree(other, root)
     for d in files:
         transport.put(other.read_blob(d.hash))
     tree_digest = transport.put(tree_data)

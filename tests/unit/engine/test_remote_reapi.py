@@ -83,7 +83,7 @@ def _tree(root: Any, *children: Any) -> bytes:
 
 def test_a_tree_round_trips_to_the_same_root_digest_in_another_store(src: Store, dst: Store) -> None:
     root, total = _sample_tree(src)
-    data, files = export_tree(src, root)
+    data, _, _, files = export_tree(src, root)
     got_root, got_total, got_files = import_tree(dst, data)
     assert got_root == root
     assert got_total == total == 6 + 4 + 18 + 6
@@ -99,7 +99,7 @@ def test_a_tree_round_trips_to_the_same_root_digest_in_another_store(src: Store,
 
 def test_an_empty_tree_round_trips(src: Store, dst: Store) -> None:
     root, _ = build_tree(src, [])
-    data, files = export_tree(src, root)
+    data, _, _, files = export_tree(src, root)
     assert import_tree(dst, data) == (root, 0, [])
     assert files == []
 
@@ -123,7 +123,7 @@ def test_an_action_result_round_trips() -> None:
 
 def test_an_action_result_is_what_other_reapi_clients_read(src: Store) -> None:
     root, _ = _sample_tree(src)
-    tree_data, _ = export_tree(src, root)
+    tree_data, _, _, _ = export_tree(src, root)
     tree_digest = digest_of(tree_data)
     outputs = {"out.tar": RemoteOutput(Digest(A, 3), False, True),
                "rootfs": RemoteOutput(tree_digest, True)}
