@@ -67,6 +67,7 @@ from dtbuild.engine.remote._reapi.build.bazel.remote.execution.v2 import (
 from dtbuild.engine.remote._reapi.build.bazel.remote.execution.v2 import (
     remote_execution_pb2_grpc as re_grpc,
 )
+from dtbuild.engine.remote.reapi import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 
 if TYPE_CHECKING:
     from dtbuild.engine.remote.grpc_transport import GrpcTransport
@@ -475,7 +476,7 @@ class RemoteExecution:
             children = {_digest_of(c.SerializeToString(deterministic=True)): c for c in tree.children}
             dest = os.path.join(workdir, rel)
             _replace_path(dest)
-            self._write_directory(tree.root, children, dest, 0)
+            self._write_directory(tree.root, children, dest, 0, [MAX_TREE_ENTRIES])
             written.append(rel)
         return written
 
@@ -495,9 +496,17 @@ class RemoteExecution:
             raise RemoteError(f"the remote executor's CAS sent an unusable tree for output directory {rel} "
                               f"({e})") from None
 
-    def _write_directory(self, directory: Any, children: Mapping[Digest, Any], dest: str, depth: int) -> None:
-        if depth > 200:
+    def _write_directory(self, directory: Any, children: Mapping[Digest, Any], dest: str, depth: int,
+                         budget: list[int]) -> None:
+        """Write ``directory`` at ``dest``. ``budget``: how many more entries the whole
+        output may have (a small Tree naming one child twice at every level would expand
+        to more files than any disk holds)."""
+        if depth > MAX_TREE_DEPTH:
             raise RemoteError("the remote executor returned an output directory nested too deep")
+        budget[0] -= len(directory.files) + len(directory.symlinks) + len(directory.directories)
+        if budget[0] < 0:
+            raise RemoteError(f"the remote executor returned an output directory of more than "
+                              f"{MAX_TREE_ENTRIES:,} entries")
         os.makedirs(dest, exist_ok=True)
         for f in directory.files:
             self._fetch_to(f.digest, os.path.join(dest, _check_name(f.name)), f.is_executable)
@@ -509,7 +518,7 @@ class RemoteExecution:
                 # Some services serialize children differently; fall back to the CAS.
                 child = re_pb2.Directory()
                 child.ParseFromString(self._fetch(sub.digest))
-            self._write_directory(child, children, os.path.join(dest, _check_name(sub.name)), depth + 1)
+            self._write_directory(child, children, os.path.join(dest, _check_name(sub.name)), depth + 1, budget)
 
     def _output_tail(self, result: Any) -> str:
         parts: list[bytes] = []
