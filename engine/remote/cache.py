@@ -101,6 +101,8 @@ class RemoteCache:
         self._lock = threading.Lock()
         self._failed: str | None = None
         self._present: set[str] = set()  # blobs the remote holds (sent or found this build)
+        #: Blobs an upload is sending now -> set when that upload is done with them.
+        self._sending: dict[str, threading.Event] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
         self.warnings: list[str] = []
@@ -297,26 +299,35 @@ class RemoteCache:
                 trees.update(tree_blobs)
                 for d in files:
                     blobs.setdefault(d.hash, d)
+            # A blob another upload of this build is sending is not sent again (two
+            # results often share a layer): this one waits for it before its result.
+            wanted: list[Digest] = []
+            others: list[threading.Event] = []
+            mine = threading.Event()
             with self._lock:
-                wanted = [d for h, d in blobs.items() if h not in self._present] + \
-                         [d for d in trees if d.hash not in self._present]
-            missing = self.transport.find_missing(wanted) if wanted else set()
-            small = {d: trees[d] for d in missing if d in trees}
-            for d in missing:
-                if d in trees:
-                    continue
-                if d.size <= SMALL_BLOB:
-                    with self.store.open_blob(d.hash) as f:
-                        small[d] = f.read()
-                else:
-                    self.transport.write_blob(d, functools.partial(self.store.open_blob, d.hash))
-                    self._add_uploaded(d.size)
-                if len(small) >= BATCH_COUNT or sum(d.size for d in small) >= BATCH_BYTES:
-                    self._send_small(small)
-            self._send_small(small)
+                for d in [*blobs.values(), *trees]:
+                    if d.hash in self._present:
+                        continue
+                    sending = self._sending.get(d.hash)
+                    if sending is None:
+                        self._sending[d.hash] = mine
+                        wanted.append(d)
+                    elif sending not in others:
+                        others.append(sending)
+            try:
+                self._send_blobs(wanted, trees)
+            finally:
+                with self._lock:
+                    for d in wanted:
+                        self._sending.pop(d.hash, None)
+                mine.set()
+            for event in others:
+                event.wait()
+            with self._lock:
+                if self._failed is not None or not all(d.hash in self._present for d in [*blobs.values(), *trees]):
+                    return  # a blob another upload was sending did not get there: no result without it
             self.transport.put_action_result(action_digest(key), encode_action_result(outputs, result.meta))
             with self._lock:
-                self._present.update(d.hash for d in wanted)
                 self.stats.uploaded_results += 1
         except RemoteError as e:  # refused credentials too: a lookup has said so, or will
             self._give_up(e)
@@ -324,6 +335,26 @@ class RemoteCache:
             pass  # a blob lost or a source changed meanwhile: the next build uploads it
         except Exception as e:  # never a traceback from a background upload
             self._give_up(RemoteError(f"an upload failed: {type(e).__name__}: {e}"))
+
+    def _send_blobs(self, wanted: list[Digest], trees: dict[Digest, bytes]) -> None:
+        """Send those of ``wanted`` the remote lacks (``trees``: the small blobs at hand,
+        the others are read from the store); all of ``wanted`` is then present."""
+        missing = self.transport.find_missing(wanted) if wanted else set()
+        small = {d: trees[d] for d in missing if d in trees}
+        for d in missing:
+            if d in trees:
+                continue
+            if d.size <= SMALL_BLOB:
+                with self.store.open_blob(d.hash) as f:
+                    small[d] = f.read()
+            else:
+                self.transport.write_blob(d, functools.partial(self.store.open_blob, d.hash))
+                self._add_uploaded(d.size)
+            if len(small) >= BATCH_COUNT or sum(d.size for d in small) >= BATCH_BYTES:
+                self._send_small(small)
+        self._send_small(small)
+        with self._lock:
+            self._present.update(d.hash for d in wanted)
 
     def _send_small(self, small: dict[Digest, bytes]) -> None:
         if small:

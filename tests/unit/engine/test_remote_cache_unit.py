@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -382,6 +383,31 @@ def test_blobs_are_sent_once_across_uploads_that_share_them(cache: RemoteCache, 
     assert Digest(_sha256(b"two\n"), 4) in asked_again
     assert [name for name, _ in second][-1] == "put_action_result"
     assert set(transport.ac) == {action_digest("k1"), action_digest("k2")}
+
+
+class SlowTransport(MemoryTransport):
+    """Uploads of large blobs take a while, so that uploads running at once overlap."""
+
+    def write_blob(self, digest: Digest, open_blob: Callable[[], IO[bytes]]) -> None:
+        time.sleep(0.2)
+        super().write_blob(digest, open_blob)
+        self._call("wrote", digest)
+
+
+def test_uploads_at_once_send_a_shared_blob_once_and_each_result_after_it(store: Store,
+                                                                          warnings: list[str]) -> None:
+    transport = SlowTransport()
+    cache = RemoteCache(transport, store, upload=True, warn=warnings.append)
+    for n in range(4):
+        cache.upload(f"k{n}", _local_result(store, own=f"own {n}\n".encode()))
+    cache.finish()
+    sent = _sent(transport)
+    assert len(sent) == len(set(sent)), sent
+    big = Digest(_sha256(BIG), len(BIG))
+    names = transport.names()
+    wrote_big = transport.calls.index(("wrote", big))
+    assert all(i > wrote_big for i, name in enumerate(names) if name == "put_action_result")
+    assert names.count("put_action_result") == 4 and warnings == []
 
 
 def test_upload_false_sends_nothing(transport: MemoryTransport, store: Store, warnings: list[str]) -> None:
