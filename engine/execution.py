@@ -117,6 +117,9 @@ class ActionOutcome:
     seconds: float = 0.0
 
 
+#: Workers beyond ``--jobs`` that only ask the remote cache (see ActionRunner.workers).
+REMOTE_LOOKUPS = 8
+
 #: Statuses of actions that ran (here or on the remote executor).
 RAN = frozenset({"executed", "remote_executed"})
 
@@ -576,6 +579,11 @@ class ActionRunner:
         self.sources = sources
         self.plugins = plugins
         self.jobs = max(1, jobs)
+        #: How many actions may be in hand at once: ``jobs``, and with a remote cache
+        #: REMOTE_LOOKUPS more, since asking the remote waits on the network, not on a
+        #: core. Running actions are held to ``jobs`` by ``_run_slots``.
+        self.workers = self.jobs + (REMOTE_LOOKUPS if remote is not None else 0)
+        self._run_slots = threading.BoundedSemaphore(self.jobs)
         self.keep_going = keep_going
         self.cancel = cancel
         self.locations = locations
@@ -800,7 +808,8 @@ class ActionRunner:
                 self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
                             description=action.description)
             try:
-                result, remotely = self._execute(action, kind, inputs)
+                with self._run_slots:
+                    result, remotely = self._execute(action, kind, inputs)
             except LostBlobError as lost:
                 if lost.digest in rebuilt:
                     raise self._still_wrong(lost, rebuilt[lost.digest], action) from None
@@ -1075,9 +1084,9 @@ class ActionRunner:
                         priority = self._priorities(actions, dependents, [j for j in range(len(actions))
                                                                           if j not in settled])
                     heapq.heappush(to_run, (-priority.get(i, 1.0), i))
-                while to_run and running < self.jobs and not stop and not self.cancel.is_set():
+                while to_run and running < self.workers and not stop and not self.cancel.is_set():
                     if not threads:
-                        count = min(self.jobs, max(1, len(actions) - len(finished) - len(blocked)))
+                        count = min(self.workers, max(1, len(actions) - len(finished) - len(blocked)))
                         threads = [threading.Thread(target=worker, daemon=True, name=f"dtbuild-worker-{n}")
                                    for n in range(count)]
                         for t in threads:

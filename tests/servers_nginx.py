@@ -15,7 +15,7 @@ Where things live:
 * The storage root, the ``*_temp_path`` directories and the password file are read and
   written by the *workers*. Run as root, nginx's workers run as ``nobody``, who cannot
   traverse pytest's ``/tmp/pytest-of-root`` (mode 0700). So as root these live in a fresh
-  ``tempfile.mkdtemp(prefix="dtbuild-nginx-")`` under the system temp directory (mode
+  ``tempfile.mkdtemp(prefix="dtbuild-nginx-")`` in ``/tmp`` (not ``$TMPDIR``; mode
   0755, its contents owned by ``nobody``), removed by ``stop()``; as any other user they
   live under ``workdir/data``. The temp paths share the storage root's file system, so
   nginx moves an upload into place with a rename.
@@ -122,7 +122,8 @@ def start_nginx_cache(workdir: Path, *, users: Mapping[str, str] | None = None) 
     as_root = os.geteuid() == 0
     private_dir: Path | None
     if as_root:
-        data = Path(tempfile.mkdtemp(prefix="dtbuild-nginx-"))
+        # /tmp itself, not $TMPDIR: a TMPDIR below a 0700 directory would shut nobody out.
+        data = Path(tempfile.mkdtemp(prefix="dtbuild-nginx-", dir="/tmp"))
         os.chmod(data, 0o755)
         private_dir = data
     else:

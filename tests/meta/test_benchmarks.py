@@ -4,8 +4,10 @@ and prints its tables. Nothing here looks at a figure: tests never time anything
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,3 +52,35 @@ def test_benchmark_short_mode_runs_and_prints_its_tables(script: str, tmp_path: 
     assert done.returncode == 0, f"{script} --short exited {done.returncode}:\n{done.stderr[-3000:]}"
     missing = [text for text in expected if text not in done.stdout]
     assert not missing, f"{script} --short did not print {missing}:\n{done.stdout}"
+
+
+@pytest.mark.slow
+def test_remote_cache_benchmark_short_mode_checks_warm_remote_builds(require_tool: Callable[[str], str]) -> None:
+    """bench/remote_cache.py --short against nginx and buildbox-casd: it exits 0 only
+    when every warm-remote build ran no action and made the cold build's images."""
+    for tool in ("nginx", "bwrap", "curl"):
+        require_tool(tool)
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from servers_casd import buildbox_tool
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    if buildbox_tool("buildbox-casd") is None:
+        require_tool("buildbox-casd")  # skips, or fails under CI=true
+    # Not tmp_path: run as root, nginx's workers (nobody) keep their files below TMPDIR,
+    # and they cannot traverse pytest's /tmp/pytest-of-root (mode 0700).
+    scratch = Path(tempfile.mkdtemp(prefix="dtbuild-test-bench-remote-"))
+    scratch.chmod(0o755)
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "remote_cache.py"), "--short"], cwd=ROOT,
+                              env={**os.environ, "TMPDIR": str(scratch)}, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert done.returncode == 0, (f"remote_cache.py --short exited {done.returncode}:\n{done.stdout[-3000:]}\n"
+                                  f"{done.stderr[-3000:]}")
+    expected = ["monorepo:", "large layer:", "local cold", "local no-op", "http cold", "http warm-remote",
+                "grpc cold", "grpc warm-remote", "cold/warm", "downloaded MiB", "uploaded MiB", "download MiB/s",
+                "curl -o /dev/null, nginx", "Python socket copy", "every warm-remote build executed 0 actions"]
+    missing = [text for text in expected if text not in done.stdout]
+    assert not missing, f"remote_cache.py --short did not print {missing}:\n{done.stdout}"
