@@ -230,10 +230,11 @@ class Session:
         :raises WorkspaceError: for bad [remote] settings or flags.
         """
         settings = self.workspace.settings()
-        from dtbuild.engine.remote.config import configured, remote_config
+        remote = settings.section("remote")
+        if not (remote.get("cache") or remote.get("executor")):
+            return None, None  # without importing engine.remote: a no-op build pays nothing for it
+        from dtbuild.engine.remote.config import remote_config
 
-        if not configured(settings):
-            return None, None
         config = remote_config(settings)
         cache = None
         if config.cache is not None:
