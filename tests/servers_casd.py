@@ -42,6 +42,25 @@ def buildbox_tool(name: str) -> str | None:
     return shutil.which(name)
 
 
+def require_buildbox(name: str = "buildbox-casd") -> str:
+    """The path of buildbox program ``name`` for a test: a missing one skips the test,
+    but fails it when ``CI=true`` (the CI image must provide it)."""
+    return require(buildbox_tool(name), name)
+
+
+def require(found: str | None, name: str) -> str:
+    """``found``, the path of program ``name``; when it is None the test skips, or fails
+    when ``CI=true``."""
+    import pytest
+
+    if found is None:
+        message = f"{name} is not installed (scripts/setup.sh installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}, and CI=true: the CI image must provide it", pytrace=False)
+        pytest.skip(message)
+    return found
+
+
 class CasdServer:
     """A running buildbox-casd. Stop it with :meth:`stop` or use it as a context manager."""
 

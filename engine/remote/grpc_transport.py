@@ -330,13 +330,8 @@ class GrpcTransport(Transport):
                 found[digest] = b""
             elif self._fits_batch(digest.size):
                 batched.append(digest)
-            else:
-                chunks: list[bytes] = []
-                try:
-                    self.read_blob(digest, chunks.append)
-                except MissingRemoteBlob:
-                    continue
-                found[digest] = b"".join(chunks)
+            else:  # over the batch limit: ByteStream, as the base class reads every blob
+                found.update(super().read_small_blobs([digest]))
         stub = self._stub("cas")
         for batch in self._batches(batched):
             request = re_pb2.BatchReadBlobsRequest(instance_name=self.instance_name,

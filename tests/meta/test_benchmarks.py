@@ -62,11 +62,10 @@ def test_remote_cache_benchmark_short_mode_checks_warm_remote_builds(require_too
         require_tool(tool)
     sys.path.insert(0, str(ROOT / "tests"))
     try:
-        from servers_casd import buildbox_tool
+        from servers_casd import require_buildbox
     finally:
         sys.path.remove(str(ROOT / "tests"))
-    if buildbox_tool("buildbox-casd") is None:
-        require_tool("buildbox-casd")  # skips, or fails under CI=true
+    require_buildbox()
     # Not tmp_path: run as root, nginx's workers (nobody) keep their files below TMPDIR,
     # and they cannot traverse pytest's /tmp/pytest-of-root (mode 0700).
     scratch = Path(tempfile.mkdtemp(prefix="dtbuild-test-bench-remote-"))

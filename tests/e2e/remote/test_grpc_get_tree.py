@@ -38,22 +38,14 @@ from dtbuild.engine.remote.grpc_transport import GrpcTransport
 from dtbuild.engine.remote.reapi import action_digest, export_tree
 from dtbuild.engine.store import OutputValue, Store
 from dtbuild.plugins.interfaces import TreeEntry
-from servers_casd import CasdServer, buildbox_tool, start_casd
+from servers_casd import CasdServer, require_buildbox, start_casd
 
 pytestmark = pytest.mark.e2e
 
 
-def _need_casd() -> None:
-    if buildbox_tool("buildbox-casd") is None:
-        message = "buildbox-casd is not installed (scripts/setup.sh installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}, and CI=true: the CI image must provide it", pytrace=False)
-        pytest.skip(message)
-
-
 @pytest.fixture
 def casd(tmp_path: Path) -> Iterator[CasdServer]:
-    _need_casd()
+    require_buildbox()
     with start_casd(tmp_path / "casd") as server:
         yield server
 

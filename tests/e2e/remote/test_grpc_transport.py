@@ -28,24 +28,16 @@ from dtbuild.engine.remote import (
 )
 from dtbuild.engine.remote._reapi.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from dtbuild.engine.remote.grpc_transport import GrpcTransport
-from servers_casd import CasdServer, buildbox_tool, start_casd
+from servers_casd import CasdServer, require_buildbox, start_casd
 
 pytestmark = pytest.mark.e2e
 
 MIB = 1024 * 1024
 
 
-def _need_casd() -> None:
-    if buildbox_tool("buildbox-casd") is None:
-        message = "buildbox-casd is not installed (scripts/setup.sh installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}, and CI=true: the CI image must provide it", pytrace=False)
-        pytest.skip(message)
-
-
 @pytest.fixture
 def casd(tmp_path: Path) -> Iterator[CasdServer]:
-    _need_casd()
+    require_buildbox()
     with start_casd(tmp_path / "casd") as server:
         yield server
 
@@ -227,7 +219,7 @@ def test_one_transport_serves_many_threads(casd: CasdServer) -> None:
 
 
 def test_instance_names(tmp_path: Path) -> None:
-    _need_casd()
+    require_buildbox()
     with start_casd(tmp_path / "casd", extra_args=["--local-server-instance=main"]) as server:
         named = _transport(server.url, "main")
         data = os.urandom(5 * MIB)
@@ -277,7 +269,7 @@ def test_nothing_listening_is_a_quick_remote_error(tmp_path: Path) -> None:
 
 
 def test_a_server_without_sha256_is_refused(tmp_path: Path) -> None:
-    _need_casd()
+    require_buildbox()
     with start_casd(tmp_path / "casd", extra_args=["--digest-function=SHA512"]) as server:
         t = _transport(server.url)
         with pytest.raises(RemoteError, match=r"does not support SHA256 digests \(it offers SHA512\)"):

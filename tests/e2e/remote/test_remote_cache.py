@@ -98,8 +98,8 @@ def _require_server(kind: str, require_tool: Callable[[str], str]) -> None:
     in /usr/sbin, off a user's PATH; casd is in build/tools/buildbox (scripts/setup.sh)."""
     if kind == "http" and not os.access(servers_nginx.NGINX, os.X_OK):
         require_tool("nginx")
-    if kind == "grpc" and servers_casd.buildbox_tool("buildbox-casd") is None:
-        require_tool("buildbox-casd")
+    if kind == "grpc":
+        servers_casd.require_buildbox()
 
 
 def _start(kind: str, workdir: Path, require_tool: Callable[[str], str]) -> Remote:

@@ -28,20 +28,12 @@ from dtbuild.engine.remote import RemoteError
 from dtbuild.engine.remote.executor import NOT_CONFIGURED, RemoteExecutor
 from dtbuild.plugins.builtin.executors import LocalExecutor
 from dtbuild.plugins.interfaces import CommandRequest, ExecutorContext, Settings
-from servers_casd import CasdServer, buildbox_tool, start_casd
+from servers_casd import CasdServer, require, require_buildbox, start_casd
 
 pytestmark = pytest.mark.e2e
 
 HOST_TOOLS = ("/usr", "/bin", "/lib", "/lib64")
 PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-def _need(tool: str | None, name: str) -> None:
-    if tool is None:
-        message = f"{name} is not installed (scripts/setup.sh installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}, and CI=true: the CI image must provide it", pytrace=False)
-        pytest.skip(message)
 
 
 def runner_args() -> list[str]:
@@ -53,9 +45,9 @@ def runner_args() -> list[str]:
 
 @pytest.fixture(scope="module")
 def casd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CasdServer]:
-    _need(buildbox_tool("buildbox-casd"), "buildbox-casd")
-    _need(buildbox_tool("buildbox-run"), "buildbox-run")
-    _need(next((p for p in ("/usr/bin/bwrap", "/bin/bwrap") if os.path.exists(p)), None), "bwrap")
+    require_buildbox("buildbox-casd")
+    require_buildbox("buildbox-run")
+    require(next((p for p in ("/usr/bin/bwrap", "/bin/bwrap") if os.path.exists(p)), None), "bwrap")
     with start_casd(tmp_path_factory.mktemp("casd"), runner=True, runner_args=runner_args(),
                     log_level="info") as server:
         yield server
@@ -257,8 +249,8 @@ def test_timeout_stops_the_command(casd: CasdServer, tmp_path: Path) -> None:
 
 
 def test_executor_killed_mid_command_is_a_remote_error(tmp_path: Path) -> None:
-    _need(buildbox_tool("buildbox-casd"), "buildbox-casd")
-    _need(buildbox_tool("buildbox-run"), "buildbox-run")
+    require_buildbox("buildbox-casd")
+    require_buildbox("buildbox-run")
     server = start_casd(tmp_path / "casd", runner=True, runner_args=runner_args())
     marker = str(5000 + os.getpid() % 1000)
     try:
@@ -292,7 +284,7 @@ def test_executor_killed_mid_command_is_a_remote_error(tmp_path: Path) -> None:
 
 
 def test_a_cache_without_execution_is_named(tmp_path: Path) -> None:
-    _need(buildbox_tool("buildbox-casd"), "buildbox-casd")
+    require_buildbox("buildbox-casd")
     with start_casd(tmp_path / "casd") as cache_only:
         execroot, home, tmp = _scratch(tmp_path / "s")
         with pytest.raises(RemoteError, match="does not run commands"):
