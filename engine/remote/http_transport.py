@@ -38,6 +38,7 @@ import http.client
 import io
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, TypeVar
@@ -107,6 +108,8 @@ class HttpTransport(Transport):
             timeout=urllib3.Timeout(connect=endpoint.connect_timeout, read=endpoint.timeout),
             cert_reqs="CERT_REQUIRED", ca_certs=ca_file, blocksize=CHUNK_SIZE)
         self._headers = endpoint.all_headers()
+        self._threads: ThreadPoolExecutor | None = None
+        self._threads_lock = threading.Lock()
 
     # ----------------------------------------------------------------------- the protocol
 
@@ -149,17 +152,21 @@ class HttpTransport(Transport):
 
     def _each(self, call: Callable[[Any], _T], items: list[Any]) -> list[_T]:
         """``[call(item) for item in items]``, several requests at once (HTTP/1.1 has one
-        request in flight per connection)."""
+        request in flight per connection), on the transport's one pool of threads."""
         if len(items) <= 1:
             return [call(item) for item in items]
-        pool = ThreadPoolExecutor(max_workers=min(FIND_MISSING_THREADS, len(items)),
-                                  thread_name_prefix="dtbuild-remote-http")
+        with self._threads_lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(max_workers=FIND_MISSING_THREADS,
+                                                   thread_name_prefix="dtbuild-remote-http")
+            futures = [self._threads.submit(call, item) for item in items]
         try:
-            return [future.result() for future in [pool.submit(call, item) for item in items]]
+            return [future.result() for future in futures]
         finally:
             # After a failure the queued requests are dropped: a dead cache costs the
             # requests already under way, not one timeout per digest.
-            pool.shutdown(wait=True, cancel_futures=True)
+            for future in futures:
+                future.cancel()
 
     def read_blob(self, digest: Digest, sink: Callable[[bytes], object]) -> None:
         url = self._url("cas", digest)
@@ -225,6 +232,10 @@ class HttpTransport(Transport):
         self._discard(response)
 
     def close(self) -> None:
+        with self._threads_lock:
+            threads, self._threads = self._threads, None
+        if threads is not None:
+            threads.shutdown(wait=True, cancel_futures=True)
         self._pool.clear()
 
     # ----------------------------------------------------------------------- requests
