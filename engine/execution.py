@@ -804,11 +804,11 @@ class ActionRunner:
                 if result is not None:
                     status = "remote_cached"
                     break
-            if not rerun and not rebuilt:
-                self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
-                            description=action.description)
             try:
-                with self._run_slots:
+                with self._run_slots:  # reported started once it has a slot, not while it waits
+                    if not rerun and not rebuilt:
+                        self.report("dtbuild_action_started", label=action.owner, mnemonic=action.mnemonic,
+                                    description=action.description)
                     result, remotely = self._execute(action, kind, inputs)
             except LostBlobError as lost:
                 if lost.digest in rebuilt:
