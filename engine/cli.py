@@ -44,7 +44,7 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
     command's parser gets has no defaults (``SUPPRESS``), so that it does not overwrite a
     flag given before the command; the top parser's copy sets them."""
     common = argparse.ArgumentParser(add_help=False)
-    default = {} if top else {"default": argparse.SUPPRESS}
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors", **default)
     common.add_argument("-p", dest="plugin_flags", action="append", metavar="no:NAME",
                         help="block the plugin NAME (repeatable)", **({"default": []} if top else default))
