@@ -57,6 +57,20 @@ def _pb() -> Any:
     return remote_execution_pb2
 
 
+def _parse(message: Any, data: bytes, what: str) -> Any:
+    """``message`` filled from serialized ``data``.
+
+    :raises BadRemoteEntry: when ``data`` is not such a message.
+    """
+    from google.protobuf.message import DecodeError
+
+    try:
+        message.ParseFromString(data)
+    except DecodeError as e:
+        raise BadRemoteEntry(f"not {what} ({e})") from None
+    return message
+
+
 def digest_of(data: bytes) -> Digest:
     return Digest(hashlib.sha256(data).hexdigest(), len(data))
 
@@ -122,14 +136,9 @@ def parse_action_result(data: bytes, slots: set[str]) -> tuple[dict[str, RemoteO
 
     :raises BadRemoteEntry: for anything else.
     """
-    from google.protobuf import json_format, message, struct_pb2
+    from google.protobuf import json_format, struct_pb2
 
-    pb = _pb()
-    result = pb.ActionResult()
-    try:
-        result.ParseFromString(data)
-    except message.DecodeError as e:
-        raise BadRemoteEntry(f"not an ActionResult message ({e})") from None
+    result = _parse(_pb().ActionResult(), data, "an ActionResult message")
     if result.exit_code != 0:
         raise BadRemoteEntry(f"it records a command that exited with status {result.exit_code}")
     outputs: dict[str, RemoteOutput] = {}
@@ -150,11 +159,7 @@ def parse_action_result(data: bytes, slots: set[str]) -> tuple[dict[str, RemoteO
     meta: dict[str, Any] = {}
     for packed in result.execution_metadata.auxiliary_metadata:
         if packed.type_url == META_TYPE_URL:
-            struct = struct_pb2.Struct()
-            try:
-                struct.ParseFromString(packed.value)
-            except message.DecodeError:
-                raise BadRemoteEntry("its metadata is not a Struct") from None
+            struct = _parse(struct_pb2.Struct(), packed.value, "a Struct (its metadata)")
             try:
                 meta = json_format.MessageToDict(struct)
             except (ValueError, json_format.Error) as e:  # NaN and infinities: not JSON
@@ -250,14 +255,8 @@ def import_tree(store: Store, data: bytes) -> tuple[str, int, list[Digest]]:
     :raises BadRemoteEntry: for a Tree that is not a valid, complete tree.
     """
     from dtbuild.engine.store import check_directory_node
-    from google.protobuf import message
 
-    pb = _pb()
-    tree = pb.Tree()
-    try:
-        tree.ParseFromString(data)
-    except message.DecodeError as e:
-        raise BadRemoteEntry(f"not a Tree message ({e})") from None
+    tree = _parse(_pb().Tree(), data, "a Tree message")
     by_digest = {digest_of(c.SerializeToString(deterministic=True)): c for c in tree.children}
     files: dict[str, Digest] = {}
     #: Each child converted once, however many directories name it (a small hostile Tree
