@@ -58,7 +58,6 @@ import grpc
 from dtbuild.engine.remote import (
     Digest,
     Endpoint,
-    RemoteAuthError,
     RemoteError,
 )
 from dtbuild.engine.remote._reapi.build.bazel.remote.execution.v2 import (
@@ -67,7 +66,8 @@ from dtbuild.engine.remote._reapi.build.bazel.remote.execution.v2 import (
 from dtbuild.engine.remote._reapi.build.bazel.remote.execution.v2 import (
     remote_execution_pb2_grpc as re_grpc,
 )
-from dtbuild.engine.remote.reapi import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
+from dtbuild.engine.remote.reapi import MAX_TREE_DEPTH, MAX_TREE_ENTRIES, digest_of
+from dtbuild.engine.store import hash_file
 
 if TYPE_CHECKING:
     from dtbuild.engine.remote.grpc_transport import GrpcTransport
@@ -105,40 +105,18 @@ class ExecutionResult:
     outputs: tuple[str, ...] = field(default=())
 
 
-def _digest_of(data: bytes) -> Digest:
-    return Digest(hashlib.sha256(data).hexdigest(), len(data))
-
-
 def _pb_digest(d: Digest) -> Any:
     return re_pb2.Digest(hash=d.hash, size_bytes=d.size)
 
 
-def _file_digest(path: str) -> Digest:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return Digest(h.hexdigest(), size)
-
-
 def _rpc_error(e: grpc.RpcError, what: str, transport: GrpcTransport) -> RemoteError:
-    code = e.code() if callable(getattr(e, "code", None)) else None
-    details = (e.details() if callable(getattr(e, "details", None)) else None) or ""
-    said = f"{code.name if code is not None else 'UNKNOWN'}: {details}" if details else (
-        code.name if code is not None else "UNKNOWN")
-    endpoint = transport.endpoint
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        origin = endpoint.credentials.origin or "the [remote] headers"
-        return RemoteAuthError(endpoint.redact(f"the remote executor {endpoint.url} refused the credentials from "
-                                               f"{origin} ({said}): fix them, or unset them"))
-    if code is grpc.StatusCode.UNIMPLEMENTED:
-        return RemoteError(endpoint.redact(f"{endpoint.url} does not run commands ({said}): it is a cache, not an "
-                                           "execution service (buildbox-casd runs them with --buildbox-run=PATH)"))
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return RemoteError(endpoint.redact(f"cannot reach the remote executor {endpoint.url} ({what}: {said})"))
-    return RemoteError(endpoint.redact(f"the remote executor {endpoint.url} failed ({what}: {said})"))
+    """The transport's error for ``e``, but for a server without an Execution service."""
+    if callable(getattr(e, "code", None)) and e.code() is grpc.StatusCode.UNIMPLEMENTED:
+        endpoint = transport.endpoint
+        return RemoteError(endpoint.redact(
+            f"{endpoint.url} does not run commands ({e.details() or 'UNIMPLEMENTED'}): it is a cache, not an "
+            "execution service (buildbox-casd runs them with --buildbox-run=PATH)"))
+    return transport.error(e, what)
 
 
 class _InputTree:
@@ -164,7 +142,7 @@ class _InputTree:
             elif stat.S_ISDIR(st.st_mode):
                 message.directories.add(name=entry.name, digest=_pb_digest(self._directory(full)))
             elif stat.S_ISREG(st.st_mode):
-                digest = _file_digest(full)
+                digest = Digest(*hash_file(full))
                 self.files.setdefault(digest, full)
                 message.files.add(name=entry.name, digest=_pb_digest(digest),
                                   is_executable=bool(st.st_mode & stat.S_IXUSR))
@@ -172,7 +150,7 @@ class _InputTree:
                 raise RemoteError(f"input {full} is neither a file, a directory nor a symlink: "
                                   "REAPI cannot send it")
         data = message.SerializeToString(deterministic=True)
-        digest = _digest_of(data)
+        digest = digest_of(data)
         self.directories[digest] = data
         return digest
 
@@ -266,16 +244,16 @@ class RemoteExecution:
             output_paths=outputs, working_directory=wd, platform=pb_platform)
         command_bytes = command.SerializeToString(deterministic=True)
         tree = _InputTree(input_root)
-        action = re_pb2.Action(command_digest=_pb_digest(_digest_of(command_bytes)),
+        action = re_pb2.Action(command_digest=_pb_digest(digest_of(command_bytes)),
                                input_root_digest=_pb_digest(tree.root_digest), platform=pb_platform)
         if timeout is not None:
             # Whole seconds, rounded up: workers (buildbox-run) drop the fraction, and a
             # command must not be stopped before its time.
             action.timeout.FromSeconds(max(1, math.ceil(timeout)))
         action_bytes = action.SerializeToString(deterministic=True)
-        action_digest = _digest_of(action_bytes)
+        action_digest = digest_of(action_bytes)
 
-        self._upload(tree, {_digest_of(command_bytes): command_bytes, action_digest: action_bytes})
+        self._upload(tree, {digest_of(command_bytes): command_bytes, action_digest: action_bytes})
         deadline = None if timeout is None else time.monotonic() + timeout + _TIMEOUT_GRACE
         response = self._run(action_digest, cancel, deadline)
         if response is None:  # cancelled, or the service let the deadline pass
@@ -323,7 +301,7 @@ class RemoteExecution:
             else:
                 with open(tree.files[digest], "rb") as f:
                     data = f.read()
-                if _digest_of(data) != digest:
+                if digest_of(data) != digest:
                     raise RemoteError(f"input {tree.files[digest]} changed while it was being uploaded")
             if batch_size + digest.size > BATCH_BYTES:
                 flush()
@@ -418,7 +396,7 @@ class RemoteExecution:
             chunks: list[bytes] = []
             self.transport.read_blob(digest, chunks.append)
             data = b"".join(chunks)
-        if _digest_of(data) != digest:
+        if digest_of(data) != digest:
             raise RemoteError(f"the remote executor's CAS sent blob {digest.hash} with other bytes")
         return data
 
@@ -454,7 +432,7 @@ class RemoteExecution:
             rel = _check_output_path(f.path, declared)
             dest = os.path.join(workdir, rel)
             if f.contents and len(f.contents) == f.digest.size_bytes:
-                if _digest_of(f.contents) != Digest(f.digest.hash, f.digest.size_bytes):
+                if digest_of(f.contents) != Digest(f.digest.hash, f.digest.size_bytes):
                     raise RemoteError(f"the remote executor sent output {rel} with other bytes than its digest")
                 _write_file(dest, f.contents, f.is_executable)
             else:
@@ -473,7 +451,7 @@ class RemoteExecution:
             rel = _check_output_path(d.path, declared)
             tree = re_pb2.Tree()
             tree.ParseFromString(self._tree_bytes(d, rel))
-            children = {_digest_of(c.SerializeToString(deterministic=True)): c for c in tree.children}
+            children = {digest_of(c.SerializeToString(deterministic=True)): c for c in tree.children}
             dest = os.path.join(workdir, rel)
             _replace_path(dest)
             self._write_directory(tree.root, children, dest, 0, [MAX_TREE_ENTRIES])
