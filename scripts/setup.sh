@@ -15,12 +15,13 @@ cd "$(dirname "$0")/.."
 # for genrule examples, and nginx for the HTTP remote cache (/ac/ and /cas/ over WebDAV
 # PUT/GET: Debian's plain `nginx` binary is built with ngx_http_dav_module, so none of
 # nginx-light/-core/-full/-extras is needed), and apache2-utils for htpasswd -B (the bcrypt
-# entries of the test registry's htpasswd auth), bubblewrap for the command sandbox, and
-# openssl for the tests' TLS certificates.
+# entries of the test registry's htpasswd auth), bubblewrap for the command sandbox (and
+# buildbox-run's), openssl for the tests' TLS certificates, and curl for the remote
+# cache benchmark's loopback floor.
 DEFAULT_PACKAGES=(
   skopeo umoci runc busybox-static podman docker-registry fuse-overlayfs
   qemu-system-x86 proot fakeroot pigz zstd jq uidmap gcc libc6-dev make nginx
-  apache2-utils bubblewrap openssl
+  apache2-utils bubblewrap openssl curl
 )
 
 system=1 python=1 packages=() guest_kernel=1
