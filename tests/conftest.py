@@ -38,6 +38,9 @@ REPO_ROOT = TESTS_DIR.parent
 # cache servers a test or a benchmark starts on loopback).
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
+# Before any test module imports grpc: engine.remote turns grpc's fork support off, which
+# the sandbox tests that fork in this process (after gRPC tests ran here) need.
+import dtbuild.engine.remote  # noqa: E402, F401
 
 #: How long one CLI run may take before the test fails (a hung build is a bug, not a wait).
 DEFAULT_TIMEOUT = 120.0

@@ -31,6 +31,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, NamedTuple
 
+# grpc's fork support (on by default) restarts its threads in every child of os.fork(),
+# and aborts the child where it cannot (a child entering new namespaces, as a sandbox's
+# does). dtbuild never shares a channel with a child, so it is off; this package is
+# imported before any module of dtbuild's that imports grpc. A value the user set wins.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 #: URL schemes of remote caches and executors.
 CACHE_SCHEMES = ("http", "https", "grpc", "grpcs")
 EXECUTOR_SCHEMES = ("grpc", "grpcs")
