@@ -573,7 +573,8 @@ class LayerKindWrite(ActionKind):
     :func:`write_layer_outputs` exactly as LayerWrite writes its layers."""
 
     NAME = "LayerKindWrite"
-    VERSION = "1"
+    #: 2: a hard link that sorts before its target is turned around (layertar).
+    VERSION = "2"
 
     def run(self, ctx: ActionContext) -> None:
         params = ctx.params

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Literal
 
 from dtbuild.plugins.builtin.compressors import NoneCompressor
@@ -109,7 +109,32 @@ def sorted_entries(entries: Iterable[LayerEntry]) -> list[LayerEntry]:
         if before.path == after.path:
             raise ValueError(f"duplicate path in layer: /{after.path} appears twice "
                              f"(as a {before.kind} and as a {after.kind})")
-    return ordered
+    return _links_after_targets(ordered)
+
+
+def _links_after_targets(ordered: list[LayerEntry]) -> list[LayerEntry]:
+    """``ordered`` with every hard link after the entry it links to, as tar readers
+    (umoci, GNU tar) need: where sorting put a link first, the first path of the group
+    carries the data and the others link to it. A link to a path outside the layer (a
+    lower layer's file) is left as it is."""
+    position = {entry.path: i for i, entry in enumerate(ordered)}
+    groups: dict[str, list[int]] = {}
+    for i, entry in enumerate(ordered):
+        if entry.kind == "hardlink" and position.get(entry.linkname, -1) > i \
+                and ordered[position[entry.linkname]].kind != "hardlink":
+            groups.setdefault(entry.linkname, []).append(i)
+    if not groups:
+        return ordered
+    out = list(ordered)
+    for target, early in groups.items():
+        first = early[0]
+        data = ordered[position[target]]
+        out[first] = replace(data, path=ordered[first].path)
+        out[position[target]] = replace(ordered[first], path=target, linkname=ordered[first].path)
+        for i, entry in enumerate(ordered):
+            if entry.kind == "hardlink" and entry.linkname == target and i != first:
+                out[i] = replace(entry, linkname=ordered[first].path)
+    return out
 
 
 # --------------------------------------------------------------------------- headers
