@@ -7,29 +7,81 @@
 # PACKAGE... replaces the default list of system packages (scripts/example.sh asks for
 # gcc and libc6-dev only). The virtualenv is ${DTBUILD_VENV:-.venv}, relative to the
 # repository root. Runs as root, or as another user through sudo when it is installed.
+# When apt or dpkg is busy (an unattended upgrade), it waits for their locks, up to
+# ${DTBUILD_APT_LOCK_TIMEOUT:-600} seconds.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
-# What the tests drive for real: image tools, container runtimes, a registry, the VM
-# executor (qemu + a guest kernel), the rootless helpers, the compressors, the compiler
-# for genrule examples, and nginx for the HTTP remote cache (/ac/ and /cas/ over WebDAV
-# PUT/GET: Debian's plain `nginx` binary is built with ngx_http_dav_module, so none of
-# nginx-light/-core/-full/-extras is needed), and apache2-utils for htpasswd -B (the bcrypt
-# entries of the test registry's htpasswd auth), bubblewrap for the command sandbox (and
-# buildbox-run's), openssl for the tests' TLS certificates, and curl for the remote
-# cache benchmark's loopback floor.
+# The system packages the code and the tests use, each for what it says. Nothing else:
+# a package goes in when a test or a documented command runs one of its programs.
 DEFAULT_PACKAGES=(
-  skopeo umoci runc busybox-static podman docker-registry fuse-overlayfs
-  qemu-system-x86 proot fakeroot pigz zstd jq uidmap gcc libc6-dev make nginx
-  apache2-utils bubblewrap openssl curl
+  skopeo           # images read and copied by the tests (docker-archive:, oci:, registries)
+  umoci            # OCI layouts unpacked into runtime bundles (tests, `dtbuild run` without podman)
+  runc             # images run from those bundles (tests, `dtbuild run`)
+  podman           # `dtbuild load`/`run` and the README's stream pipeline, as a user runs them
+  busybox-static   # the static /bin of test base images, and the VM executor's guest /init
+  docker-registry  # a local registry for `dtbuild push` and pull_image tests
+  apache2-utils    # htpasswd -B: the bcrypt entries of the test registry's auth
+  fuse-overlayfs   # root layers' overlay without privileges (namespace executor)
+  uidmap           # newuidmap/newgidmap: the namespace executor's mapped users
+  qemu-system-x86  # the vm executor (with a guest kernel, below)
+  proot            # layered_image(enable_fakechroot = True)
+  fakeroot         # layered_image(fakeroot_commands = ...)
+  bubblewrap       # bwrap: the command sandbox (and buildbox-run's)
+  zstd             # zstd -d: tests check .zst layers and archives as other tools read them
+  xz-utils         # xz -d: the xz compressor example's test (plugins/examples/xz_compressor.py)
+  pigz jq curl     # bench/image_build.py's seed pipeline, bench/remote_cache.py's loopback floor
+  openssl          # the tests' TLS certificates, and the benchmarks' hashing floor
+  nginx            # the HTTP remote cache (/ac/, /cas/ over WebDAV: Debian's nginx has the DAV module)
+  gcc libc6-dev    # cc -static: the genrule of examples/workspace (scripts/example.sh, e2e tests)
 )
+
+# apt and dpkg hold these while they run (an unattended upgrade, another setup): wait
+# for them rather than fail at once. dpkg's locks are fcntl locks, which flock(1) cannot
+# see, so /proc/locks is read: it names each locked file by device and inode.
+APT_LOCKS=(/var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock)
+APT_LOCK_TIMEOUT="${DTBUILD_APT_LOCK_TIMEOUT:-600}"  # seconds
+
+# The PID holding a lock on file $1, or nothing.
+lock_holder() {
+  local dev ino key
+  read -r dev ino < <(stat -L -c '%d %i' "$1" 2>/dev/null) || return 0
+  key="$(printf '%02x:%02x:%s' $(( (dev >> 8) & 0xfff )) $(( (dev & 0xff) | ((dev >> 12) & 0xfff00) )) "$ino")"
+  awk -v key="$key" '$0 ~ /->/ { next } { for (i = 1; i <= NF; i++) if ($i == key) { print $(i - 1); exit } }' \
+    /proc/locks 2>/dev/null || true
+}
+
+# wait_for_locks SECONDS FILE...: return once no process holds a lock on any FILE; fail
+# after SECONDS, naming the holder.
+wait_for_locks() {
+  local timeout="$1" waited=0 file pid said=""
+  shift
+  while :; do
+    pid=""
+    for file in "$@"; do
+      pid="$(lock_holder "$file")"
+      if [ -n "$pid" ]; then break; fi
+    done
+    if [ -z "$pid" ]; then return 0; fi
+    if [ "$waited" -ge "$timeout" ]; then
+      echo "setup: $file is still locked by process $pid ($(cat "/proc/$pid/comm" 2>/dev/null || echo '?'))" \
+        "after ${timeout}s; let it finish, then run setup again" >&2
+      return 1
+    fi
+    if [ "$said" != "$pid $file" ]; then
+      echo "setup: waiting for $file, locked by process $pid ($(cat "/proc/$pid/comm" 2>/dev/null || echo '?'))"
+      said="$pid $file"
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+}
 
 system=1 python=1 packages=() guest_kernel=1
 for arg in "$@"; do
   case "$arg" in
     --system-only) python=0 ;;
     --python-only) system=0 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "setup.sh: unknown option '$arg'" >&2; exit 2 ;;
     *) packages+=("$arg") ;;
   esac
@@ -62,9 +114,13 @@ install_system_packages() {
     sudo=(sudo)
   fi
   echo "setup: installing with apt-get: ${missing[*]}"
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Waiting here first says who holds the lock; apt-get's own timeout covers the moment
+  # between this check and its taking the lock.
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -o "DPkg::Lock::Timeout=$APT_LOCK_TIMEOUT")
+  wait_for_locks "$APT_LOCK_TIMEOUT" "${APT_LOCKS[@]}"
+  "${sudo[@]}" "${apt[@]}" update -qq
+  wait_for_locks "$APT_LOCK_TIMEOUT" "${APT_LOCKS[@]}"
+  "${sudo[@]}" "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   echo "setup: installed ${#missing[@]} system package(s)"
 }
 
@@ -124,5 +180,11 @@ PY
   echo "setup: buildbox: extracted buildbox-casd and buildbox-run to $dir"
 }
 
-if [ "$system" = 1 ]; then install_system_packages "${packages[@]}"; fi
-if [ "$python" = 1 ]; then setup_virtualenv; install_buildbox; fi
+main() {
+  cd "$(dirname "$0")/.."
+  if [ "$system" = 1 ]; then install_system_packages "${packages[@]}"; fi
+  if [ "$python" = 1 ]; then setup_virtualenv; install_buildbox; fi
+}
+
+# Sourced (a test of the functions above), it defines them and runs nothing.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main; fi

@@ -16,10 +16,12 @@ and in a BUILD file::
 
 from __future__ import annotations
 
+import os
+
 from dtbuild.plugins import hookimpl
 from dtbuild.plugins.interfaces import ActionContext, ActionKind
 from dtbuild.rules import attrs
-from dtbuild.rules.api import RuleContext, rule
+from dtbuild.rules.api import Rule, RuleContext, rule
 from dtbuild.rules.providers import DefaultInfo, PackageEntry, PackageInfo, Provider
 
 
@@ -51,17 +53,16 @@ class WriteFile(ActionKind):
         path = ctx.output_path("out")
         with open(path, "w", encoding="utf-8") as f:
             f.write(ctx.params["content"])
-        if ctx.params["executable"]:
-            import os
-
-            os.chmod(path, 0o755)
+        # Only the executable bit is the action's to choose: the layer writers normalise
+        # every other mode bit, so a checkout's umask never changes a digest.
+        os.chmod(path, 0o755 if ctx.params["executable"] else 0o644)
 
 
 @hookimpl
-def dtbuild_register_rules() -> list:
+def dtbuild_register_rules() -> list[Rule]:
     return [write_file]
 
 
 @hookimpl
-def dtbuild_register_action_kinds() -> list:
+def dtbuild_register_action_kinds() -> list[type[ActionKind]]:
     return [WriteFile]
