@@ -1,9 +1,10 @@
 """The built-in plugin ``images``: ``image`` and ``image_archive``, the ``pure_layer``
 layer kind (its rule is made by the engine), and the action kinds that write layers
 (``LayerKindWrite`` those of every layer kind), assemble images and write their archives;
-the commands ``stream``, ``inspect`` and ``load`` (:mod:`.image_commands`) and each image
-target's ``manifest_digest`` in the build summary. Its images are compressed by registered
-compressors (the ``compressors`` plugin, or another plugin's)."""
+the commands ``stream``, ``inspect`` and ``load`` (:mod:`.image_commands`) and ``run``
+(:mod:`.run_command`), and each image target's ``manifest_digest`` in the build summary.
+Its images are compressed by registered compressors (the ``compressors`` plugin, or
+another plugin's)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ def dtbuild_register_action_kinds() -> Sequence[type[ActionKind]]:
 @hookimpl
 def dtbuild_register_commands() -> Sequence[type[Command]]:
     from dtbuild.plugins.builtin.image_commands import IMAGE_COMMANDS
+    from dtbuild.plugins.builtin.run_command import RUN_COMMANDS
 
-    return list(IMAGE_COMMANDS)
+    return [*IMAGE_COMMANDS, *RUN_COMMANDS]
 
 
 @hookimpl

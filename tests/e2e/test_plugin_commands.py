@@ -84,7 +84,7 @@ def test_a_workspace_plugin_adds_a_command_that_builds_through_the_api(write_wor
     assert code == 2 and "ERROR:" in err and "Traceback" not in err, err
     _, out, _ = run_dtbuild(ws, "plugins", check=True)
     assert "  hello  [workspace:tools/hello.py]" in out, out
-    assert "      commands: inspect, load, stream" in out, out
+    assert "      commands: inspect, load, run, stream" in out, out
 
 
 def test_a_plugin_gives_summary_fields(write_workspace, run_dtbuild) -> None:

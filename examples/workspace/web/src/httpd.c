@@ -60,10 +60,18 @@ static void serve(int fd, const char *root) {
     close(file);
 }
 
+/* As PID 1 of a container a signal without a handler does nothing: stop on Ctrl-C and TERM. */
+static void stop(int sig) {
+    (void)sig;
+    _exit(0);
+}
+
 int main(int argc, char **argv) {
     int port = argc > 1 ? atoi(argv[1]) : 8080;
     const char *root = argc > 2 ? argv[2] : "/srv/www";
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGINT, stop);
+    signal(SIGTERM, stop);
     int server = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
     setsockopt(server, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
