@@ -182,6 +182,27 @@ class Analyzer:
         self.loader.target(label, referrer=decl, attr=attr)  # raises with a suggestion
         raise AssertionError("unreachable")
 
+    def _check_visibility(self, decl: TargetDecl) -> None:
+        """Every target ``decl`` depends on lets ``decl``'s package in (its ``visibility``);
+        source files are visible to every package. Checked when a target is analyzed for a
+        build, not by query, which shows the graph as it is (as Bazel's does)."""
+        package = decl.label.package
+        for attr, items in self.resolve_deps(decl):
+            for item in items:
+                if not isinstance(item, Label) or item.package == package:
+                    continue
+                dep = self.loader.target(item)
+                if dep.visible_to(package):
+                    continue
+                where = f"//{package}" if package else "the root package"
+                grant = f"//{package}:__pkg__"
+                raise AttrError(
+                    f"the '{attr}' attribute depends on {item}, which is not visible to {decl.label}: its "
+                    f"visibility ({dep.location}) is {', '.join(dep.visibility)}",
+                    location=decl.location, target=str(decl.label), rule=decl.kind,
+                    hint=f'if {where} may depend on it, add "{grant}" (or "//visibility:public") to the '
+                         f"visibility of {item}")
+
     def has_target(self, label: Label) -> bool:
         """Whether a BUILD file declares ``label`` (a source file is not a declared target)."""
         return self._has_target(label)
@@ -247,6 +268,7 @@ class Analyzer:
                                  location=first.location,
                                  hint="a target may not depend on itself, directly or through others")
             decl = self.loader.target(label)
+            self._check_visibility(decl)
             labels = (item for _, items in self.resolve_deps(decl) for item in items if isinstance(item, Label))
             on_path[label] = len(stack)
             stack.append((label, decl, labels, []))

@@ -24,6 +24,7 @@ from dtbuild.engine.errors import (
     AttrError,
     BuildFileError,
     DtbuildError,
+    Frame,
     LabelError,
     Location,
     UnknownTargetError,
@@ -40,6 +41,18 @@ if TYPE_CHECKING:
 
 _FRAME_RE = re.compile(r"^\s*\* (?P<file>.+?):(?P<line>\d+), in ", re.M)
 _ERROR_AT_RE = re.compile(r"^\s*--> (?P<file>.+?):(?P<line>\d+):(?P<col>\d+)", re.M)
+_TRACE_FRAME_RE = re.compile(r"^  \* (?P<file>.+?):(?P<line>\d+), in (?P<function>.*)$", re.M)
+_ERROR_LINE_RE = re.compile(r"^error: ", re.M)
+_CALL_RE = re.compile(r"\b(?P<name>[A-Za-z_]\w*)\s*\(")
+_KEYWORDS = frozenset({"and", "elif", "for", "if", "in", "lambda", "not", "or", "return", "while"})
+PRELUDE_FILE = "<dtbuild prelude>"
+
+
+#: The visibility of a target anyone may depend on, and of one only its package may.
+PUBLIC = "//visibility:public"
+PRIVATE = "//visibility:private"
+#: The tag that keeps a target out of the wildcard patterns ``//...`` and ``:all``.
+MANUAL = "manual"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +63,30 @@ class TargetDecl:
     kind: str
     attrs: Mapping[str, Any]
     location: Location
+    #: Who may depend on it (``visibility``, else the package's ``default_visibility``):
+    #: ``//visibility:public``, ``//visibility:private``, ``//pkg:__pkg__``, ``//pkg:__subpackages__``.
+    visibility: tuple[str, ...] = (PUBLIC,)
+    #: ``tags``: free-form words; ``manual`` keeps the target out of ``//...`` and ``:all``.
+    tags: tuple[str, ...] = ()
+
+    def visible_to(self, package: str) -> bool:
+        """Whether a target of ``package`` may depend on this one: always from its own
+        package, else as its visibility says."""
+        return package == self.label.package or visibility_allows(self.visibility, package)
+
+
+def visibility_allows(visibility: Sequence[str], package: str) -> bool:
+    """Whether ``visibility`` (normalized labels, see :attr:`TargetDecl.visibility`) lets
+    targets of ``package`` in, leaving aside the target's own package."""
+    for entry in visibility:
+        if entry == PUBLIC:
+            return True
+        scope, _, name = entry[2:].partition(":")
+        if name == "__pkg__" and package == scope:
+            return True
+        if name == "__subpackages__" and (not scope or package == scope or package.startswith(scope + "/")):
+            return True
+    return False
 
 
 @dataclass
@@ -59,6 +96,10 @@ class Package:
     targets: dict[str, TargetDecl] = field(default_factory=dict)
     #: Every file whose content the evaluation depended on (BUILD, loaded .bzl files).
     files_read: list[str] = field(default_factory=list)
+    #: ``package(default_visibility = [...])``: the visibility of targets that set none.
+    default_visibility: tuple[str, ...] | None = None
+    #: Where ``package()`` was called, if it was.
+    package_call: Location | None = None
 
 
 class _Abort(Exception):
@@ -92,6 +133,7 @@ class Loader:
         self._loading: list[str] = []  # .bzl load stack, for cycle errors
         self._current: Package | None = None
         self._pending: DtbuildError | None = None
+        self._pending_load: str | None = None  # the load() whose .bzl failed with _pending
         self._listing: dict[str, list[str]] = {}
         self._cancel = threading.Event()
         self._all_packages: list[str] | None = None
@@ -104,7 +146,13 @@ class Loader:
         #: Stored packages found unchanged (None: checked, and not usable).
         self._entries: dict[str, PackageEntry | None] = {}
         self._digests: dict[str, str | None] = {}
-        self._prelude = "".join(
+        # glob() and package() are Starlark wrappers too, so that they know where they
+        # were called from (call_stack()). Bazel's glob() refuses to match nothing by default.
+        self._prelude = (
+            "def glob(include, exclude = [], allow_empty = False):\n"
+            "    return _dtbuild_glob(call_stack(), include, exclude, allow_empty)\n"
+            "def package(**kwargs):\n"
+            "    return _dtbuild_package(call_stack(), kwargs)\n") + "".join(
             f"def {name}(**kwargs):\n    return _dtbuild_rule({name!r}, call_stack(), kwargs)\n"
             for name in sorted(self.rules))
 
@@ -320,8 +368,12 @@ class Loader:
             self.cache.put_packages(dirs, found)
         return found
 
-    def expand(self, pattern: TargetPattern) -> list[Label]:
-        """The labels a pattern stands for, sorted. A pattern that matches nothing is an error."""
+    def expand(self, pattern: TargetPattern, *, include_manual: bool = False) -> list[Label]:
+        """The labels a pattern stands for, sorted. A pattern that matches nothing is an error.
+
+        The wildcards ``//...`` and ``:all`` leave out targets tagged ``manual`` (as
+        Bazel's build does; its query keeps them: ``include_manual``); a pattern naming
+        one target gives it whatever its tags."""
         if pattern.name is not None:
             decl = self.target(Label(pattern.package, pattern.name))
             return [decl.label]
@@ -331,8 +383,19 @@ class Loader:
             if self.build_file_of(pattern.package) is None:
                 self.target(Label(pattern.package, "all"))  # raises the no-package error
             packages = [pattern.package]
-        labels = [Label(pkg, name) for pkg in packages for name in self.target_names(pkg)]
+        if include_manual:
+            labels = [Label(pkg, name) for pkg in packages for name in self.target_names(pkg)]
+            manual = []
+        else:
+            decls = [decl for pkg in packages for decl in self.package(pkg).targets.values()]
+            labels = [decl.label for decl in decls if MANUAL not in decl.tags]
+            manual = sorted(decl.label for decl in decls if MANUAL in decl.tags)
         if not labels:
+            if manual:
+                shown = ", ".join(str(label) for label in manual[:5]) + (", ..." if len(manual) > 5 else "")
+                raise UnknownTargetError(
+                    f"no targets match '{pattern}': every target it covers is tagged \"manual\" ({shown})",
+                    hint=f"a manual target is built only when named: dtbuild build {manual[0]}")
             raise UnknownTargetError(f"no targets match '{pattern}'")
         return sorted(labels)
 
@@ -364,11 +427,12 @@ class Loader:
         sl = self._sl
         module = sl.Module()
         module.add_callable("_dtbuild_rule", self._rule_call)
-        module.add_callable("glob", self._glob)
+        module.add_callable("_dtbuild_glob", self._glob)
+        module.add_callable("_dtbuild_package", self._package_call)
         module.add_callable("package_name", self._package_name)
         for key, value in self.build_globals.items():
             module[key] = value
-        sl.eval(module, sl.parse("<dtbuild prelude>", self._prelude, self._dialect), self._globals)
+        sl.eval(module, sl.parse(PRELUDE_FILE, self._prelude, self._dialect), self._globals)
         return module
 
     def _evaluate(self, rel_path: str, source: str, module: Any) -> None:
@@ -382,15 +446,39 @@ class Loader:
         except sl.StarlarkError as e:
             if self._cancel.is_set():
                 raise KeyboardInterrupt from None
+
+            def lines_of(path: str) -> list[str] | None:
+                return source.split("\n") if path == rel_path else self._lines_read(path)
+
+            error = _starlark_error(str(e), rel_path, lines_of)
             if budget.reason is not None:
-                where = _starlark_error(str(e), rel_path).location
-                raise BuildFileError(budget.reason, location=where, hint=budget.hint) from None
+                raise BuildFileError(budget.reason, location=error.location, hint=budget.hint,
+                                     source_line=error.source_line, stack=error.stack) from None
             pending, self._pending = self._pending, None
-            if pending is not None:
-                if pending.location is None:  # e.g. a bad load(): point at the statement
-                    pending.location = _starlark_error(str(e), rel_path).location
-                raise pending from None
-            raise _starlark_error(str(e), rel_path) from None
+            loaded, self._pending_load = self._pending_load, None
+            if pending is None:
+                raise error from None
+            # The error a built-in function or a loaded file kept aside is the one to
+            # report; Starlark's own says only that the call failed.
+            if pending.location is None:  # e.g. a bad load(): point at the statement
+                pending.location = error.location
+            elif loaded is not None and isinstance(pending, BuildFileError):
+                pending.stack.insert(0, Frame(error.location or Location(rel_path), f'load("{loaded}")'))
+            if isinstance(pending, BuildFileError) and pending.source_line is None:
+                pending.source_line = _line_at(pending.location, lines_of)
+            raise pending from None
+
+    def _lines_read(self, path: str) -> list[str] | None:
+        """The lines of ``path`` if this process evaluated it (so an error quotes only
+        BUILD and .bzl files), else None."""
+        if not any(read[0] == path for read in self._reads):
+            return None
+        try:
+            with open(os.path.join(self.workspace.root, path), "rb") as f:
+                data = f.read(MAX_SOURCE_BYTES)
+        except OSError:
+            return None
+        return data.decode("utf-8", errors="replace").split("\n")
 
     def _load_package(self, name: str) -> Package:
         build_file = self.build_file_of(name)
@@ -511,6 +599,11 @@ class Loader:
             module = self._new_module()
             self._evaluate(path, self._read(path), module)
             frozen = module.freeze()
+        except DtbuildError as e:
+            # Raised through the interpreter it would come back as text inside the loading
+            # file's error: kept aside, it is reported as it is, once, with this load() added.
+            self._pending, self._pending_load = e, text
+            raise _Abort() from None
         finally:
             self._loading.pop()
         self._modules[key] = frozen
@@ -583,26 +676,98 @@ class Loader:
                     raise AttrError(f"missing mandatory attribute '{key}' ({attr.describe_type()}: {attr.doc})",
                                     location=location, target=target_text, rule=kind)
                 values[key] = attr.default_value()
-        pkg.targets[name] = TargetDecl(label, kind, values, location)
+        common: dict[str, Any] = {"visibility": pkg.default_visibility or (PUBLIC,), "tags": ()}
+        for key, check in (("visibility", lambda v: _visibility(v, pkg.name)), ("tags", _tags)):
+            if key in kwargs:
+                try:
+                    common[key] = check(kwargs[key])
+                except AttrValueError as e:
+                    raise AttrError(f"the '{key}' attribute {e}", location=location, target=target_text,
+                                    rule=kind, hint=e.hint) from None
+        pkg.targets[name] = TargetDecl(label, kind, values, location, common["visibility"], common["tags"])
 
-    def _glob(self, include: list[str], exclude: list[str] | None = None, allow_empty: bool = True) -> list[str]:
+    def _package_call(self, stack: str, kwargs: dict[str, Any]) -> None:
+        try:
+            self._declare_package(stack, kwargs)
+        except DtbuildError as e:
+            self._pending = e
+            raise _Abort() from None
+
+    def _declare_package(self, stack: str, kwargs: dict[str, Any]) -> None:
+        """``package(default_visibility = [...])``: what the package's targets default to.
+        Called once, before the package's first target, as in Bazel."""
         pkg = self._current
+        location = _call_location(stack)
         if pkg is None:
-            self._pending = BuildFileError("glob() may only be called while a BUILD file is evaluated")
-            raise _Abort()
-        for pattern in [*include, *(exclude or [])]:
-            if not isinstance(pattern, str) or pattern.startswith("/") or ".." in pattern.split("/"):
-                self._pending = BuildFileError(
+            raise BuildFileError("package() may only be called while a BUILD file is evaluated",
+                                 location=location, hint="call package() at the top of a BUILD file")
+        if pkg.package_call is not None:
+            raise BuildFileError(f"package() is called twice in //{pkg.name}: first at {pkg.package_call}",
+                                 location=location, hint="give every argument in one package() call")
+        if pkg.targets:
+            first = next(iter(pkg.targets.values()))
+            raise BuildFileError(f"package() must come before the package's targets, but {first.label} is "
+                                 f"declared before it, at {first.location}", location=location,
+                                 hint="move package() to the top of the BUILD file")
+        for key, value in kwargs.items():
+            if key != "default_visibility":
+                raise BuildFileError(f"package() has no argument '{key}'", location=location,
+                                     hint=did_you_mean(key, ["default_visibility"])
+                                     or "package() takes default_visibility")
+            try:
+                pkg.default_visibility = _visibility(value, pkg.name)
+            except AttrValueError as e:
+                raise BuildFileError(f"package()'s 'default_visibility' {e}", location=location,
+                                     hint=e.hint) from None
+        pkg.package_call = location
+
+    def _glob(self, stack: str, include: Any, exclude: Any = None, allow_empty: Any = False) -> list[str]:
+        """``glob(include, exclude = [], allow_empty = False)``: the package's files that
+        match ``include`` and not ``exclude``, sorted. Matching nothing is an error unless
+        ``allow_empty = True`` (Bazel's default): a typo in a pattern or a moved directory
+        would otherwise make a target silently empty."""
+        try:
+            return self._glob_files(stack, include, exclude, allow_empty)
+        except DtbuildError as e:
+            self._pending = e
+            raise _Abort() from None
+
+    def _glob_files(self, stack: str, include: Any, exclude: Any, allow_empty: Any) -> list[str]:
+        pkg = self._current
+        location = _call_location(stack, innermost=True)
+        if pkg is None:
+            raise BuildFileError("glob() may only be called while a BUILD file is evaluated", location=location,
+                                 hint="call glob() in a BUILD file, or in a macro that a BUILD file calls")
+        exclude = [] if exclude is None else exclude
+        for argument, value in (("include", include), ("exclude", exclude)):
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                raise BuildFileError(f"glob()'s '{argument}' must be a list of patterns (strings), but was "
+                                     f"{value!r}", location=location,
+                                     hint=f'write glob([{value!r}])' if isinstance(value, str) else None)
+        if not isinstance(allow_empty, bool):
+            raise BuildFileError(f"glob()'s 'allow_empty' must be True or False, but was {allow_empty!r}",
+                                 location=location)
+        for pattern in [*include, *exclude]:
+            if pattern.startswith("/") or ".." in pattern.split("/"):
+                raise BuildFileError(
                     f"glob pattern {pattern!r} must be relative to the package and may not contain '..'",
-                    location=Location(pkg.build_file))
-                raise _Abort()
+                    location=location)
         files = self._package_files(pkg.name)
         inc = [_glob_regex(p) for p in include]
-        exc = [_glob_regex(p) for p in exclude or []]
-        result = [f for f in files if any(r.match(f) for r in inc) and not any(r.match(f) for r in exc)]
+        exc = [_glob_regex(p) for p in exclude]
+        matched = [f for f in files if any(r.match(f) for r in inc)]
+        result = [f for f in matched if not any(r.match(f) for r in exc)]
         if not result and not allow_empty:
-            self._pending = BuildFileError(f"glob({include!r}) matched no files", location=Location(pkg.build_file))
-            raise _Abort()
+            import json
+
+            arguments = json.dumps(include) + (f", exclude = {json.dumps(exclude)}" if exclude else "")
+            where = f"package //{pkg.name}" if pkg.name else "the root package"
+            what = (f"matches nothing: exclude leaves out all {len(matched)} files of {where} it includes"
+                    if matched else f"matches no file of {where}")
+            raise BuildFileError(
+                f"glob({arguments}) {what}", location=location,
+                hint=f"patterns are relative to the package directory (a subpackage's files are its own); "
+                     f"if the glob may match nothing, write glob({arguments}, allow_empty = True)")
         return result
 
     def _package_files(self, package: str) -> list[str]:
@@ -662,6 +827,56 @@ class Loader:
     def declared_targets(self) -> Iterable[TargetDecl]:
         for pkg in self._packages.values():
             yield from pkg.targets.values()
+
+
+def _call_location(stack: str, *, innermost: bool = False) -> Location:
+    """Where a built-in wrapper of the prelude was called from, by its ``call_stack()``:
+    the BUILD file's line (the outermost frame), or the line of the call itself
+    (``innermost``, in a macro's .bzl file when a macro made it)."""
+    frames = [(file, line) for file, line in _FRAME_RE.findall(stack) if file != PRELUDE_FILE]
+    if not frames:
+        return Location("<unknown>")
+    file, line = frames[-1] if innermost else frames[0]
+    return Location(file, int(line))
+
+
+def _visibility(value: Any, package: str) -> tuple[str, ...]:
+    """A ``visibility`` list made canonical (labels absolute, ``:__pkg__`` resolved
+    against ``package``).
+
+    :raises AttrValueError: for anything but a list of //visibility:public,
+        //visibility:private, //pkg:__pkg__ and //pkg:__subpackages__ labels.
+    """
+    forms = "//visibility:public, //visibility:private, '//pkg:__pkg__' or '//pkg:__subpackages__'"
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AttrValueError(f"must be a list of labels ({forms}), but was {value!r}",
+                             hint='write visibility = ["//visibility:public"]')
+    out: list[str] = []
+    for text in value:
+        try:
+            label = parse_label(text, package)
+        except LabelError as e:
+            raise AttrValueError(f"holds {text!r}, which is not a label: {e.message}", hint=e.hint) from None
+        if label.package == "visibility":
+            if label.name not in ("public", "private"):
+                close = did_you_mean(label.name, ["public", "private"])
+                raise AttrValueError(f"holds {text!r}; the //visibility package has only 'public' and 'private'",
+                                     hint=close.replace("'", "'//visibility:", 1) if close else None)
+        elif label.name not in ("__pkg__", "__subpackages__"):
+            raise AttrValueError(
+                f"holds {text!r}, which is not a visibility: each entry is {forms}",
+                hint=f"to let package //{label.package} depend on it, write '//{label.package}:__pkg__' "
+                     "(package_group targets are not supported)")
+        canonical = str(label)
+        if canonical not in out:
+            out.append(canonical)
+    return tuple(out) if out else (PRIVATE,)
+
+
+def _tags(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AttrValueError(f"must be a list of strings, but was {value!r}", hint='write tags = ["manual"]')
+    return tuple(dict.fromkeys(value))
 
 
 def _label_path(label: Label) -> str:
@@ -740,6 +955,7 @@ def check_nesting(rel_path: str, source: str) -> None:
                 col = match.start() - source.rfind("\n", 0, match.start())
                 raise BuildFileError(f"brackets nested more than {MAX_NESTING} deep",
                                      location=Location(rel_path, line, col),
+                                     source_line=source.split("\n")[line - 1],
                                      hint="flatten the expression, or build it in steps with variables")
         elif first in ")]}":
             depth = max(0, depth - 1)
@@ -754,6 +970,7 @@ def check_nesting(rel_path: str, source: str) -> None:
             if operators > MAX_STATEMENT_OPERATORS:
                 raise BuildFileError(f"a statement with more than {MAX_STATEMENT_OPERATORS:,} operators",
                                      location=Location(rel_path, line),
+                                     source_line=source.split("\n")[line - 1],
                                      hint="build the value in steps, or with a loop or comprehension")
 
 
@@ -812,19 +1029,143 @@ def _quiet_rust_panics() -> Iterator[None]:
                 os.write(2, text)
 
 
-def _starlark_error(text: str, rel_path: str) -> BuildFileError:
-    """Starlark's own error, caret and all, with its location pulled to the front."""
+def _starlark_error(text: str, rel_path: str, lines_of: Callable[[str], list[str] | None]) -> BuildFileError:
+    """Starlark's error as one of ours: its message once, at its ``file:line:col``, with the
+    source line and the call stack (starlark-rust's text has both, in its own layout)."""
     text = text.rstrip()
-    match = _ERROR_AT_RE.search(text)
-    frames = _FRAME_RE.findall(text)
-    if match:
-        location = Location(match["file"], int(match["line"]), int(match["col"]))
+    at = _ERROR_LINE_RE.search(text)
+    trace, rest = (text[:at.start()], text[at.start():]) if at else ("", text)
+    spots = list(_ERROR_AT_RE.finditer(rest))  # the last is Starlark's; a message may hold others
+    spot = spots[-1] if spots else None
+    message = (rest[:spot.start()] if spot else rest).strip().removeprefix("error:").strip()
+    frames = [(m["file"], int(m["line"]), m["function"]) for m in _TRACE_FRAME_RE.finditer(trace)]
+    frames = [frame for frame in frames if frame[0] != PRELUDE_FILE] or frames
+    if spot and spot["file"] != PRELUDE_FILE:
+        location = Location(spot["file"], int(spot["line"]), int(spot["col"]))
     elif frames:
-        location = Location(frames[-1][0], int(frames[-1][1]))
+        location = Location(frames[-1][0], frames[-1][1])
     else:
         location = Location(rel_path)
-    first = next((line for line in text.splitlines() if line.startswith("error:")), text.splitlines()[0])
-    message = first.removeprefix("error:").strip()
+    hint = None
+    message = message.replace(f"{PRELUDE_FILE}.", "")  # a rule's wrapper: "call to files", not its file
     if message.startswith("Parse error:"):
         message = "syntax error: " + message.removeprefix("Parse error:").strip()
-    return BuildFileError(message, location=location, detail=text)
+        shown = spot is not None and re.search(r"^\s*\d+ \|", rest[spot.end():], re.M) is not None
+        lines = lines_of(rel_path)
+        if lines is not None and location.file == rel_path:
+            location, message, hint = _at_end_of_file(location, message, hint, lines, shown)
+    stack = []
+    if any((file, line) != (location.file, location.line) for file, line, _ in frames):
+        for i, (file, line, function) in enumerate(frames):
+            if i == len(frames) - 1 and (file, line) == (location.file, location.line):
+                col = location.col
+            else:
+                col = _call_column(_line_at(Location(file, line), lines_of),
+                                   frames[i + 1][2] if i + 1 < len(frames) else None)
+            stack.append(Frame(Location(file, line, col), f"in {function}"))
+        if frames[-1][:2] != (location.file, location.line):  # the error is in the last function called
+            function = _enclosing_function(lines_of(location.file), location.line or 1)
+            stack.append(Frame(location, f"in {function}" if function else "here"))
+    return BuildFileError(message, location=location, hint=hint,
+                          source_line=_line_at(location, lines_of), stack=stack)
+
+
+def _line_at(location: Location | None, lines_of: Callable[[str], list[str] | None]) -> str | None:
+    if location is None or location.line is None:
+        return None
+    lines = lines_of(location.file)
+    if lines is None or not 0 < location.line <= len(lines):
+        return None
+    return lines[location.line - 1]
+
+
+def _enclosing_function(lines: list[str] | None, line: int) -> str | None:
+    """The name of the ``def`` that line ``line`` belongs to, if any."""
+    if lines is None or not 0 < line <= len(lines):
+        return None
+    text = lines[line - 1]
+    indent = len(text) - len(text.lstrip())
+    for above in reversed(lines[:line - 1]):
+        stripped = above.lstrip()
+        if not stripped or stripped.startswith("#") or len(above) - len(stripped) >= indent:
+            continue
+        indent = len(above) - len(stripped)
+        match = re.match(r"def\s+(\w+)", stripped)
+        if match:
+            return match[1]
+        if indent == 0:
+            return None
+    return None
+
+
+def _call_column(text: str | None, callee: str | None) -> int | None:
+    """The column of the call on a traceback's line: of ``callee(`` when the line has it,
+    else of its first call, else of its first character."""
+    if text is None:
+        return None
+    calls = [m for m in _CALL_RE.finditer(text) if m["name"] not in _KEYWORDS]
+    for m in calls:
+        if m["name"] == callee:
+            return m.start() + 1
+    if calls:
+        return calls[0].start() + 1
+    return len(text) - len(text.lstrip()) + 1
+
+
+def _at_end_of_file(location: Location, message: str, hint: str | None, lines: list[str],
+                    shown: bool) -> tuple[Location, str, str | None]:
+    """A syntax error at the end of the file (starlark-rust reports it at 1:1, or just
+    past the last character) moved to where the fix goes: the innermost bracket still
+    open, or else the end of the last line."""
+    last = max((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")),
+               default=0)
+    end = (last + 1, len(lines[last].rstrip()) + 1) if lines else (1, 1)
+    at_end = not shown or (location.line or 1, location.col or 1) >= end
+    if not at_end:
+        return location, message, hint
+    unclosed = unclosed_brackets("\n".join(lines))
+    if unclosed:
+        bracket, line, col = unclosed[-1]
+        hint = f"close it with '{_CLOSING[bracket]}'"
+        if len(unclosed) > 1:
+            outer = ", ".join(f"'{b}' at {location.file}:{ln}:{c}" for b, ln, c in reversed(unclosed[:-1]))
+            hint += f"; still open around it: {outer}"
+        return (Location(location.file, line, col),
+                f"syntax error: unclosed '{bracket}' opened here (the file ends before it is closed)", hint)
+    if lines[last].rstrip().endswith(":") and hint is None:
+        hint = "a block after ':' needs an indented body (write 'pass' for an empty one)"
+    return Location(location.file, *end), message, hint
+
+
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+_BRACKET_TOKEN_RE = re.compile("|".join([
+    r"#[^\n]*",
+    r'"""(?:\\[\s\S]|[^\\])*?"""',
+    r"'''(?:\\[\s\S]|[^\\])*?'''",
+    r'"(?:\\.|[^"\\\n])*"',
+    r"'(?:\\.|[^'\\\n])*'",
+    r"[\[({\])}\n]",
+]))
+
+
+def unclosed_brackets(source: str) -> list[tuple[str, int, int]]:
+    """The brackets of ``source`` still open at its end, outermost first, as
+    ``(bracket, line, column)``; brackets in strings and comments do not count."""
+    stack: list[tuple[str, int, int]] = []
+    line, line_start = 1, 0
+    for match in _BRACKET_TOKEN_RE.finditer(source):
+        token = match.group()
+        if token == "\n":
+            line, line_start = line + 1, match.end()
+        elif token in _CLOSING:
+            stack.append((token, line, match.start() - line_start + 1))
+        elif token in ")]}":
+            # A stray closer matches the nearest opener of its kind, if any.
+            for i in range(len(stack) - 1, -1, -1):
+                if _CLOSING[stack[i][0]] == token:
+                    del stack[i:]
+                    break
+        elif "\n" in token:  # a triple-quoted string or a continued line
+            line += token.count("\n")
+            line_start = match.start() + token.rindex("\n") + 1
+    return stack

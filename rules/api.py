@@ -37,6 +37,27 @@ P = TypeVar("P", bound=Provider)
 
 #: Attributes every rule has.
 COMMON_ATTRS = ("name", "visibility", "tags")
+#: What each common attribute means (docs/rules.md shows these for every rule).
+COMMON_ATTR_DOCS = {
+    "name": "The target's name, unique in its package.",
+    "visibility": "Which packages may depend on the target: `//visibility:public` (every package), "
+                  "`//visibility:private` (its own package only), `//pkg:__pkg__` (that package), "
+                  "`//pkg:__subpackages__` (that package and every package below it). Its own package "
+                  "always may. Without it: the BUILD file's `package(default_visibility = [...])`, else "
+                  "public (Bazel's default is private: dtbuild keeps BUILD files without visibility working). "
+                  "A dependency on a target that is not visible is an error naming both targets.",
+    "tags": 'Free-form strings. `"manual"` keeps the target out of the patterns `//...` and `//pkg:all` '
+            "(naming it still builds it).",
+}
+#: The functions BUILD files call besides rules (docs/rules.md shows these).
+BUILD_FUNCTION_DOCS = {
+    "glob": "`glob(include, exclude = [], allow_empty = False)`: the files of the package (sorted, "
+            "relative to it; a subpackage's files are its own) that match a pattern of `include` and none of "
+            "`exclude`. `*` and `?` match within one directory, `**` any number of directories. A glob that "
+            "matches nothing is an error at its line, as in Bazel, unless `allow_empty = True`.",
+    "package": "`package(default_visibility = [...])`: the `visibility` of the BUILD file's targets that "
+               "set none. Called at most once, before the first target.",
+}
 
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 _MNEMONIC_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")

@@ -300,7 +300,8 @@ def test_image_archive_reads_what_tools_write(images_ws, run_dtbuild, require_to
     # A layout directory is named through a files() target's tree.
     src_attr = '":layout_tree"' if kind == "oci-layout" else f'"{src}"'
     (vendor / "BUILD").write_text(
-        'files(name = "layout_tree", srcs = glob(["layout/**"]), strip_prefix = "layout")\n'
+        # Only the oci-layout case has a layout/ directory.
+        'files(name = "layout_tree", srcs = glob(["layout/**"], allow_empty = True), strip_prefix = "layout")\n'
         f'image_archive(name = "base", src = {src_attr})\n'
         'files(name = "extra", srcs = ["note.txt"], prefix = "/etc")\n'
         'image(name = "derived", tag = "x", from_image = ":base", copy_to_root = [":extra"], compressor = "none")\n')

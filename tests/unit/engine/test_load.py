@@ -50,8 +50,8 @@ GLOB_TREE = {
     ('glob(["**"], exclude = ["**/*.txt"])', ["b.md", "sub/deep/e.md"]),
     ('glob(["z.txt", "**/*.md", "a.txt"])', ["a.txt", "b.md", "sub/deep/e.md", "z.txt"]),  # sorted, once each
     ('glob(["*.txt", "a.txt"])', ["a.txt", "link.txt", "z.txt"]),
-    ('glob(["nothing/**"])', []),
-    ('glob(["child/*"])', []),
+    ('glob(["nothing/**"], allow_empty = True)', []),
+    ('glob(["child/*"], allow_empty = True)', []),  # a subpackage's files are not the package's
 ])
 def test_glob(tmp_path: Path, call: str, expected: list[str]) -> None:
     loader = make_workspace(tmp_path, {**GLOB_TREE, "pkg/BUILD": f'files(name = "g", srcs = {call})\n'})
@@ -91,7 +91,8 @@ def test_glob_with_allow_empty_false_fails_when_nothing_matches(tmp_path: Path) 
         "pkg/BUILD": 'files(name = "g", srcs = glob(["*.py"], allow_empty = False))\n', "pkg/a.txt": ""})
     with pytest.raises(BuildFileError) as info:
         loader.package("pkg")
-    assert "matched no files" in info.value.render()
+    assert 'pkg/BUILD:1: glob(["*.py"]) matches no file of package //pkg' in info.value.render()
+    assert "allow_empty = True" in (info.value.hint or "")
 
 
 # --------------------------------------------------------------------------- macros and load()
@@ -259,3 +260,65 @@ def test_expand_patterns(tmp_path: Path) -> None:
     assert loader.all_packages() == ["", "a", "a/b", "ab"]
     with pytest.raises(UnknownTargetError):
         expand("//a/not_a_package/...")
+
+
+# --------------------------------------------------------------------------- error display
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("x = [1,\n", [("[", 1, 5)]),
+    ("f(\n  a = {'k': [1, 2],\n", [("(", 1, 2), ("{", 2, 7)]),
+    ('f("(", \'[\', """\n{\n""", "\\"(", # ( [ {\n', [("(", 1, 2)]),
+    ("x = (1]\ny = [\n", [("(", 1, 5), ("[", 2, 5)]),  # a stray closer closes nothing
+    ("x = [(1, 2)]\n", []),
+])
+def test_unclosed_brackets_skip_strings_and_comments(source: str, expected: list[tuple[str, int, int]]) -> None:
+    from dtbuild.engine.load import unclosed_brackets
+
+    assert unclosed_brackets(source) == expected
+
+
+def test_source_excerpt_puts_the_caret_under_the_column() -> None:
+    from dtbuild.engine.errors import source_excerpt
+
+    assert source_excerpt("foo(bar)\n", 12, 5) == "  12 | foo(bar)\n     |     ^"
+    assert source_excerpt("foo(bar)", 3) == "  3 | foo(bar)"
+    # Escaped control characters and wide characters keep it lined up.
+    assert source_excerpt("\t日x", 1, 3) == "  1 | \\x09日x\n    |       ^"
+    long = "x" * 300 + "(" + "y" * 300
+    excerpt = source_excerpt(long, 7, 301).splitlines()
+    assert len(excerpt[0]) < 120 and excerpt[0].startswith("  7 | ...x") and excerpt[0].endswith("y...")
+    assert excerpt[0][excerpt[1].index("^")] == "("
+
+
+def test_starlark_error_renders_its_message_once(tmp_path: Path) -> None:
+    loader = make_workspace(tmp_path, {
+        "tools/BUILD": "",
+        "tools/defs.bzl": "def macro(name):\n    fail('no ' + name)\n",
+        "pkg/BUILD": 'load("//tools:defs.bzl", "macro")\nmacro("x")\n',
+    })
+    with pytest.raises(BuildFileError) as info:
+        loader.package("pkg")
+    err = info.value
+    assert err.location == Location("tools/defs.bzl", 2, 5)
+    assert err.message == "fail: no x"
+    assert [(str(f.location), f.what) for f in err.stack] == [
+        ("pkg/BUILD:2:1", "in <module>"), ("tools/defs.bzl:2:5", "in macro")]
+    assert err.render().count("no x") == 1
+    assert err.detail is None
+
+
+def test_error_in_a_loaded_file_is_not_wrapped(tmp_path: Path) -> None:
+    loader = make_workspace(tmp_path, {
+        "tools/BUILD": "",
+        "tools/a.bzl": 'load("//tools:b.bzl", "B")\nA = B\n',
+        "tools/b.bzl": "B = {}['k']\n",
+        "pkg/BUILD": '\nload("//tools:a.bzl", "A")\n',
+    })
+    with pytest.raises(BuildFileError) as info:
+        loader.package("pkg")
+    err = info.value
+    assert err.location == Location("tools/b.bzl", 1, 5)
+    assert "BuildFileError" not in err.render() and err.render().count("not found") == 1
+    assert [(str(f.location), f.what) for f in err.stack] == [
+        ("pkg/BUILD:2:1", 'load("//tools:a.bzl")'), ("tools/a.bzl:1:1", 'load("//tools:b.bzl")')]
