@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from dtbuild.engine.analysis import AnalysisResult, Analyzer
-from dtbuild.engine.errors import BuildFailure, DtbuildError, PluginError
+from dtbuild.engine.errors import BuildFailure, CycleError, DtbuildError, Interrupted, PluginError
 from dtbuild.engine.execution import RAN, ActionRunner, ExecutionStats, PluginItems, action_id, action_key
 from dtbuild.engine.labels import Label, parse_pattern
 from dtbuild.engine.load import Loader
@@ -34,6 +34,9 @@ class BuildOptions:
     jobs: int = 0  # 0: the number of cores
     keep_going: bool = False
     debug: bool = False
+    #: Told each action's command, cache key and failure as they happen (the command
+    #: line's console; see ActionRunner.observe), or None.
+    observer: Any = None
 
 
 @dataclass
@@ -44,6 +47,9 @@ class BuildResult:
     #: label -> summary fields plugins gave (dtbuild_describe_target), such as an image's manifest_digest.
     described: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: DtbuildError | None = None
+    #: Every error, in the order they happened: each failed action's own (with
+    #: --keep-going, more than one; ``error`` sums them up), then any other.
+    errors: list[DtbuildError] = field(default_factory=list)
     #: BUILD files evaluated by Starlark in this process and packages taken from the
     #: package cache.
     packages: dict[str, int] = field(default_factory=lambda: {"evaluated": 0, "cached": 0})
@@ -106,7 +112,9 @@ class Session:
     def cwd_package(self) -> str | None:
         return self.workspace.package_of(os.getcwd())
 
-    def expand(self, patterns: Sequence[str]) -> list[Label]:
+    def expand(self, patterns: Sequence[str], *, include_manual: bool = False) -> list[Label]:
+        """The labels of command-line patterns, in order, each once. ``//...`` and ``:all``
+        leave out targets tagged "manual" unless ``include_manual`` (query keeps them)."""
         from dtbuild.engine.package_cache import collection_paused
 
         current = self.cwd_package()
@@ -114,7 +122,7 @@ class Session:
         seen: set[Label] = set()
         with collection_paused():
             for text in patterns:
-                for label in self.loader.expand(parse_pattern(text, current)):
+                for label in self.loader.expand(parse_pattern(text, current), include_manual=include_manual):
                     if label not in seen:
                         seen.add(label)
                         labels.append(label)
@@ -221,7 +229,7 @@ class Session:
             known_results={k: v.result for k, v in index.items()},
             trusted_results={k for k, v in index.items() if v.generation == generation},
             marked_used={k: v.used for k, v in index.items()}, durations=state.durations,
-            generation=generation, remote=remote, remote_executor=remote_executor)
+            generation=generation, remote=remote, remote_executor=remote_executor, observer=options.observer)
         return runner
 
     def _remote(self, store: Store, plugins: PluginItems) -> tuple[Any, str | None]:
@@ -290,6 +298,9 @@ class Session:
                 runner.run(actions, analysis.producers)
             except DtbuildError as e:
                 result.error = e
+                # ``e`` sums up the failed actions' errors, unless it is an error of its own.
+                result.errors = [*runner.errors, *([e] if not runner.errors or isinstance(e, Interrupted | CycleError)
+                                                   else [])]
             finally:
                 self._finish_remote(runner, result)
                 self._save_state(runner, store, actions)
@@ -313,6 +324,7 @@ class Session:
                         result.described[str(label)] = described
             except DtbuildError as e:  # a full disk, a blob wrong again after its rebuild
                 result.error = result.error or e
+                result.errors.append(e)
             finally:
                 tree.save()
             self.pm.hook.dtbuild_build_finished(summary=result.summary(), success=result.error is None)

@@ -48,6 +48,10 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors", **default)
     common.add_argument("-p", dest="plugin_flags", action="append", metavar="no:NAME",
                         help="block the plugin NAME (repeatable)", **({"default": []} if top else default))
+    common.add_argument("--verbose", "-v", action="store_true",
+                        help="also show each action's command and cache key", **default)
+    common.add_argument("--quiet", "-q", action="store_true",
+                        help="show only errors and the summary (wins over --verbose)", **default)
     remote = common.add_argument_group("remote cache and execution (over $DTBUILD_REMOTE_* and [remote])")
     remote.add_argument("--remote-cache", metavar="URL", help="http://, https://, grpc:// or grpcs:// remote cache",
                         **default)
@@ -276,7 +280,9 @@ def _cmd_plugin(args: argparse.Namespace) -> int:
     from dtbuild.engine.api import EngineCommandAPI, run_command
     from dtbuild.plugins.console_reporter import ConsoleReporter
 
-    session = _session(args, ConsoleReporter(quiet=True))
+    # The command prints its own results: progress only on the live display (transfer
+    # bars for a push), no line per action.
+    session = _session(args, ConsoleReporter(quiet=args.quiet, verbose=args.verbose, action_lines=False))
     cancel = threading.Event()
     _install_signal_handlers(cancel)
     return run_command(args.plugin_command, args, EngineCommandAPI(session, cancel=cancel, debug=args.debug))
@@ -301,13 +307,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     if args.jobs < 0:
         raise UsageError(f"--jobs must be a positive number, but was {args.jobs}")
-    reporter = ConsoleReporter()
+    reporter = ConsoleReporter(quiet=args.quiet, verbose=args.verbose)
     session = _session(args, reporter)
     labels = session.expand(args.targets)
     cancel = threading.Event()
     _install_signal_handlers(cancel)
-    result = session.build(labels, BuildOptions(jobs=args.jobs, keep_going=args.keep_going, debug=args.debug),
-                           cancel)
+    # The reporter hears commands, cache keys and failures when it is the build's reporter
+    # (not blocked with -p no:reporter): then it has shown each failure's reason already.
+    observer = reporter if session.pm.get_plugin("reporter") is reporter else None
+    try:
+        result = session.build(labels, BuildOptions(jobs=args.jobs, keep_going=args.keep_going, debug=args.debug,
+                                                    observer=observer), cancel)
+    finally:
+        reporter.close()
     summary = result.summary()
     if args.summary_json:
         import json
@@ -318,10 +330,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
         atomic_write(os.path.abspath(args.summary_json), text.encode())
     stats = result.stats
     out = sys.stderr
+    closing = reporter.closing_lines(summary)
     if result.error is not None:
-        print(f"ERROR: {printable(result.error.render(), keep_newlines=True)}", file=out)
+        errors = result.errors or [result.error]
+        shown_ids = {id(e) for e in reporter.shown_errors}
+        for error in errors:
+            if id(error) not in shown_ids:
+                print(f"ERROR: {printable(error.render(), keep_newlines=True)}", file=out)
         print(f"Build FAILED: {stats.failed} action(s) failed, {stats.skipped} not run, "
               f"{stats.executed} executed, {stats.cached + stats.remote_cached} cached.", file=out)
+        # Each failed target with its one-line reason (the full reasons are above).
+        for error in errors:
+            if error.target is not None:
+                reason = error.message.splitlines()[0] if error.message else type(error).__name__
+                print(f"  {error.target}: {printable(reason)}", file=out)
+        for line in closing:
+            print(line, file=out)
         return result.error.exit_code
     rebuilt = (f" {stats.rewound} corrupt cache entr{'y' if stats.rewound == 1 else 'ies'} rebuilt."
                if stats.rewound else "")
@@ -336,6 +360,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         shown = ", ".join(paths["outputs"]) or "(no outputs)"
         digest = paths.get("manifest_digest")
         print(f"  {label}: {shown}" + (f"  {digest}" if digest else ""), file=out)
+    for line in closing:
+        print(line, file=out)
     return 0
 
 

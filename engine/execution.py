@@ -33,6 +33,7 @@ import heapq
 import inspect
 import os
 import queue
+import shlex
 import threading
 import time
 import traceback
@@ -482,6 +483,7 @@ class ActionContextImpl:
 
     def run_command(self, request: CommandRequest) -> CommandResult:
         runner = self._runner
+        runner.observe("action_command", self.action, command=shlex.join(request.argv))
         # A command that needs the network runs here: remote execution gives none.
         if runner.remote_executor_usable and getattr(runner.kind_for(self.action), "COMMAND", False) \
                 and not request.network:
@@ -573,7 +575,8 @@ class ActionRunner:
                  debug: bool = False, known_results: Mapping[str, Any] | None = None,
                  trusted_results: Collection[str] = (), marked_used: Mapping[str, float] | None = None,
                  durations: Callable[[], Mapping[str, float]] | None = None, generation: str = "",
-                 remote: RemoteCache | None = None, remote_executor: str | None = None) -> None:
+                 remote: RemoteCache | None = None, remote_executor: str | None = None,
+                 observer: Any = None) -> None:
         self.root = root
         self.store = store
         self.sources = sources
@@ -621,12 +624,25 @@ class ActionRunner:
         self.remote_executor = remote_executor
         self._remote_exec_failed = False
         self._remote_exec_lock = threading.Lock()
+        #: Told what the observer hooks do not carry (see :meth:`observe`), or None.
+        self.observer = observer
+        #: The error of each failed action, as it failed (interruptions left out).
+        self.errors: list[BuildFailure] = []
 
     # ------------------------------------------------------------------ reporting
 
     def report(self, hook_name: str, **kwargs: Any) -> None:
         with self._report_lock:
             getattr(self.plugins.hook, hook_name)(**kwargs)
+
+    def observe(self, method: str, action: ActionDecl, **kwargs: Any) -> None:
+        """Tell the build's observer (the command line's console) what the hooks do not
+        carry: ``action_command(command=)`` as a command starts, ``action_key(key=)``
+        before an action is reported finished, ``action_failed(error=)`` after a failure
+        is, each with the action's ``label``, ``mnemonic`` and ``description``."""
+        if self.observer is not None:
+            getattr(self.observer, method)(label=action.owner, mnemonic=action.mnemonic,
+                                           description=action.description, **kwargs)
 
     # ------------------------------------------------------------------ inputs and keys
 
@@ -1057,10 +1073,15 @@ class ActionRunner:
                 self.report("dtbuild_action_finished", label=action.owner, mnemonic=action.mnemonic,
                             description=action.description, status="failed", seconds=outcome.seconds)
                 self._block_dependents(i, dependents, blocked)
+                if not isinstance(outcome.error, Interrupted | KeyboardInterrupt):
+                    error = self._failure_error(outcome, 1)
+                    self.errors.append(error)
+                    self.observe("action_failed", action, error=error)
                 if not self.keep_going or isinstance(outcome.error, Interrupted | KeyboardInterrupt):
                     stop = True
                 return
             setattr(self.stats, outcome.status, getattr(self.stats, outcome.status) + 1)
+            self.observe("action_key", action, key=outcome.key)
             self.report("dtbuild_action_finished", label=action.owner, mnemonic=action.mnemonic,
                         description=action.description, status=outcome.status, seconds=outcome.seconds)
             for j in dependents[i]:

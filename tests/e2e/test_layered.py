@@ -169,11 +169,12 @@ def test_images_share_package_layers_and_a_change_rebuilds_only_its_layer(ws, ru
     assert first.executed > 20
 
 
-_ACTION_LINE = re.compile(r"^\[\d+/\d+\] (.+?)(?: \(\d+ files\))?$", re.MULTILINE)
+# "[3/7] LayerWrite //pkg:x 0.2s": one line per finished action, cache hits say "cached".
+_ACTION_LINE = re.compile(r"^\[\d+/\d+\] (.+?)(?: \(\d+ files\))? \d+\.\ds$", re.MULTILINE)
 
 
 def _executed(run) -> set[str]:
-    """The descriptions of the actions a build ran, as its progress lines name them."""
+    """The descriptions of the actions a build executed, as its progress lines name them."""
     lines = _ACTION_LINE.findall(run.stderr)
     assert len(lines) == run.executed, run.stderr
     return set(lines)
