@@ -35,8 +35,9 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
-#: Global flags that take a value (``--flag VALUE`` as well as ``--flag=VALUE``).
-VALUE_FLAGS = ("-p", "--remote-cache", "--remote-executor", "--remote-upload")
+#: Flags that take a value (``--flag VALUE`` as well as ``--flag=VALUE``) and may come before
+#: the command word: the global ones, and build's own before an implicit ``build``.
+VALUE_FLAGS = ("-p", "-j", "--jobs", "--remote-cache", "--remote-executor", "--remote-upload", "--summary-json")
 
 
 def _common(*, top: bool) -> argparse.ArgumentParser:
@@ -62,44 +63,171 @@ def _common(*, top: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _positive_int(text: str) -> int:
+    """``--jobs``' type: a whole number of at least 1 (argparse turns the error into
+    ``argument --jobs/-j: ...`` and exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, but was '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, but was {value} (leave it out to use every core)")
+    return value
+
+
+def _add_jobs(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--jobs``, a global flag: every command that builds honours it. Unset (None)
+    means one action per core."""
+    default: dict[str, Any] = {"default": None} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--jobs", "-j", type=_positive_int, metavar="N",
+                        help="run at most N actions at once (default: one per core)", **default)
+
+
+#: What ``dtbuild COMMAND --help`` says about the engine's commands: (one line for
+#: ``dtbuild --help``, the description, the examples), as ``bazel help build`` does.
+_HELP: dict[str, tuple[str, str, str]] = {
+    "build": (
+        "build targets (the default command: `dtbuild TARGET...`)",
+        "Build the targets and what they depend on, reusing every cached action. Image targets\n"
+        "give dtbuild-out/PKG/NAME.tar[.gz|.zst] (a docker-archive), NAME.oci/ (an OCI layout)\n"
+        "and NAME.json; other targets give dtbuild-out/PKG/NAME. A live display on a terminal,\n"
+        "one line per finished action otherwise; then a summary of targets, outputs and digests.\n"
+        "`dtbuild TARGET...` is `dtbuild build TARGET...`, and the flags may come before the\n"
+        "targets or after them.",
+        "  dtbuild build //images:web\n"
+        "  dtbuild //images:web                    the same: build is the default command\n"
+        "  dtbuild //... -j 4 --keep-going         everything, 4 actions at once, past failures\n"
+        "  dtbuild build :all --summary-json out.json\n"
+        "                                          every target of this directory's package"),
+    "query": (
+        "query the target graph: deps(), rdeps(), kind(), somepath(), ...",
+        "Evaluate a query over the target graph (loading and analysing, building nothing) and\n"
+        "print one label a line. Functions: deps(X[, depth]), rdeps(U, X[, depth]),\n"
+        "kind(REGEX, X) (targets whose rule matches), somepath(A, B), allpaths(A, B); operators\n"
+        "+ (union), - (difference), ^ (intersection); X is a label or a pattern (//pkg/...,\n"
+        "//pkg:all).",
+        "  dtbuild query 'deps(//images:web)'\n"
+        "  dtbuild query 'rdeps(//..., //web:httpd)'       what depends on //web:httpd\n"
+        "  dtbuild query 'kind(genrule, //...)'\n"
+        "  dtbuild query 'somepath(//images:web, //web:site)'"),
+    "graph": (
+        "print a target's dependency graph",
+        "Print the dependency graph of a target (or of each target a pattern names) as an\n"
+        "indented tree, a Graphviz dot graph, or JSON.",
+        "  dtbuild graph //images:web\n"
+        "  dtbuild graph //images:web --format dot | dot -Tsvg > web.svg\n"
+        "  dtbuild graph //images:web --format json"),
+    "explain": (
+        "which actions would run, and why",
+        "Say, for each action the targets need, whether it would run or is cached, and which\n"
+        "input changed when it would run (a source file, a dependency, an attribute). Builds\n"
+        "nothing.",
+        "  dtbuild explain //images:web\n"
+        "  dtbuild explain //...          every target of the workspace"),
+    "clean": (
+        "remove dtbuild-out/ (and the cache with --expunge)",
+        "Remove the workspace's dtbuild-out/ directory. The local cache stays, so the next\n"
+        "build copies its results out again without running an action; --expunge removes the\n"
+        "cache too (waiting for builds that use it to finish).",
+        "  dtbuild clean\n"
+        "  dtbuild clean --expunge"),
+    "cache": (
+        "inspect or trim the local cache",
+        "stats: where the local cache is and how much it holds. gc: drop the action results not\n"
+        "used for --max-age-days days, then the blobs no remaining result needs.",
+        "  dtbuild cache stats\n"
+        "  dtbuild cache gc --max-age-days 7"),
+    "plugins": (
+        "list plugins and what each registers",
+        "List the loaded plugins (built-in, installed through the dtbuild entry-point group, or\n"
+        "workspace modules from [plugins] modules), what each registers (rules, action kinds,\n"
+        "compressors, layer kinds, executors, commands), and the built-in ones that are not\n"
+        "loaded and why. -p no:NAME blocks a plugin.",
+        "  dtbuild plugins\n"
+        "  dtbuild -p no:layered plugins   as a build with the layered plugin blocked sees them"),
+}
+
+_TOP_EXAMPLES = (
+    "examples:\n"
+    "  dtbuild //images:web                       build a target (build is the default command)\n"
+    "  dtbuild -j 2 //images:web                  global flags go before or after the command\n"
+    "  dtbuild stream //images:web | podman load\n"
+    "  dtbuild query 'rdeps(//..., //web:httpd)'\n"
+    "  dtbuild COMMAND --help                     a command's description, flags and examples\n"
+    "\n"
+    "Labels: //pkg/path:name, //pkg/path (= //pkg/path:path), :name in the current package;\n"
+    "patterns //pkg/... and //pkg:all. A bare word (such as `query`) is read as a command.")
+
+
+def _subparser(sub: Any, name: str, common: argparse.ArgumentParser, *, help: str, description: str,
+               examples: str, plugin: str | None = None) -> argparse.ArgumentParser:
+    """A command's parser: its description and examples in ``--help`` (kept as written),
+    the global flags of ``common``. A plugin's command is parsed with
+    ``conflict_handler="resolve"``, so that a plugin declaring a global flag itself
+    (``--jobs``) does not break the parser; the caller adds the global ``--jobs`` after
+    the plugin's arguments, so the engine's wins. (Resolving changes the actions it
+    replaces: ``common`` must then be the command's own copy.)"""
+    epilog = "examples:\n" + examples.rstrip("\n") if examples.strip() else None
+    if plugin is not None:
+        epilog = (epilog + "\n\n" if epilog else "") + f"This command comes from the plugin '{plugin}'."
+    return sub.add_parser(name, parents=[common], help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          conflict_handler="resolve" if plugin is not None else "error")
+
+
 def _parser(commands: Any = None) -> argparse.ArgumentParser:
     """The parser of the engine's commands and of ``commands`` (a CommandTable)."""
     common = _common(top=False)
+    _add_jobs(common, top=False)
+    top = _common(top=True)
+    _add_jobs(top, top=True)
     parser = argparse.ArgumentParser(
-        prog="dtbuild", parents=[_common(top=True)],
-        description="Build reproducible container images from BUILD files. `dtbuild //images:web` builds a target.")
+        prog="dtbuild", parents=[top], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build reproducible container images from BUILD files. `dtbuild //images:web` builds a target.",
+        epilog=_TOP_EXAMPLES)
     parser.add_argument("--version", action=_VersionAction, nargs=0, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    build = sub.add_parser("build", parents=[common], help="build targets (the default command)")
-    build.add_argument("targets", nargs="+", metavar="TARGET")
-    build.add_argument("--jobs", "-j", type=int, default=0, help="actions run at once (default: cores)")
-    build.add_argument("--keep-going", "-k", action="store_true", help="build what does not depend on a failure")
-    build.add_argument("--summary-json", metavar="FILE", help="write targets, outputs and action counts as JSON")
+    def engine(name: str) -> argparse.ArgumentParser:
+        line, description, examples = _HELP[name]
+        return _subparser(sub, name, common, help=line, description=description, examples=examples)
 
-    query = sub.add_parser("query", parents=[common], help="query the target graph: deps(), rdeps(), kind(), ...")
-    query.add_argument("expression")
+    build = engine("build")
+    build.add_argument("targets", nargs="+", metavar="TARGET",
+                       help="labels (//pkg:name, :name) and patterns (//pkg/..., //pkg:all) to build")
+    build.add_argument("--keep-going", "-k", action="store_true",
+                       help="after a failure, build what does not depend on it; report every failure")
+    build.add_argument("--summary-json", metavar="FILE",
+                       help="write the targets' outputs and digests and the action counts to FILE as JSON")
 
-    graph = sub.add_parser("graph", parents=[common], help="print a target's dependency graph")
-    graph.add_argument("target")
-    graph.add_argument("--format", choices=("tree", "dot", "json"), default="tree")
+    query = engine("query")
+    query.add_argument("expression", metavar="EXPR", help="the query, such as 'deps(//images:web)' (quote it)")
 
-    explain = sub.add_parser("explain", parents=[common], help="which actions would run, and why")
-    explain.add_argument("targets", nargs="+", metavar="TARGET")
+    graph = engine("graph")
+    graph.add_argument("target", metavar="TARGET", help="a label or pattern, such as //images:web")
+    graph.add_argument("--format", choices=("tree", "dot", "json"), default="tree",
+                       help="tree (indented, the default), dot (Graphviz) or json")
 
-    clean = sub.add_parser("clean", parents=[common], help="remove dtbuild-out/ (and the cache with --expunge)")
+    explain = engine("explain")
+    explain.add_argument("targets", nargs="+", metavar="TARGET", help="labels and patterns to explain")
+
+    clean = engine("clean")
     clean.add_argument("--expunge", action="store_true", help="also remove the whole local cache")
 
-    cache = sub.add_parser("cache", parents=[common], help="inspect or trim the local cache")
-    cache.add_argument("action", choices=("stats", "gc"))
-    cache.add_argument("--max-age-days", type=float, default=30.0,
+    cache = engine("cache")
+    cache.add_argument("action", choices=("stats", "gc"), help="stats: what the cache holds; gc: trim it")
+    cache.add_argument("--max-age-days", type=float, default=30.0, metavar="DAYS",
                        help="gc: drop action results unused for this long (default 30)")
 
-    sub.add_parser("plugins", parents=[common], help="list plugins and what each registers")
+    engine("plugins")
     for registered in (commands.commands.values() if commands is not None else ()):
-        command_parser = sub.add_parser(registered.name, parents=[common],
-                                        help=f"{registered.help} (plugin '{registered.plugin}')")
-        registered.command().add_arguments(command_parser)
+        cls = registered.command
+        command_parser = _subparser(
+            sub, registered.name, _common(top=False), help=f"{registered.help} (plugin '{registered.plugin}')",
+            description=str(getattr(cls, "DESCRIPTION", "") or registered.help),
+            examples=str(getattr(cls, "EXAMPLES", "") or ""), plugin=registered.plugin)
+        cls().add_arguments(command_parser)
+        _add_jobs(command_parser, top=False)
     return parser
 
 
@@ -114,16 +242,17 @@ def _blocked(flags: Sequence[str]) -> list[str]:
     return blocked
 
 
-def _first_word(args: Sequence[str]) -> str | None:
-    """The command word: the first argument that is neither a flag nor the value of -p."""
+def _command_index(args: Sequence[str]) -> int | None:
+    """Where the command word is: the first argument that is neither a flag nor the value
+    of one of :data:`VALUE_FLAGS`."""
     skip = False
-    for arg in args:
+    for i, arg in enumerate(args):
         if skip:
             skip = False
         elif arg in VALUE_FLAGS:
             skip = True
         elif not arg.startswith("-"):
-            return arg
+            return i
     return None
 
 
@@ -176,21 +305,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args_list: list[str]) -> int:
-    first = _first_word(args_list)
+    at = _command_index(args_list)
+    first = args_list[at] if at is not None else None
+    if at is not None and first == "help" and "--version" not in args_list:  # as `bazel help build`
+        return _main([*args_list[:at], *args_list[at + 1:at + 2], "--help"])
     asks_help = "-h" in args_list or "--help" in args_list
     commands = None
     if first is None:
         if asks_help:  # `dtbuild --help` lists the plugin commands too, where there are plugins
             commands = _plugin_commands(args_list, quiet=True)
     elif first not in COMMANDS and _looks_like_command(first):
-        commands = _plugin_commands(args_list, quiet=False)
+        from dtbuild.engine.errors import closest
+
+        # Outside a workspace, a typo of an engine command is still reported as one.
+        commands = _plugin_commands(args_list, quiet=closest(first, COMMANDS) is not None)
     known = commands.commands if commands is not None else {}
-    if first is not None and first not in COMMANDS and first not in known and "--version" not in args_list \
-            and not asks_help:
-        unknown = commands.unknown_command_error(first) if commands is not None else None
-        if unknown is not None:
-            raise unknown
-        args_list.insert(args_list.index(first), "build")
+    if at is not None and first is not None and "--version" not in args_list:
+        if first in COMMANDS or first in known:
+            # The command's parser knows every global flag: flags before the command word
+            # are parsed there too (`dtbuild -p no:vm -j 2 build //a`).
+            args_list.insert(0, args_list.pop(at))
+        elif _looks_like_command(first):
+            raise _unknown_command(first, commands)
+        else:  # a label or pattern: `dtbuild -j 2 --keep-going //a //b` is `dtbuild build ...`
+            args_list.insert(0, "build")
     parser = _parser(commands)
     args = parser.parse_args(args_list)
     if args.command is None:
@@ -198,6 +336,22 @@ def _main(args_list: list[str]) -> int:
         return 2
     args.plugin_command = known.get(args.command)
     return _run(args)
+
+
+def _unknown_command(word: str, commands: Any) -> Exception:
+    """The error for ``dtbuild WORD`` when WORD reads as a command (a bare word) but is
+    none: a plugin's command that is not loaded says so; otherwise the closest command."""
+    from dtbuild.engine.errors import UsageError, closest
+
+    unavailable = commands.unknown_command_error(word) if commands is not None else None
+    if unavailable is not None:
+        return unavailable
+    names = [*COMMANDS, *sorted(commands.commands if commands is not None else ())]
+    close = closest(word, names)
+    listed = "dtbuild --help describes the commands" if close else f"the commands are {', '.join(names)}"
+    return UsageError(f"unknown command '{word}'" + (f", did you mean '{close}'?" if close else ""),
+                      hint="a bare word is read as a command: to build a target, write its label, //pkg:name "
+                           f"(or :name in this package); {listed}")
 
 
 def _guarded(run: Callable[[], int], *, debug: bool) -> int:
@@ -268,6 +422,8 @@ def _session(args: argparse.Namespace, reporter: Any = None) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     if args.plugin_command is not None:
+        if args.jobs is None:  # CommandAPI.build_artifacts takes 0 for "one action per core"
+            args.jobs = 0
         return _cmd_plugin(args)
     return {
         "build": _cmd_build, "query": _cmd_query, "graph": _cmd_graph, "explain": _cmd_explain,
@@ -301,12 +457,9 @@ def _install_signal_handlers(cancel: threading.Event) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from dtbuild.engine.build import BuildOptions
-    from dtbuild.engine.errors import UsageError
     from dtbuild.plugins.console_reporter import ConsoleReporter
     from dtbuild.plugins.text import printable
 
-    if args.jobs < 0:
-        raise UsageError(f"--jobs must be a positive number, but was {args.jobs}")
     reporter = ConsoleReporter(quiet=args.quiet, verbose=args.verbose)
     session = _session(args, reporter)
     labels = session.expand(args.targets)
@@ -316,7 +469,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     # (not blocked with -p no:reporter): then it has shown each failure's reason already.
     observer = reporter if session.pm.get_plugin("reporter") is reporter else None
     try:
-        result = session.build(labels, BuildOptions(jobs=args.jobs, keep_going=args.keep_going, debug=args.debug,
+        result = session.build(labels, BuildOptions(jobs=args.jobs or 0, keep_going=args.keep_going, debug=args.debug,
                                                     observer=observer), cancel)
     finally:
         reporter.close()

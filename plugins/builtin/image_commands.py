@@ -35,54 +35,76 @@ def image_tree_of(api: CommandAPI, pattern: str, *, jobs: int = 0) -> tuple[Stor
     return api.reader({"images": [tree]}), tree
 
 
-def _compressors(api: CommandAPI) -> Any:
+def image_compressors(api: CommandAPI) -> Any:
     """The registered compressors, workspace plugins' too, to read layers with."""
     from dtbuild.plugins.builtin import imageformat
 
     return imageformat.Compressors(api.compressors(), api.compressor)
 
 
-def _tree(api: CommandAPI, reader: StoreTreeReader, artifact: InputArtifact) -> Any:
+def image_tree(api: CommandAPI, reader: StoreTreeReader, artifact: InputArtifact) -> Any:
     from dtbuild.plugins.builtin.image_actions import ImageTree
 
-    return ImageTree(reader, artifact, _compressors(api))  # type: ignore[arg-type]  # the reading part of an ActionContext
+    return ImageTree(reader, artifact, image_compressors(api))  # type: ignore[arg-type]  # the reading part of an ActionContext
 
 
-def archive_compressor(api: CommandAPI, archive: str | None) -> str:
-    """The compressor of an image's docker-archive, from the archive's file name in its
-    description (``web.tar.gz``) and the registered compressors' ``EXTENSION``: the
-    longest that matches (no extension: ``none``)."""
-    best, best_length = "none", -1
-    for name, cls in api.compressors().items():
-        extension = str(getattr(cls, "EXTENSION", "") or "")
-        if archive and archive.endswith(".tar" + extension) and len(extension) > best_length:
-            best, best_length = name, len(extension)
-    return best
+def _target_argument(parser: Any, verb: str) -> None:
+    parser.add_argument("target", metavar="TARGET",
+                        help=f"the image target to {verb} (an image or layered_image), such as "
+                             "//images:web")
 
 
-def _jobs(parser: Any) -> None:
-    parser.add_argument("--jobs", "-j", type=int, default=0)
+def _chosen_compressor(api: CommandAPI, name: str) -> Any:
+    """The registered compressor ``--compressor`` names; an unknown name is a usage error
+    with the registered ones and the closest."""
+    import difflib
+
+    names = sorted(api.compressors())
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        raise CommandFailed(f"--compressor must be one of {', '.join(names)}, but was '{name}'",
+                            hint=f"did you mean '{close[0]}'?" if close else
+                            "a plugin may register others (dtbuild plugins lists them)", usage=True)
+    return api.compressor(name)
 
 
 class StreamCommand(Command):
     NAME = "stream"
     HELP = "write an image's docker-archive to stdout without storing it"
+    DESCRIPTION = (
+        "Build an image target's layers and config (not its archive) and write its\n"
+        "docker-archive to stdout, never to disk, as dockerTools' streamLayeredImage does:\n"
+        "for `docker load`, `podman load`, or a file that `skopeo copy docker-archive:FILE` reads.\n"
+        "\n"
+        "The archive is uncompressed unless --compressor says otherwise, whatever the\n"
+        "target's own compressor: podman 4.3 and skopeo 1.9 (Debian 12) reject gzip-compressed\n"
+        "docker-archives, and a local pipe gains nothing from compression. With a compressor,\n"
+        "the whole archive is compressed as it is written (layers stored with another\n"
+        "compressor are decompressed and re-encoded on the fly); its layer tars, manifest and\n"
+        "config are the same in every case.")
+    EXAMPLES = (
+        "  dtbuild stream //images:web | podman load\n"
+        "  dtbuild stream //images:web | docker load\n"
+        "  dtbuild stream //images:web --compressor zstd > web.tar.zst\n"
+        "  dtbuild stream //images:web --compressor gz | ssh host docker load")
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("target")
-        _jobs(parser)
+        _target_argument(parser, "stream")
+        parser.add_argument("--compressor", default="none", metavar="NAME",
+                            help="compress the archive with none (the default), gz, zstd or another registered "
+                                 "compressor")
 
     def run(self, args: Any, api: CommandAPI) -> int:
         from dtbuild.plugins.builtin import imageformat
         from dtbuild.plugins.builtin.image_actions import archive_images
 
-        reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
+        compressor = _chosen_compressor(api, args.compressor)  # before building: a typo fails fast
         if sys.stdout.isatty():
             raise CommandFailed("stream writes a tar archive to stdout; pipe it somewhere",
-                                hint=f"dtbuild stream {args.target} | docker load", usage=True)
-        compressor = api.compressor(archive_compressor(api, _tree(api, reader, artifact).description.archive))
+                                hint=f"dtbuild stream {args.target} | podman load", usage=True)
+        reader, _ = image_tree_of(api, args.target, jobs=args.jobs)
         out = sys.stdout.buffer
-        imageformat.write_docker_archive(out, archive_images(reader, _compressors(api)), compressor)  # type: ignore[arg-type]
+        imageformat.write_docker_archive(out, archive_images(reader, image_compressors(api)), compressor)  # type: ignore[arg-type]
         out.flush()
         return 0
 
@@ -94,10 +116,17 @@ def _size(n: int) -> str:
 class InspectCommand(Command):
     NAME = "inspect"
     HELP = "an image's layers, sizes, config and contents"
+    DESCRIPTION = (
+        "Build an image target's layers and config (not its archive) and print its tags,\n"
+        "manifest and config digests, platform, config, and for each layer its digest, sizes,\n"
+        "media type, what it holds (the packages of a layered_image's layer, or the history\n"
+        "line of a base image's) and its top-level directories with their file counts.")
+    EXAMPLES = (
+        "  dtbuild inspect //images:web\n"
+        "  dtbuild inspect //images:web | grep -A1 '^layers'")
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("target")
-        _jobs(parser)
+        _target_argument(parser, "inspect")
 
     def run(self, args: Any, api: CommandAPI) -> int:
         import json
@@ -107,7 +136,7 @@ class InspectCommand(Command):
         from dtbuild.plugins.text import printable as shown  # image text never reaches the terminal raw
 
         reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
-        tree = _tree(api, reader, artifact)
+        tree = image_tree(api, reader, artifact)
         desc = tree.description
         print(f"image: {shown(desc.label)}")
         print(f"tags: {', '.join(shown(t) for t in desc.repo_tags)}")
@@ -190,12 +219,19 @@ def _load_command(choice: str) -> list[str]:
 class LoadCommand(Command):
     NAME = "load"
     HELP = "load an image into docker or podman"
+    DESCRIPTION = (
+        "Build an image target's layers and config and stream its docker-archive into\n"
+        "`docker load` (when the docker daemon answers) or `podman load`, uncompressed whatever\n"
+        "the target's compressor (podman 4.3 rejects gzip-compressed docker-archives). Nothing\n"
+        "is written to disk but the tool's own storage.")
+    EXAMPLES = (
+        "  dtbuild load //images:web\n"
+        "  dtbuild load //images:web --tool podman     podman even where docker runs")
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("target")
+        _target_argument(parser, "load")
         parser.add_argument("--tool", choices=("auto", "docker", "podman"), default="auto",
-                            help="auto: docker when its daemon answers, else podman")
-        _jobs(parser)
+                            help="auto (the default): docker when its daemon answers, else podman")
 
     def run(self, args: Any, api: CommandAPI) -> int:
         import subprocess
@@ -206,13 +242,13 @@ class LoadCommand(Command):
         argv = _load_command(args.tool)  # before building: a missing tool fails fast
         reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
         tool = os.path.basename(argv[0])
-        tags = list(_tree(api, reader, artifact).description.repo_tags)
+        tags = list(image_tree(api, reader, artifact).description.repo_tags)
         # Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
         # and a local pipe gains nothing from compression.
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sys.stderr)
         assert proc.stdin is not None
         try:
-            imageformat.write_docker_archive(proc.stdin, archive_images(reader, _compressors(api)),  # type: ignore[arg-type]
+            imageformat.write_docker_archive(proc.stdin, archive_images(reader, image_compressors(api)),  # type: ignore[arg-type]
                                              api.compressor("none"))
         except BrokenPipeError:
             pass  # the tool stopped reading: its exit status and message say why

@@ -266,7 +266,7 @@ def _podman_load(api: CommandAPI, podman: str, reader: Any, image_id: str) -> No
 
     from dtbuild.plugins.builtin import imageformat
     from dtbuild.plugins.builtin.image_actions import archive_images
-    from dtbuild.plugins.builtin.image_commands import _compressors
+    from dtbuild.plugins.builtin.image_commands import image_compressors
 
     exists = _quiet([podman, "image", "exists", image_id])
     if exists is not None and exists.returncode == 0:
@@ -275,7 +275,8 @@ def _podman_load(api: CommandAPI, podman: str, reader: Any, image_id: str) -> No
     assert proc.stdin is not None and proc.stdout is not None
     try:
         # Uncompressed: podman 4.3 rejects gzip docker-archives, and a pipe gains nothing from compression.
-        imageformat.write_docker_archive(proc.stdin, archive_images(reader, _compressors(api)), api.compressor("none"))
+        imageformat.write_docker_archive(proc.stdin, archive_images(reader, image_compressors(api)),
+                                         api.compressor("none"))
     except BrokenPipeError:
         pass  # podman stopped reading: its status and output say why
     finally:
@@ -430,18 +431,17 @@ class RunCommand(Command):
         parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT, metavar="SECONDS",
                             help=f"seconds the container has to stop after Ctrl-C or SIGTERM before it is killed "
                                  f"(default {DEFAULT_STOP_TIMEOUT:g})")
-        parser.add_argument("--jobs", "-j", type=int, default=0, help="actions run at once while building")
 
     def run(self, args: Any, api: CommandAPI) -> int:
         import shutil
 
-        from dtbuild.plugins.builtin.image_commands import _tree, image_tree_of
+        from dtbuild.plugins.builtin.image_commands import image_tree, image_tree_of
 
         if args.stop_timeout < 0:
             raise CommandFailed(f"--stop-timeout must be 0 or more seconds, but was {args.stop_timeout:g}", usage=True)
         choice = runtime_choice(api, args.runtime)  # before building: a bad setting fails fast
         reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
-        tree = _tree(api, reader, artifact)
+        tree = image_tree(api, reader, artifact)
         label = tree.description.label
         check_platform(label, tree.config)
         process = container_process(label, tree.config, args.args, terminal=sys.stdin.isatty())

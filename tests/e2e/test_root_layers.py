@@ -210,6 +210,10 @@ def test_ctrl_c_stops_the_script_unmounts_and_removes_everything(rl_ws, run_dtbu
         proc = run_dtbuild.popen(rl_ws, "build", "//app:sleeper", stdout=subprocess.DEVNULL, stderr=err)
         reaped.append(proc)
         _wait_for_marker(cache_dir, proc)
+        # The script writes its marker, then starts its sleep: on a loaded machine a moment later.
+        deadline = time.monotonic() + 10
+        while not _sleepers() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert _sleepers(), "the script's sleep is not running"
         os.kill(proc.pid, signal.SIGINT)
         try:
