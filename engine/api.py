@@ -122,6 +122,9 @@ class EngineCommandAPI:
         self.debug = debug
         self.workspace_root = session.workspace.root
         self.state_dir = session.workspace.state_dir
+        #: The running command's name: the label its transfers are reported under.
+        self.command_name = ""
+        self._progress_lock = threading.Lock()
 
     def settings(self) -> Settings:
         return self._session.workspace.settings()
@@ -175,12 +178,20 @@ class EngineCommandAPI:
 
         print(printable(message), file=sys.stderr)
 
+    def progress(self, description: str, done_bytes: int, total_bytes: int | None) -> None:
+        # One observer call at a time, as in a build: a command may transfer from several threads.
+        with self._progress_lock:
+            self._session.pm.hook.dtbuild_transfer_progress(label=self.command_name or "dtbuild",
+                                                            description=description, done_bytes=done_bytes,
+                                                            total_bytes=total_bytes)
+
 
 def run_command(registered: RegisteredCommand, args: Any, api: EngineCommandAPI) -> int:
     """Run a plugin command, turning its errors into the engine's (exit 2 for a bad
     command line, 1 for a failure)."""
     from dtbuild.plugins.interfaces import ActionFailed, CommandFailed
 
+    api.command_name = registered.name
     try:
         code = registered.command().run(args, api)
     except CommandFailed as e:

@@ -256,9 +256,15 @@ def _command_index(args: Sequence[str]) -> int | None:
     return None
 
 
+def _flags_part(args: Sequence[str]) -> Sequence[str]:
+    """``args`` up to ``--``: what follows it is a command's own (``dtbuild run //x -- -p 80``)."""
+    return args[:args.index("--")] if "--" in args else args
+
+
 def _blocked_flags(args: Sequence[str]) -> list[str]:
     """The values of every ``-p`` flag, read before the parser knows the plugin commands."""
     flags = []
+    args = _flags_part(args)
     for i, arg in enumerate(args):
         if arg == "-p" and i + 1 < len(args):
             flags.append(args[i + 1])
@@ -301,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pause_collection_until_analysed()
     args_list = list(sys.argv[1:] if argv is None else argv)
     _PRELOADED.clear()  # one command per call, even when called in-process again
-    return _guarded(lambda: _main(args_list), debug="--debug" in args_list)
+    return _guarded(lambda: _main(args_list), debug="--debug" in _flags_part(args_list))
 
 
 def _main(args_list: list[str]) -> int:
@@ -309,7 +315,8 @@ def _main(args_list: list[str]) -> int:
     first = args_list[at] if at is not None else None
     if at is not None and first == "help" and "--version" not in args_list:  # as `bazel help build`
         return _main([*args_list[:at], *args_list[at + 1:at + 2], "--help"])
-    asks_help = "-h" in args_list or "--help" in args_list
+    flags = _flags_part(args_list)
+    asks_help = "-h" in flags or "--help" in flags
     commands = None
     if first is None:
         if asks_help:  # `dtbuild --help` lists the plugin commands too, where there are plugins

@@ -519,6 +519,10 @@ class ActionContextImpl:
         self._runner.report("dtbuild_action_log", label=self.action.owner, mnemonic=self.action.mnemonic,
                             message=message)
 
+    def progress(self, description: str, done_bytes: int, total_bytes: int | None) -> None:
+        self._runner.report("dtbuild_transfer_progress", label=self.action.owner, description=description,
+                            done_bytes=done_bytes, total_bytes=total_bytes)
+
     def abort_streams(self) -> None:
         for s in self._open_streams:
             s.abort()
@@ -746,7 +750,9 @@ class ActionRunner:
         assert self.remote is not None
         try:
             result = self.remote.lookup(key, set(action.outputs),
-                                        lambda meta: not self.stale_uses(ActionResult({}, meta)))
+                                        lambda meta: not self.stale_uses(ActionResult({}, meta)),
+                                        progress=lambda **moved: self.report("dtbuild_transfer_progress",
+                                                                             label=action.owner, **moved))
         except RemoteAuthError as e:
             raise ActionFailed(str(e)) from None
         if result is None:
@@ -835,7 +841,8 @@ class ActionRunner:
                 # After its blobs; flushed once per build (the build's make_durable).
                 self.store.put_action(key, result)
                 if self.remote is not None:
-                    self.remote.upload(key, result)
+                    self.remote.upload(key, result, progress=lambda **moved: self.report(
+                        "dtbuild_transfer_progress", label=action.owner, **moved))
             status = "remote_executed" if remotely else "executed"
             break
         self._record(action, key, result)

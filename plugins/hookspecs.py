@@ -197,6 +197,30 @@ def dtbuild_action_log(label: str, mnemonic: str, message: str) -> None:
 
 
 @hookspec
+def dtbuild_transfer_progress(label: str, description: str, done_bytes: int, total_bytes: int | None) -> None:
+    """Bytes moved so far by a transfer of a running action or command: a pull, a
+    ``fetch_url`` download, a push, a remote cache download or upload. The console
+    draws these as progress bars.
+
+    A transfer is identified by ``(label, description)``. Its first call comes as it
+    starts (``done_bytes`` 0 when its size is known), then at most about ten a second
+    while it moves, then a final one with ``done_bytes == total_bytes``, which marks it
+    finished; when the size was not known, or the transfer stopped early (an error, a
+    retry given up), the final call gives ``total_bytes`` as the bytes moved. A transfer
+    that starts over (a retry) is reported again from 0. Transfers under 1 MiB are not
+    reported. Calls come from the transferring thread, one at a time, never one per
+    chunk: :class:`dtbuild.plugins.progress.ProgressMeter` throttles them.
+
+    :param label: the target whose action moves the bytes (for a remote cache transfer,
+        the action's target too), or the name of the command (``push``).
+    :param description: what moves, short (``pull sha256:0a1b2c3d4e5f``,
+        ``remote cache download sha256:…``).
+    :param done_bytes: bytes moved so far.
+    :param total_bytes: the transfer's size, or ``None`` while it is not known.
+    """
+
+
+@hookspec
 def dtbuild_build_finished(summary: Mapping[str, Any], success: bool) -> None:
     """The build is over (successfully or not).
 

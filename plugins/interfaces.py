@@ -174,6 +174,14 @@ class ActionContext(Protocol):
     def log(self, message: str) -> None:
         """A progress line shown to the user under this action."""
 
+    def progress(self, description: str, done_bytes: int, total_bytes: int | None) -> None:
+        """Bytes moved so far by one transfer of this action (``description`` names it:
+        ``pull sha256:0a1b2c3d4e5f``); ``total_bytes`` None while the size is unknown.
+        Reported as :func:`~dtbuild.plugins.hookspecs.dtbuild_transfer_progress` under
+        the action's target. Call it through a
+        :class:`~dtbuild.plugins.progress.ProgressMeter`, which throttles and ends the
+        transfer: ``with ProgressMeter(ctx.progress, what, size) as meter: meter.add(n)``."""
+
 
 class ActionKind(abc.ABC):
     """An implementation of actions of one mnemonic (``Genrule``, ``LayerWrite``, ...).
@@ -383,6 +391,12 @@ class CommandAPI(Protocol):
         """Show one progress line to the user (on stderr, escaped)."""
         ...
 
+    def progress(self, description: str, done_bytes: int, total_bytes: int | None) -> None:
+        """Bytes moved so far by one transfer of the command (``push sha256:…``), as
+        :meth:`ActionContext.progress` reports an action's, under the command's name.
+        Call it through a :class:`~dtbuild.plugins.progress.ProgressMeter`."""
+        ...
+
 
 class Command(abc.ABC):
     """A subcommand a plugin adds to ``dtbuild`` (``dtbuild NAME ...``), as a pytest
@@ -394,9 +408,18 @@ class Command(abc.ABC):
     NAME: ClassVar[str]
     #: One line for ``dtbuild --help`` and ``dtbuild plugins``.
     HELP: ClassVar[str]
+    #: What ``dtbuild NAME --help`` says above the arguments (kept as written, line breaks
+    #: too); empty: ``HELP``.
+    DESCRIPTION: ClassVar[str] = ""
+    #: The examples ``dtbuild NAME --help`` ends with, one command a line (indented two
+    #: spaces, an explanation after it or on the next line), as ``bazel help build`` shows them.
+    EXAMPLES: ClassVar[str] = ""
 
     def add_arguments(self, parser: Any) -> None:  # noqa: B027 - optional: a command may take no arguments
-        """Add the command's arguments to ``parser`` (an ``argparse.ArgumentParser``)."""
+        """Add the command's arguments to ``parser`` (an ``argparse.ArgumentParser``), each
+        with a ``help``. The global flags (``-p``, ``--jobs``, ``--debug``, the remote
+        flags) are there already and stay the engine's: read ``args.jobs`` (0: one action
+        per core) rather than declaring ``--jobs`` again."""
 
     @abc.abstractmethod
     def run(self, args: Any, api: CommandAPI) -> int:

@@ -17,6 +17,11 @@ sees a result whose blobs are not there yet. A blob sent (or found present) once
 build is not asked about again. :meth:`RemoteCache.finish` waits for the uploads at the
 end of the build.
 
+Blobs of more than :data:`~dtbuild.plugins.progress.MIN_BYTES` report their bytes as they
+move, to the ``progress`` the runner gives :meth:`~RemoteCache.lookup` and
+:meth:`~RemoteCache.upload` (the ``dtbuild_transfer_progress`` hook, under the action's
+target), throttled by :class:`~dtbuild.plugins.progress.ProgressMeter`.
+
 Local first: the first :class:`~dtbuild.engine.remote.RemoteError` of a build (refused,
 timed out, a 5xx, a server gone mid-build) is one warning, and the remote is not used
 for the rest of the build; the build goes on locally and its results are right. Refused
@@ -32,7 +37,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from dtbuild.engine.remote import Digest, MissingRemoteBlob, RemoteAuthError, RemoteError, Transport
 from dtbuild.engine.remote.reapi import (
@@ -44,6 +49,7 @@ from dtbuild.engine.remote.reapi import (
     parse_action_result,
     result_blobs,
 )
+from dtbuild.plugins.progress import MIN_BYTES, ProgressMeter, ProgressReport
 
 if TYPE_CHECKING:
     from dtbuild.engine.store import ActionResult, OutputValue, Store
@@ -64,6 +70,13 @@ def _give(data: bytes, sink: Callable[[bytes], object]) -> None:
     sink(data)
 
 
+def _meter(progress: ProgressReport | None, direction: str, digest: Digest) -> ProgressMeter | None:
+    """The meter of one blob transfer, or None when nobody listens or the blob is small."""
+    if progress is None or digest.size < MIN_BYTES:
+        return None
+    return ProgressMeter(progress, f"remote cache {direction} sha256:{digest.hash[:12]}", digest.size)
+
+
 def _batches(digests: list[Digest]) -> list[list[Digest]]:
     """``digests`` in batches of at most BATCH_COUNT blobs and about BATCH_BYTES bytes."""
     batches: list[list[Digest]] = []
@@ -75,6 +88,12 @@ def _batches(digests: list[Digest]) -> list[list[Digest]]:
         batches[-1].append(digest)
         size += digest.size
     return batches
+
+
+def _open_counted(store: Store, digest: str, meter: ProgressMeter) -> IO[bytes]:
+    """Blob ``digest`` of the store, opened for sending, its reads counted by ``meter``
+    (from 0 again for a retry, which opens it again)."""
+    return meter.reading(store.open_blob(digest))
 
 
 class CorruptRemoteBlob(RemoteError):
@@ -130,12 +149,12 @@ class RemoteCache:
 
     # ------------------------------------------------------------------ lookups
 
-    def lookup(self, key: str, slots: set[str], meta_ok: Callable[[dict[str, Any]], bool] | None = None
-               ) -> ActionResult | None:
+    def lookup(self, key: str, slots: set[str], meta_ok: Callable[[dict[str, Any]], bool] | None = None, *,
+               progress: ProgressReport | None = None) -> ActionResult | None:
         """The result of the action with key ``key`` (output slots ``slots``) from the
         remote, its blobs fetched into the local store; None for a miss or when the
         remote cannot be used. ``meta_ok(meta)`` False (a result made with other plugin
-        versions) is a miss.
+        versions) is a miss. The downloads of large blobs report to ``progress``.
 
         :raises RemoteAuthError: when the remote refuses the credentials.
         """
@@ -148,7 +167,7 @@ class RemoteCache:
         if meta_ok is not None and not meta_ok(meta):
             self._count(miss=True)
             return None
-        if self._guarded(functools.partial(self._fetch_into_store, files)) is None:
+        if self._guarded(functools.partial(self._fetch_into_store, files, progress)) is None:
             return None
         self._count(miss=False)
         with self._lock:
@@ -243,21 +262,28 @@ class RemoteCache:
             self._add_downloaded(len(data))
         return found
 
-    def _fetch_into_store(self, digests: list[Digest]) -> bool:
-        """Fetch the blobs of ``digests`` the store lacks (True when done)."""
+    def _fetch_into_store(self, digests: list[Digest], progress: ProgressReport | None = None) -> bool:
+        """Fetch the blobs of ``digests`` the store lacks (True when done), the large ones
+        reporting to ``progress``."""
         missing = list({d.hash: d for d in digests if not self.store.has_blob(d.hash, d.size)}.values())
         for batch in _batches([d for d in missing if d.size <= SMALL_BLOB]):
             for digest, data in self._fetch_bytes(batch).items():
                 self._install(digest, functools.partial(_give, data))
         for digest in missing:
             if digest.size > SMALL_BLOB:
-                self._install(digest, functools.partial(self.transport.read_blob, digest))
+                self._install(digest, functools.partial(self.transport.read_blob, digest),
+                              _meter(progress, "download", digest))
         return True
 
-    def _install(self, digest: Digest, produce: Callable[[Callable[[bytes], object]], None]) -> None:
+    def _install(self, digest: Digest, produce: Callable[[Callable[[bytes], object]], None],
+                 meter: ProgressMeter | None = None) -> None:
         writer = self.store.writer(expected_size=digest.size)
         try:
-            produce(writer.write)
+            if meter is None:
+                produce(writer.write)
+            else:
+                with meter:
+                    produce(meter.counting(writer.write))
             if writer.size != digest.size or writer.hexdigest() != digest.hash:
                 raise CorruptRemoteBlob(f"the remote cache {self.url} sent blob {digest.hash} with bytes that "
                                         "do not match its digest; it was discarded and the action runs here")
@@ -274,8 +300,9 @@ class RemoteCache:
 
     # ------------------------------------------------------------------ uploads
 
-    def upload(self, key: str, result: ActionResult) -> None:
-        """Send ``result`` (of the action with key ``key``) in the background."""
+    def upload(self, key: str, result: ActionResult, *, progress: ProgressReport | None = None) -> None:
+        """Send ``result`` (of the action with key ``key``) in the background, the
+        uploads of large blobs reporting to ``progress``."""
         if not self.upload_enabled or self._failed is not None:
             return
         if not getattr(self.transport, "update_enabled", True):
@@ -283,9 +310,9 @@ class RemoteCache:
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="dtbuild-upload")
-            self._pending.append(self._pool.submit(self._upload, key, result))
+            self._pending.append(self._pool.submit(self._upload, key, result, progress))
 
-    def _upload(self, key: str, result: ActionResult) -> None:
+    def _upload(self, key: str, result: ActionResult, progress: ProgressReport | None = None) -> None:
         from dtbuild.engine.store import StoreError
 
         if self._failed is not None:
@@ -315,7 +342,7 @@ class RemoteCache:
                     elif sending not in others:
                         others.append(sending)
             try:
-                self._send_blobs(wanted, trees)
+                self._send_blobs(wanted, trees, progress)
             finally:
                 with self._lock:
                     for d in wanted:
@@ -336,9 +363,11 @@ class RemoteCache:
         except Exception as e:  # never a traceback from a background upload
             self._give_up(RemoteError(f"an upload failed: {type(e).__name__}: {e}"))
 
-    def _send_blobs(self, wanted: list[Digest], trees: dict[Digest, bytes]) -> None:
+    def _send_blobs(self, wanted: list[Digest], trees: dict[Digest, bytes],
+                    progress: ProgressReport | None = None) -> None:
         """Send those of ``wanted`` the remote lacks (``trees``: the small blobs at hand,
-        the others are read from the store); all of ``wanted`` is then present."""
+        the others are read from the store); all of ``wanted`` is then present. Large
+        blobs report to ``progress`` as they are read for sending."""
         missing = self.transport.find_missing(wanted) if wanted else set()
         small = {d: trees[d] for d in missing if d in trees}
         for d in missing:
@@ -348,7 +377,12 @@ class RemoteCache:
                 with self.store.open_blob(d.hash) as f:
                     small[d] = f.read()
             else:
-                self.transport.write_blob(d, functools.partial(self.store.open_blob, d.hash))
+                meter = _meter(progress, "upload", d)
+                if meter is None:
+                    self.transport.write_blob(d, functools.partial(self.store.open_blob, d.hash))
+                else:
+                    with meter:
+                        self.transport.write_blob(d, functools.partial(_open_counted, self.store, d.hash, meter))
                 self._add_uploaded(d.size)
             if len(small) >= BATCH_COUNT or sum(d.size for d in small) >= BATCH_BYTES:
                 self._send_small(small)

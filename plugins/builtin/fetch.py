@@ -5,7 +5,8 @@ into the store as a tree: nothing of the archive is written to the host as files
 
 Each URL's tries share one deadline and every download is read under the ``[network]``
 limits of :mod:`dtbuild.plugins.builtin.network_limits` (first byte, silence, minimum
-rate, at most ``max_download`` bytes)."""
+rate, at most ``max_download`` bytes). A download reports its bytes as it goes
+(``download NAME``, through ``ctx.progress``)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from dtbuild.plugins.builtin.network_limits import (
     size_text,
 )
 from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind, TreeEntry
+from dtbuild.plugins.progress import ProgressMeter
 
 ATTEMPTS = 3
 _CHUNK = 1 << 20
@@ -40,9 +42,24 @@ class _Mismatch(Exception):
         self.actual = actual
 
 
-def _download(url: str, sink: IO[bytes], clock: Clock) -> str:
+def _transfer_name(url: str) -> str:
+    """What a download is called in its progress reports: ``download NAME``, NAME the
+    URL's last path part (or its host)."""
+    parts = urllib.parse.urlsplit(url)
+    name = urllib.parse.unquote(parts.path.rstrip("/").rpartition("/")[2]) or parts.netloc or url
+    return f"download {name}"
+
+
+def _content_length(response: object) -> int | None:
+    """The size an answer announces, or None."""
+    length = (getattr(response, "headers", None) or {}).get("Content-Length")
+    return int(length) if isinstance(length, str) and length.strip().isdigit() else None
+
+
+def _download(url: str, sink: IO[bytes], clock: Clock, meter: ProgressMeter | None = None) -> str:
     """Copy ``url`` into ``sink``; return the sha256 of what was written. An HTTP(S)
-    download is bounded by ``clock`` and its limits.
+    download is bounded by ``clock`` and its limits. ``meter`` is told the size (when
+    known) and the bytes as they arrive.
 
     :raises LimitExceeded: when the server is silent, too slow, out of time or sends
         more than ``max_download`` bytes."""
@@ -50,9 +67,14 @@ def _download(url: str, sink: IO[bytes], clock: Clock) -> str:
     if url.startswith("file://"):
         path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
         with open(path, "rb") as f:
+            if meter is not None:
+                meter.total = os.fstat(f.fileno()).st_size
+                meter.start()
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
                 sink.write(chunk)
+                if meter is not None:
+                    meter.add(len(chunk))
         return h.hexdigest()
     import urllib3
 
@@ -76,10 +98,15 @@ def _download(url: str, sink: IO[bytes], clock: Clock) -> str:
     def write(chunk: bytes) -> None:
         h.update(chunk)
         sink.write(chunk)
+        if meter is not None:
+            meter.add(len(chunk))
 
     try:
         if response.status != 200:
             raise OSError(f"HTTP {response.status} from {url}")
+        if meter is not None:
+            meter.total = _content_length(response)
+            meter.start()
         read_body(response, write, limit=limits.max_download, clock=clock, server=server, what="downloading",
                   too_large=lambda: LimitExceeded(
                       f"{url} is larger than {size_text(limits.max_download)}; refusing it",
@@ -136,9 +163,12 @@ class FetchUrl(ActionKind):
             failures: list[str] = []  # this URL's, each different one once
             for attempt in range(ATTEMPTS):
                 temp = os.path.join(ctx.scratch_dir, f"download-{attempt}")
+                # ctx.progress is looked up only when there is something to report: a context made
+                # before it existed (a test's) still downloads small files.
+                meter = ProgressMeter(lambda **moved: ctx.progress(**moved), _transfer_name(url), None)
                 try:
-                    with open(temp, "wb") as f:
-                        actual = _download(url, f, clock)
+                    with open(temp, "wb") as f, meter:
+                        actual = _download(url, f, clock, meter)
                     if actual != expected:
                         raise _Mismatch(actual)
                 except _Mismatch as e:

@@ -4,7 +4,8 @@ and stored as an image tree (docs/image-tree.md).
 Resolution: the manifest named by ``image_digest`` (checked against that digest), or,
 for an index, its ``os``/``arch`` entry (checked against the entry's digest). The config
 and the layers are then fetched concurrently; every blob is checked against its digest
-as it arrives, every layer's uncompressed tar against the config's diff_id. A Docker
+as it arrives, every layer's uncompressed tar against the config's diff_id. Each
+layer's download reports its bytes (``pull sha256:…``, ``ctx.progress``). A Docker
 schema 2 manifest is converted to OCI media types (as ``skopeo copy --format oci``
 does), so an OCI manifest's bytes — and digest — are kept, a Docker one's are not.
 
@@ -25,6 +26,7 @@ from dtbuild.plugins.builtin import imageformat, tar_extract
 from dtbuild.plugins.builtin.image_actions import write_image
 from dtbuild.plugins.image_description import ImageDescription, LayerDescriptor
 from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind
+from dtbuild.plugins.progress import ProgressMeter
 
 if TYPE_CHECKING:  # urllib3 is imported only when an image is pulled: registering the kind costs nothing
     from dtbuild.plugins.builtin.registry_client import Manifest, RegistryClient
@@ -207,8 +209,9 @@ class ImagePull(ActionKind):
         compressor = ctx.compressor(compression)
         hex_digest = digest.removeprefix("sha256:")
         blob_path = os.path.join(ctx.scratch_dir, "blob-" + hex_digest)
-        with open(blob_path, "w+b") as sink:
-            client.fetch_blob(repository, digest, sink, size=int(desc["size"]))
+        with open(blob_path, "w+b") as sink, \
+                ProgressMeter(ctx.progress, f"pull {digest[:19]}", int(desc["size"])) as meter:
+            client.fetch_blob(repository, digest, sink, size=int(desc["size"]), progress=meter.update)
         try:
             stored, _ = ctx.put_file(blob_path)
             if stored != hex_digest:

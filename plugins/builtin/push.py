@@ -14,7 +14,8 @@ The mount record is a hint, not a truth: a mount the registry declines costs not
 (it opens the upload session the blob then goes through).
 
 Every request runs under the ``[network]`` limits of dtbuild.toml (timeouts, a deadline
-per blob and per manifest, size caps on what the registry answers).
+per blob and per manifest, size caps on what the registry answers). Each upload reports
+its bytes (``push sha256:…``, through ``CommandAPI.progress``).
 
 It reaches the engine only through :class:`~dtbuild.plugins.interfaces.CommandAPI`.
 """
@@ -35,6 +36,7 @@ from typing import Any
 from dtbuild.plugins.builtin import imageformat
 from dtbuild.plugins.builtin.image_actions import ImageTree
 from dtbuild.plugins.interfaces import CancelToken, Command, CommandAPI, CommandFailed, StoreTreeReader
+from dtbuild.plugins.progress import ProgressMeter, ProgressReport
 
 MOUNT_RECORD_FILE = "registry-blobs.json"
 #: Bounds of the mount record: repositories kept per registry, blob digests per repository.
@@ -50,6 +52,10 @@ class PushFailed(CommandFailed):
 
 def _usage(message: str, hint: str | None = None) -> CommandFailed:
     return CommandFailed(message, hint=hint, usage=True)
+
+
+def _no_progress(*, description: str, done_bytes: int, total_bytes: int | None) -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +191,12 @@ class MountRecord:
 def push_image(reader: StoreTreeReader, artifact: Any, refs: Sequence[tuple[str, str, str | None]], *,
                state_dir: str, limits: Any, insecure: bool = False, manifest_format: str = "oci",
                transfers: int = 8, cancel: CancelToken | None = None,
-               report: Callable[[str], None] = lambda _message: None) -> list[PushOutcome]:
+               report: Callable[[str], None] = lambda _message: None,
+               progress: ProgressReport = _no_progress) -> list[PushOutcome]:
     """Push the image tree ``artifact`` (read through ``reader``) to ``refs`` (from
     :func:`parse_targets`) under ``limits`` (a ``NetworkLimits``, from the workspace's
-    ``[network]`` settings). Returns one outcome per repository.
+    ``[network]`` settings). Returns one outcome per repository. Uploads report their
+    bytes to ``progress`` (``CommandAPI.progress``).
 
     :raises CommandFailed: (usage) when the image cannot have the asked manifest format.
     :raises PushFailed: when a registry fails, with what failed and how to go on.
@@ -220,7 +228,7 @@ def push_image(reader: StoreTreeReader, artifact: Any, refs: Sequence[tuple[str,
             report(f"pushing {description.label} to {target.name} ({', '.join(target.tags)}): "
                    f"{len(ordered)} blob(s)")
             try:
-                outcome = _push_to(client, target, ordered, reader, record, transfers, cancel, report)
+                outcome = _push_to(client, target, ordered, reader, record, transfers, cancel, report, progress)
                 for tag in target.tags:
                     outcome.digest = client.put_manifest(target.repository, tag, manifest, media_type)
             except RegistryError as e:
@@ -253,7 +261,8 @@ def _manifest(tree: ImageTree, manifest_format: str) -> tuple[bytes, str]:
 
 
 def _push_to(client: Any, target: PushTarget, blobs: Sequence[_Blob], reader: StoreTreeReader, record: MountRecord,
-             transfers: int, cancel: CancelToken, report: Callable[[str], None]) -> PushOutcome:
+             transfers: int, cancel: CancelToken, report: Callable[[str], None],
+             progress: ProgressReport = _no_progress) -> PushOutcome:
     """The blobs of one repository: concurrent HEADs, then mounts and uploads in parallel."""
     outcome = PushOutcome(target)
     present: list[str] = []
@@ -273,8 +282,10 @@ def _push_to(client: Any, target: PushTarget, blobs: Sequence[_Blob], reader: St
                                     hint="run the same command again: blobs already sent are skipped")
             source = record.source_for(target.registry, blob.digest, exclude=target.repository)
             started = time.monotonic()
-            how = client.upload_blob(target.repository, blob.digest, blob.size,
-                                     lambda: reader.open_blob(blob.store_digest), mount_from=source)
+            with ProgressMeter(progress, f"push {blob.digest[:19]} to {target.name}", blob.size) as meter:
+                how = client.upload_blob(target.repository, blob.digest, blob.size,
+                                         lambda: reader.open_blob(blob.store_digest), mount_from=source,
+                                         progress=meter.update)
             if blob.size >= REPORT_SIZE:
                 report(f"  {how} {blob.digest[:19]}… ({blob.size / 1e6:.1f} MB) in {time.monotonic() - started:.1f} s")
             return blob, how, source
@@ -314,9 +325,18 @@ def _megabytes(n: int) -> str:
 class PushCommand(Command):
     NAME = "push"
     HELP = "push an image to registries (skips blobs they have)"
+    DESCRIPTION = (
+        "Build an image target's layers and config and push them to each REF: blobs the registry\n"
+        "has are skipped, others mounted from another repository of the same registry or uploaded,\n"
+        "several at once (--transfers). Credentials: DTBUILD_REGISTRY_USER/PASSWORD, then\n"
+        "$REGISTRY_AUTH_FILE, then ~/.docker/config.json (docs/registries.md).")
+    EXAMPLES = (
+        "  dtbuild push //images:web registry.example.com/team/web:1.0\n"
+        "  dtbuild push //images:web localhost:5000/web --insecure     a plain-HTTP registry\n"
+        "  dtbuild push //images:web ghcr.io/me/web:1.0 ghcr.io/me/web:latest")
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("target")
+        parser.add_argument("target", metavar="TARGET", help="the image target to push, such as //images:web")
         parser.add_argument("refs", nargs="+", metavar="REF",
                             help="REGISTRY/REPOSITORY[:TAG] (default tag: the image's own); several REFs push "
                                  "several tags")
@@ -326,7 +346,6 @@ class PushCommand(Command):
                             help="manifest media types (default oci: the digest in NAME.json; docker: not for zstd "
                                  "layers)")
         parser.add_argument("--transfers", type=int, default=8, help="blobs checked and sent at once (default 8)")
-        parser.add_argument("--jobs", "-j", type=int, default=0)
 
     def run(self, args: Any, api: CommandAPI) -> int:
         from dtbuild.plugins.builtin.image_commands import image_tree_of
@@ -342,7 +361,7 @@ class PushCommand(Command):
         reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
         outcomes = push_image(reader, artifact, refs, state_dir=api.state_dir, limits=limits, insecure=args.insecure,
                               manifest_format=args.format, transfers=args.transfers, cancel=api.cancel,
-                              report=lambda message: print(message, file=sys.stderr))
+                              report=lambda message: print(message, file=sys.stderr), progress=api.progress)
         for outcome in outcomes:
             total = outcome.uploaded + outcome.mounted + outcome.skipped
             mounted = f" from {', '.join(outcome.mounted_from)}" if outcome.mounted_from else ""

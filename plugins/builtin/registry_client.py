@@ -23,7 +23,10 @@ This module owns:
   a document (manifest, index, config, token answer) exactly its descriptor's size or at
   most ``max_document``, a blob exactly its descriptor's size; each public operation
   (with its retries and token requests) ends at the ``deadline``, every request must
-  start answering within ``timeout``, and a transfer slower than ``min_rate`` fails.
+  start answering within ``timeout``, and a transfer slower than ``min_rate`` fails;
+* progress — blob downloads and uploads tell an optional ``progress(done_bytes)`` the bytes
+  moved so far, per chunk (0 again when a try starts over); callers throttle it
+  (:class:`dtbuild.plugins.progress.ProgressMeter`).
 
 Secrets (passwords, identity tokens, bearer tokens, the base64 ``auth`` strings) never
 appear in a message this module produces: every :class:`RegistryError` is scrubbed of
@@ -1058,17 +1061,19 @@ class RegistryClient:
         return int(length) if length and length.isdigit() else 0
 
     def fetch_blob(self, repository: str, digest: str, sink: IO[bytes], *, size: int | None = None,
-                   limit: int | None = None) -> int:
+                   limit: int | None = None, progress: Callable[[int], object] | None = None) -> int:
         """Stream blob ``digest`` into ``sink`` (a seekable file, emptied before each
         try), hashing every byte; return its size. A blob whose bytes do not have its
         digest raises RegistryError; so does one of more than ``size`` bytes (its
         descriptor's), or without ``size``, of more than ``limit`` (default
         ``max_download``): never is a byte more than that read. Every try, and the waits
-        between them, end at the operation's deadline."""
-        return self._fetch_blob(repository, digest, sink, size=size, limit=limit, setting="max_download")
+        between them, end at the operation's deadline. ``progress(done_bytes)`` is told
+        the bytes received so far, per chunk, from 0 for each try."""
+        return self._fetch_blob(repository, digest, sink, size=size, limit=limit, setting="max_download",
+                                progress=progress)
 
     def _fetch_blob(self, repository: str, digest: str, sink: IO[bytes], *, size: int | None, limit: int | None,
-                    setting: str) -> int:
+                    setting: str, progress: Callable[[int], object] | None = None) -> int:
         what = f"downloading blob {digest} from {self.registry}/{repository}"
         size = self._descriptor_size(size, f"blob {digest} of {self.registry}/{repository}")
         cap = size if size is not None else (limit if limit is not None else self.limits.max_download)
@@ -1087,10 +1092,16 @@ class RegistryClient:
                 response = self._send("GET", f"/v2/{repository}/blobs/{digest}", what=what,
                                       scopes=(f"repository:{repository}:pull",), follow_redirects=True)
                 h = hashlib.sha256()
+                moved = [0]
+                if progress is not None:
+                    progress(0)
 
-                def write(chunk: bytes, h: Any = h) -> None:
+                def write(chunk: bytes, h: Any = h, moved: list[int] = moved) -> None:
                     h.update(chunk)
                     sink.write(chunk)
+                    if progress is not None:
+                        moved[0] += len(chunk)
+                        progress(moved[0])
 
                 try:
                     received = self._read_into(response, write, limit=cap, what=what, too_large=too_large, hint=hint)
@@ -1132,13 +1143,14 @@ class RegistryClient:
     # ------------------------------------------------------------------ writing
 
     def upload_blob(self, repository: str, digest: str, size: int, open_blob: Callable[[], IO[bytes]], *,
-                    mount_from: str | None = None) -> str:
+                    mount_from: str | None = None, progress: Callable[[int], object] | None = None) -> str:
         """Put blob ``digest`` (``size`` bytes, read by ``open_blob``) into ``repository``.
 
         With ``mount_from`` (another repository of this registry) a cross-repository
         mount is asked first; when the registry declines it, the upload session it
         opens instead is used. Small blobs go in one PUT, larger ones in PATCH chunks of
         ``chunk_size``. A failed attempt starts over (a new session) after a backoff.
+        ``progress(done_bytes)`` is told the bytes sent so far, per chunk (a mount sends none).
 
         :return: ``"mounted"`` or ``"uploaded"``.
         """
@@ -1148,7 +1160,8 @@ class RegistryClient:
         with self._operation():
             for attempt in range(self.attempts):
                 try:
-                    return self._upload_once(repository, digest, size, open_blob, mount_from, tuple(sorted(scopes)))
+                    return self._upload_once(repository, digest, size, open_blob, mount_from, tuple(sorted(scopes)),
+                                             progress)
                 except RegistryError as e:
                     if not e.retryable or attempt + 1 == self.attempts or not self._sleep(attempt, None):
                         if e.retryable:
@@ -1158,7 +1171,8 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     def _upload_once(self, repository: str, digest: str, size: int, open_blob: Callable[[], IO[bytes]],
-                     mount_from: str | None, scopes: tuple[str, ...]) -> str:
+                     mount_from: str | None, scopes: tuple[str, ...],
+                     progress: Callable[[int], object] | None = None) -> str:
         where = f"{self.registry}/{repository}"
         query = ""
         if mount_from:
@@ -1170,20 +1184,21 @@ class RegistryClient:
             return "mounted"
         location = self._location(response, f"starting the upload of blob {digest} to {where}")
         try:
-            return self._send_blob(location, digest, size, open_blob, scopes, where)
+            return self._send_blob(location, digest, size, open_blob, scopes, where, progress)
         except RegistryError as e:
             if e.status in (404, 416):  # the session expired or was lost (a registry restart): start over
                 e.retryable = True
             raise
 
     def _send_blob(self, location: str, digest: str, size: int, open_blob: Callable[[], IO[bytes]],
-                   scopes: tuple[str, ...], where: str) -> str:
+                   scopes: tuple[str, ...], where: str, progress: Callable[[int], object] | None = None) -> str:
         content = {"Content-Type": "application/octet-stream"}
         if size <= self.monolithic_max:
             response = self._send("PUT", _with_digest(location, digest), scopes=scopes, ok=(201, 204),
                                   what=f"uploading blob {digest} ({_size(size)}) to {where}", retry=False,
                                   headers={**content, "Content-Length": str(size)},
-                                  body=lambda: _file_part(open_blob, 0, size, self._clock(), self.registry))
+                                  body=lambda: _file_part(open_blob, 0, size, self._clock(), self.registry,
+                                                          progress))
         else:
             offset = 0
             while offset < size:
@@ -1195,7 +1210,7 @@ class RegistryClient:
                     headers={**content, "Content-Length": str(length),
                              "Content-Range": f"{start}-{start + length - 1}"},
                     body=lambda start=start, length=length: _file_part(  # type: ignore[misc]
-                        open_blob, start, length, self._clock(), self.registry))
+                        open_blob, start, length, self._clock(), self.registry, progress))
                 self._discard(response)
                 location = self._location(response, f"uploading blob {digest} to {where}")
                 offset += length
@@ -1262,13 +1277,16 @@ def _with_digest(location: str, digest: str) -> str:
 
 
 def _file_part(open_blob: Callable[[], IO[bytes]], offset: int, length: int, clock: Clock,
-               registry: str) -> Iterator[bytes]:
+               registry: str, progress: Callable[[int], object] | None = None) -> Iterator[bytes]:
     """``length`` bytes of a blob from ``offset``, in chunks (a request body), until the
-    operation's deadline (each chunk's sending is bounded by the socket timeout)."""
+    operation's deadline (each chunk's sending is bounded by the socket timeout).
+    ``progress`` is told the blob's bytes handed to the connection so far."""
     with open_blob() as f:
         if offset:
             f.seek(offset)
         remaining = length
+        if progress is not None:
+            progress(offset)
         while remaining:
             if clock.expired():
                 raise clock.deadline_error(f"the registry {registry}", "an upload", length - remaining)
@@ -1277,6 +1295,8 @@ def _file_part(open_blob: Callable[[], IO[bytes]], offset: int, length: int, clo
                 raise OSError(f"the blob ended {remaining} bytes early")
             remaining -= len(data)
             yield data
+            if progress is not None:
+                progress(offset + length - remaining)
 
 
 def _size(n: int) -> str:

@@ -251,8 +251,8 @@ def test_stream_writes_the_archive_that_build_writes(images_ws, run_dtbuild, tmp
     built = (images_ws / "dtbuild-out" / "app" / "app_zstd.tar.zst").read_bytes()
     streamed = tmp_path / "streamed.tar.zst"
     with open(streamed, "wb") as out:
-        done = subprocess.run(run_dtbuild.argv("stream", "//app:app_zstd", "--compressor", "zstd"), cwd=images_ws, stdout=out,
-                              stderr=subprocess.PIPE, env=run_dtbuild.env(), timeout=120)
+        done = subprocess.run(run_dtbuild.argv("stream", "//app:app_zstd", "--compressor", "zstd"), cwd=images_ws,
+                              stdout=out, stderr=subprocess.PIPE, env=run_dtbuild.env(), timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     assert streamed.read_bytes() == built
 

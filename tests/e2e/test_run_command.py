@@ -180,9 +180,10 @@ def test_args_replace_cmd_and_the_exit_status_is_the_containers(busybox_ws, run_
     assert default.stdout.decode().splitlines() == [
         "args:3 from cmd", "user:1000:1000", "cwd:/work", "greeting:hello", "stdin:piped"]
 
-    given = run("//:report", "--", "5", "a", "b c", "--not-a-flag", stdin=b"")
+    # After `--` everything is the container's, dtbuild's own flags too (-p, --help, --debug).
+    given = run("//:report", "--", "5", "a", "b c", "--not-a-flag", "-p", "80", "--help", "--debug", stdin=b"")
     assert given.returncode == 5, given.stderr.decode()
-    assert given.stdout.decode().splitlines()[0] == "args:5 a b c --not-a-flag"
+    assert given.stdout.decode().splitlines()[0] == "args:5 a b c --not-a-flag -p 80 --help --debug"
     _assert_nothing_left(runtime, run_tmp)
 
 
