@@ -187,3 +187,43 @@ def test_quiet_shows_only_errors_and_the_summary(write_workspace, run_dtbuild) -
     assert code == 1, err
     assert err.startswith("ERROR: bad/BUILD:1: in genrule //bad:bad: Genrule failed"), err
     assert "why" in err and "[1/1]" not in err
+
+
+@pytest.mark.slow
+def test_on_a_terminal_a_download_has_a_bar_that_moves(write_workspace, run_dtbuild) -> None:
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = bytes(range(256)) * (4 * 4096)  # 4 MiB, sent over about 2 s
+    sha = hashlib.sha256(data).hexdigest()
+
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for start in range(0, len(data), 128 << 10):
+                self.wfile.write(data[start:start + (128 << 10)])
+                self.wfile.flush()
+                time.sleep(0.06)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/big.bin"
+        ws = write_workspace({"BUILD": f'fetch_url(name = "big", urls = ["{url}"], sha256 = "{sha}")\n'})
+        code, out = run_in_pty(run_dtbuild, ws, "build", "//:big")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0, out
+    text = plain(out)
+    # The bar's byte counts, redrawn as the download goes: "download big.bin ... 1.2/4.0 MiB".
+    shown = re.findall(r"download big\.bin.*?(\d+\.\d)/4\.0 MiB", text)
+    assert len(set(shown)) >= 3, text
+    assert [float(x) for x in shown] == sorted(float(x) for x in shown), shown
+    assert (ws / "dtbuild-out" / "big").read_bytes() == data
