@@ -1,6 +1,7 @@
 """An example of the observer hooks: a build log for dashboards. When ``$BUILD_TIMINGS_LOG``
 names a file, each build appends JSON lines to it: one per finished action (label,
-mnemonic, status, seconds and the number of lines it logged) and one for the build.
+mnemonic, status, seconds and the number of lines it logged), one per finished transfer
+of 1 MiB or more (a download, pull or remote cache transfer) and one for the build.
 
 After ``[plugins] modules = ["tools/build_timings.py"]``::
 
@@ -38,6 +39,12 @@ def dtbuild_action_started(label: str, mnemonic: str, description: str) -> None:
 @hookimpl
 def dtbuild_action_log(label: str, mnemonic: str, message: str) -> None:
     _log_lines[(label, mnemonic)] = _log_lines.get((label, mnemonic), 0) + 1
+
+
+@hookimpl
+def dtbuild_transfer_progress(label: str, description: str, done_bytes: int, total_bytes: int | None) -> None:
+    if done_bytes == total_bytes:  # the last call of a transfer (a download, a push, ...)
+        _records.append({"event": "transfer", "label": label, "description": description, "bytes": done_bytes})
 
 
 @hookimpl

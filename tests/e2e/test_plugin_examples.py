@@ -333,3 +333,15 @@ def test_build_timings_logs_every_action_and_the_build(write_workspace, run_dtbu
     third = records[builds[2]:]
     assert [r["status"] for r in third if r["event"] == "action"] == ["failed"]
     assert third[-1]["event"] == "finished" and third[-1]["success"] is False
+
+    # A download of 1 MiB or more is a transfer of its own.
+    data = os.urandom((1 << 20) + 4321)
+    (tmp_path / "big.bin").write_bytes(data)
+    (ws / "pkg" / "BUILD").write_text(
+        GEN_BUILD + f'fetch_url(name = "big", urls = ["file://{tmp_path}/big.bin"], '
+                    f'sha256 = "{hashlib.sha256(data).hexdigest()}")\n')
+    run_dtbuild.build(ws, "//pkg:big", check=True, env=env)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    fourth = records[[i for i, r in enumerate(records) if r["event"] == "started"][3]:]
+    assert [r for r in fourth if r["event"] == "transfer"] == [
+        {"event": "transfer", "label": "//pkg:big", "description": "download big.bin", "bytes": len(data)}]
