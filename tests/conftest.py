@@ -18,9 +18,11 @@ modules do not import this file).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -189,16 +191,27 @@ class DtbuildRunner:
                  timeout: float = DEFAULT_TIMEOUT) -> Run:
         out_path = self._tmp_path / f".run-{os.getpid()}-{time.monotonic_ns()}"
         with open(f"{out_path}.out", "w+b") as out, open(f"{out_path}.err", "w+b") as err:
-            proc = subprocess.Popen(self.argv(*args), cwd=cwd, env=self.env(env), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, preexec_fn=_umask_setter(umask))
-            code, rss = _wait(proc, timeout)
+            argv = self.argv(*args)
+            if measure_rss:  # through a small parent: see _RSS_PARENT
+                argv = [sys.executable, "-c", _RSS_PARENT, f"{out_path}.rss", *argv]
+            proc = subprocess.Popen(argv, cwd=cwd, env=self.env(env), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, preexec_fn=_umask_setter(umask),
+                                    start_new_session=measure_rss)
+            try:
+                code, _ = _wait(proc, timeout)
+            finally:
+                if measure_rss:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)  # dtbuild too, after a timeout
             out.seek(0)
             err.seek(0)
             result = Run(code, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"))
         os.unlink(f"{out_path}.out")
         os.unlink(f"{out_path}.err")
         if measure_rss:
-            self.last_max_rss_kb = rss
+            rss_path = Path(f"{out_path}.rss")
+            self.last_max_rss_kb = int(rss_path.read_text())
+            rss_path.unlink()
         if check is not None:
             expected = 0 if check is True else int(check)
             if result.exit_code != expected:
@@ -221,6 +234,22 @@ class DtbuildRunner:
               **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start the CLI without waiting (for concurrency and kill tests). The caller waits."""
         return subprocess.Popen(self.argv(*args), cwd=cwd, env=self.env(env), stdin=subprocess.DEVNULL, **kwargs)
+
+
+#: The parent a measured run goes through. Linux keeps a process's peak RSS across exec, and
+#: a child forked from this test process starts with the test process's pages: measured
+#: directly, dtbuild's peak would be at least the test runner's (hundreds of MiB late in a
+#: long run). Forked from this small interpreter instead, its peak is dtbuild's own.
+_RSS_PARENT = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def _umask_setter(umask: int | None) -> Callable[[], None] | None:
