@@ -234,35 +234,45 @@ class LoadCommand(Command):
                             help="auto (the default): docker when its daemon answers, else podman")
 
     def run(self, args: Any, api: CommandAPI) -> int:
-        import subprocess
-
-        from dtbuild.plugins.builtin import imageformat
-        from dtbuild.plugins.builtin.image_actions import archive_images
-
         argv = _load_command(args.tool)  # before building: a missing tool fails fast
         reader, artifact = image_tree_of(api, args.target, jobs=args.jobs)
         tool = os.path.basename(argv[0])
         tags = list(image_tree(api, reader, artifact).description.repo_tags)
-        # Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
-        # and a local pipe gains nothing from compression.
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=sys.stderr)
-        assert proc.stdin is not None
-        try:
-            imageformat.write_docker_archive(proc.stdin, archive_images(reader, image_compressors(api)),  # type: ignore[arg-type]
-                                             api.compressor("none"))
-        except BrokenPipeError:
-            pass  # the tool stopped reading: its exit status and message say why
-        finally:
-            try:
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            code = proc.wait()
+        code, _ = pipe_archive(api, reader, argv)
         if code != 0:
             raise CommandFailed(f"`{tool} load` exited with status {code} (its message is above)",
                                 hint=f"dtbuild stream {args.target} | {tool} load  reproduces it")
         print(f"loaded {args.target} into {tool}: {', '.join(tags)}")
         return 0
+
+
+def pipe_archive(api: CommandAPI, reader: StoreTreeReader, argv: list[str], *,
+                 capture: bool = False) -> tuple[int, str]:
+    """Stream the image's docker-archive into ``argv`` (``docker load``, ``podman load``) and
+    return its exit status and, with ``capture``, its output (else it goes to stderr).
+    Uncompressed whatever the target's compressor: podman 4.3 rejects gzip docker-archives,
+    and a local pipe gains nothing from compression."""
+    import subprocess
+
+    from dtbuild.plugins.builtin import imageformat
+    from dtbuild.plugins.builtin.image_actions import archive_images
+
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE if capture else sys.stderr,
+                            stderr=subprocess.STDOUT if capture else None)
+    assert proc.stdin is not None
+    try:
+        imageformat.write_docker_archive(proc.stdin, archive_images(reader, image_compressors(api)),  # type: ignore[arg-type]
+                                         api.compressor("none"))
+    except BrokenPipeError:
+        pass  # the tool stopped reading: its exit status and message say why
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        output = proc.stdout.read().decode("utf-8", "replace") if proc.stdout is not None else ""
+        code = proc.wait()
+    return code, output
 
 
 IMAGE_COMMANDS: tuple[type[Command], ...] = (StreamCommand, InspectCommand, LoadCommand)

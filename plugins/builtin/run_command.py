@@ -262,30 +262,12 @@ class _PodmanCannotStart(Exception):
 
 def _podman_load(api: CommandAPI, podman: str, reader: Any, image_id: str) -> None:
     """Load the image into podman unless it holds it already (by config digest)."""
-    import subprocess
-
-    from dtbuild.plugins.builtin import imageformat
-    from dtbuild.plugins.builtin.image_actions import archive_images
-    from dtbuild.plugins.builtin.image_commands import image_compressors
+    from dtbuild.plugins.builtin.image_commands import pipe_archive
 
     exists = _quiet([podman, "image", "exists", image_id])
     if exists is not None and exists.returncode == 0:
         return
-    proc = subprocess.Popen([podman, "load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        # Uncompressed: podman 4.3 rejects gzip docker-archives, and a pipe gains nothing from compression.
-        imageformat.write_docker_archive(proc.stdin, archive_images(reader, image_compressors(api)),
-                                         api.compressor("none"))
-    except BrokenPipeError:
-        pass  # podman stopped reading: its status and output say why
-    finally:
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        output = proc.stdout.read().decode("utf-8", "replace")
-        code = proc.wait()
+    code, output = pipe_archive(api, reader, [podman, "load"], capture=True)
     if code != 0:
         from dtbuild.plugins.text import printable
 
