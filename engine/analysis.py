@@ -2,14 +2,21 @@
 
 Targets are visited depth first from the requested ones (a cycle is an error that
 prints the whole cycle); each rule implementation gets its dependencies' providers and
-declares actions. Nothing here reads file contents or writes files: source files are
-only checked for existence.
+declares actions. Nothing here writes files, and source files are only checked for
+existence, except the files rule implementations read with
+:meth:`~dtbuild.rules.api.RuleContext.read_source_file` (a lock file): each is read
+through :meth:`Analyzer.read_source_file`, confined to the workspace, and recorded with
+its digest (``AnalysisResult.files_read``) so the analysis memo is reused only while
+every such file is unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import posixpath
+import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +32,7 @@ from dtbuild.engine.errors import (
 )
 from dtbuild.engine.labels import STATE_DIR_NAME, Label, is_reserved_name, parse_label
 from dtbuild.engine.load import Loader, TargetDecl
+from dtbuild.engine.package_cache import Signature, signature_of, trusted_signature
 from dtbuild.engine.sources import source_problem
 from dtbuild.rules.api import ActionDecl, AttrValues, Dependency, Rule, RuleContext, RuleFailure
 from dtbuild.rules.artifacts import Artifact
@@ -38,6 +46,9 @@ class AnalyzedTarget:
     actions: list[ActionDecl]
     #: Direct dependencies (labels), in attribute order.
     deps: list[Label]
+    #: The source files its rule read (``read_source_file``): workspace-relative path and
+    #: sha256 hex, None for a file that did not exist.
+    files_read: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def label(self) -> Label:
@@ -56,6 +67,10 @@ class AnalysisResult:
     actions: list[ActionDecl] = field(default_factory=list)
     #: Artifact path -> the action that writes it.
     producers: dict[str, ActionDecl] = field(default_factory=dict)
+    #: Every source file a rule read (``read_source_file``), workspace-relative -> its stat
+    #: signature when read (None: too recent to trust, or missing) and sha256 hex (None:
+    #: it did not exist). The analysis memo is reused only while each is unchanged.
+    files_read: dict[str, tuple[Signature | None, str | None]] = field(default_factory=dict)
 
     def actions_for(self, labels: Iterable[Label]) -> list[ActionDecl]:
         """The actions needed to produce the default outputs of ``labels``, in order."""
@@ -241,6 +256,76 @@ class Analyzer:
                      "copy the file into the workspace or name the link itself")
         return Artifact(path, is_tree=False, is_source=True, owner=None, root=package)
 
+    # ------------------------------------------------------------------ files rules read
+
+    def read_source_file(self, package: str, path: str, max_bytes: int) -> tuple[str, bytes | None]:
+        """The workspace-relative path of ``path`` (relative to ``package``) and the file's
+        bytes (None when it does not exist), recorded in ``result.files_read``.
+
+        :raises RuleFailure: for a path that is absolute, leaves the workspace (also
+            through a symlink) or enters ``dtbuild-out/``, names something other than a
+            regular file, or holds more than ``max_bytes`` bytes.
+        """
+        shown = repr(path)
+
+        def refuse(why: str, hint: str) -> RuleFailure:
+            return RuleFailure(f"cannot read the source file {shown}: {why}", hint=hint)
+
+        inside_hint = "name a file inside the workspace, relative to the BUILD file's directory"
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise refuse("a source path is a non-empty string without NUL characters", inside_hint)
+        if path.startswith("/"):
+            raise refuse("it is an absolute path", inside_hint)
+        rel = posixpath.normpath(posixpath.join(package, path)) if package else posixpath.normpath(path)
+        if rel == ".." or rel.startswith("../"):
+            raise refuse("it leads out of the workspace", inside_hint)
+        if rel == ".":
+            raise refuse("it names the workspace's root directory", inside_hint)
+        if rel == self._out_rel or rel.startswith(self._out_rel + "/"):
+            raise refuse(f"it lies under {self._out_rel}/, which holds outputs, not sources", inside_hint)
+        shown = f"'{rel}'"
+        full = os.path.join(self.loader.workspace.root, rel)
+        real = os.path.realpath(full)
+        if not (real == self._root_real or real.startswith(self._root_real.rstrip(os.sep) + os.sep)):
+            raise refuse(f"it resolves to {real}, outside the workspace {self._root_real} (through a symlink)",
+                         "copy the file into the workspace instead of linking to it")
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            self.result.files_read[rel] = (None, None)
+            return rel, None
+        except IsADirectoryError:
+            raise refuse("it is a directory", "name a file") from None
+        except OSError as e:
+            raise refuse(e.strerror or str(e), "check the file's permissions") from None
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise refuse("it is a directory" if stat.S_ISDIR(before.st_mode) else "it is not a regular file",
+                             "name a regular file")
+            if before.st_size > max_bytes:
+                raise refuse(f"it holds {before.st_size} bytes, more than the {max_bytes} this rule reads",
+                             "a file read at analysis must be small")
+            chunks: list[bytes] = []
+            size = 0
+            while size <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size))):
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > max_bytes:
+                raise refuse(f"it grew past the {max_bytes} bytes this rule reads while it was read",
+                             "a file read at analysis must be small")
+            after = os.fstat(fd)
+        except OSError as e:
+            raise refuse(e.strerror or str(e), "check the file") from None
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        # A signature that changed during the read, or too recently, is not trusted: the
+        # memo then hashes the file again instead of taking its stat as proof.
+        signature = trusted_signature(before) if signature_of(before) == signature_of(after) else None
+        self.result.files_read[rel] = (signature, hashlib.sha256(data).hexdigest())
+        return rel, data
+
     # ------------------------------------------------------------------ the graph
 
     def analyze(self, labels: Sequence[Label]) -> AnalysisResult:
@@ -309,9 +394,16 @@ class Analyzer:
                             hint=self._provider_hint(provider))
                 converted.append(Dependency(str(item), dep.decl.kind, dep.providers))
             values[name] = converted if isinstance(decl.attrs[name], list) else converted[0]
+        read: dict[str, str | None] = {}
+
+        def read_source(path: str, max_bytes: int) -> bytes | None:
+            rel, data = self.read_source_file(decl.label.package, path, max_bytes)
+            read[rel] = self.result.files_read[rel][1]
+            return data
+
         ctx = RuleContext(label=str(decl.label), package=decl.label.package, name=decl.label.name,
                           kind=decl.kind, attr=AttrValues(values), rule_version=rule.version,
-                          registry=self.registry)
+                          registry=self.registry, source_reader=read_source)
         try:
             returned = rule.impl(ctx)
         except RuleFailure as e:
@@ -356,7 +448,7 @@ class Analyzer:
                 raise RuleError(f"output {art.path} is declared but no action writes it",
                                 location=decl.location, target=str(decl.label), rule=decl.kind)
         self.result.actions.extend(actions)
-        return AnalyzedTarget(decl, providers, actions, deps)
+        return AnalyzedTarget(decl, providers, actions, deps, tuple(sorted(read.items())))
 
     def _check_output_path(self, decl: TargetDecl, art: Artifact) -> None:
         """An output must stay below dtbuild-out/, outside the state directory, and apart

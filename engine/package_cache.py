@@ -15,9 +15,13 @@ analysis.
   signatures; while none changed, the tree is not walked again.
 * **The analysis memo** (``analysis.pickle``): the last analysis result, with the
   digest of every package it used, the source files it checked and the output
-  directories it checked for symlinks. While those packages are unchanged (and the
-  plugins' versions are the same), the result is restored for the same or fewer
-  requested targets; sources and output directories are checked again (cheap lstats).
+  directories it checked for symlinks, and the files rules read at analysis
+  (``RuleContext.read_source_file``: a lock file) with their signatures and digests.
+  While those packages are unchanged (and the plugins' versions are the same), the
+  result is restored for the same or fewer requested targets; sources and output
+  directories are checked again (cheap lstats), and each file read is unchanged only
+  when it still has its recorded signature or, its signature changed, its bytes hash to
+  the recorded digest (a file recorded missing must still be missing).
 
 Signatures whose mtime is within :data:`RACY_NS` of when they were taken are not
 trusted (a second write within the file system's timestamp granularity would go
@@ -39,6 +43,7 @@ import hmac
 import io
 import os
 import pickle
+import platform
 import stat
 import sys
 import time
@@ -215,7 +220,8 @@ def code_signature() -> str:
 def environment_key(*, root: str, config: Mapping[str, Any], dtbuild_version: str, rule_names: Iterable[str],
                     registry_names: Mapping[str, Sequence[str]], build_globals: Mapping[str, Any]) -> str:
     """What every package's evaluation depends on, as one digest."""
-    text = repr((FORMAT, sys.version, dtbuild_version, code_signature(), root, _plain(config),
+    # The machine too: rules resolve host defaults (an image's architecture) in analysis.
+    text = repr((FORMAT, sys.version, platform.machine(), dtbuild_version, code_signature(), root, _plain(config),
                  sorted(rule_names), sorted((k, list(v)) for k, v in registry_names.items()),
                  sorted((k, repr(v)) for k, v in build_globals.items())))
     return hashlib.sha256(text.encode()).hexdigest()
@@ -421,12 +427,40 @@ class PackageCache:
                 return None
             if not sources_ok(stored["sources"]) or not output_dirs_ok(stored["output_dirs"]):
                 return None
+            if not all(self.read_file_unchanged(path, sig, digest)
+                       for path, (sig, digest) in stored["files_read"].items()):
+                return None
             return pickle.loads(stored["result"])
         except Exception:  # of another shape: a miss
             return None
 
+    def read_file_unchanged(self, path: str, signature: Signature | None, digest: str | None) -> bool:
+        """Whether the workspace file ``path``, read at analysis with ``signature`` and
+        sha256 ``digest`` (None: it did not exist), is the same now: still missing, or a
+        regular file inside the workspace with that signature or, failing that, those bytes."""
+        full = os.path.join(self.root, path)
+        if digest is None:
+            return not os.path.lexists(full)
+        root_real = os.path.realpath(self.root)
+        real = os.path.realpath(full)
+        if not real.startswith(root_real.rstrip(os.sep) + os.sep):
+            return False  # a symlink now leads out of the workspace: analysis refuses it
+        try:
+            st = os.stat(real)
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            if signature is not None and signature_of(st) == signature:
+                return True
+            with open(real, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest() == digest
+        except OSError:
+            return False
+
     def remember_analysis(self, key: str, labels: Iterable[str], packages: Mapping[str, str],
                           sources: Iterable[str], output_dirs: Iterable[str], result: Any) -> None:
+        """Store ``result`` under ``key``, with what restoring it checks: the packages it
+        used, its source files and output directories, and the files its rules read
+        (``result.files_read``: path -> (signature, digest))."""
         if self.key is None:
             return
         try:
@@ -437,7 +471,8 @@ class PackageCache:
             write_signed(os.path.join(self.state_dir, ANALYSIS_FILE), self.key,
                          {"key": key, "environment": self.environment, "labels": frozenset(labels),
                           "packages": dict(packages), "sources": tuple(sorted(sources)),
-                          "output_dirs": tuple(sorted(output_dirs)), "result": body})
+                          "output_dirs": tuple(sorted(output_dirs)),
+                          "files_read": dict(getattr(result, "files_read", None) or {}), "result": body})
 
 
 @contextlib.contextmanager

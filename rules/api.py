@@ -18,7 +18,9 @@ A rule is an attribute schema plus a pure implementation::
 The implementation never touches the file system: it reads attributes and its
 dependencies' providers, declares outputs and the actions that write them, and returns
 providers. The engine runs the declared actions (through the action kinds that plugins
-register) and caches them by the digests of their inputs.
+register) and caches them by the digests of their inputs. The one exception is
+:meth:`RuleContext.read_source_file`, a read of a workspace file through the engine,
+which records its digest so that the analysis is redone when the file changes.
 """
 
 from __future__ import annotations
@@ -217,11 +219,20 @@ class AttrValues:
         return name in self._values
 
 
+#: What the engine gives a :class:`RuleContext` to read source files with: (path relative
+#: to the target's package, most bytes) -> the bytes, or None when there is no such file.
+SourceReader = Callable[[str, int], "bytes | None"]
+
+#: The most bytes :meth:`RuleContext.read_source_file` reads unless told otherwise.
+MAX_SOURCE_READ = 16 << 20
+
+
 class RuleContext:
     """What a rule implementation gets: ``ctx.attr``, ``ctx.actions``, ``ctx.label``."""
 
     def __init__(self, *, label: str, package: str, name: str, kind: str, attr: AttrValues,
-                 rule_version: str, registry: Mapping[str, Sequence[str]] | None = None) -> None:
+                 rule_version: str, registry: Mapping[str, Sequence[str]] | None = None,
+                 source_reader: SourceReader | None = None) -> None:
         self.label = label
         self.package = package
         self.name = name
@@ -231,6 +242,7 @@ class RuleContext:
         #: Names of registered plugin items by registry ("compressors", "executors", ...).
         self.registry: Mapping[str, Sequence[str]] = registry or {}
         self._declared: dict[str, Artifact] = {}
+        self._source_reader = source_reader
 
     # Outputs live under dtbuild-out/<package>/, named by the rule.
     def _declare(self, name: str, is_tree: bool) -> Artifact:
@@ -275,6 +287,21 @@ class RuleContext:
             else:
                 out.extend(item.files)
         return out
+
+    def read_source_file(self, path: str, *, max_bytes: int = MAX_SOURCE_READ) -> bytes | None:
+        """The bytes of the workspace file ``path`` (relative to the target's package), or
+        None when there is no such file: the one read a rule implementation may make,
+        for data that decides which actions it declares (a lock file naming what to
+        download). The engine records the file's digest with the analysis, so a changed
+        file (or one that appears or goes) analyses the target again; the file is not an
+        input of any action. An absolute path, a path (or a symlink) leading out of the
+        workspace or into ``dtbuild-out/``, a directory, or a file over ``max_bytes`` is
+        an error of the target.
+        """
+        if self._source_reader is None:
+            raise RuleFailure(f"cannot read the source file {path!r}: this analysis reads no source files",
+                              hint="read files only in a rule implementation run by dtbuild's analysis")
+        return self._source_reader(path, max_bytes)
 
     def fail(self, message: str, *, attr: str | None = None, hint: str | None = None) -> NoReturn:
         """Stop analysis of this target with an error (``attr`` names the culprit)."""
@@ -345,5 +372,6 @@ def layer_kind_rule(kind: Any) -> Rule:
     return rule(name, impl, attrs=schema, doc=doc)
 
 
-__all__ = ["LAYER_KIND_ACTION", "ActionDecl", "Actions", "Artifact", "AttrValues", "Dependency", "LayerPlan",
-           "Rule", "RuleContext", "RuleFailure", "default_layer_plan", "layer_kind_rule", "rule"]
+__all__ = ["LAYER_KIND_ACTION", "MAX_SOURCE_READ", "ActionDecl", "Actions", "Artifact", "AttrValues", "Dependency",
+           "LayerPlan", "Rule", "RuleContext", "RuleFailure", "SourceReader", "default_layer_plan", "layer_kind_rule",
+           "rule"]
