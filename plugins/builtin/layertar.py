@@ -62,8 +62,8 @@ class LayerEntry:
     component). ``mode`` holds permission bits with setuid/setgid/sticky (file type bits
     are ignored). ``open`` returns a binary stream of a file's ``size`` bytes. ``linkname``
     is a symlink's target or, for a hardlink, the path of the entry it links to. ``char``
-    is a 0/0 character device (overlayfs' whiteout); the image format's own whiteouts are
-    empty files named ``.wh.NAME``.
+    is a character device of numbers ``devmajor``/``devminor`` (0/0 is overlayfs'
+    whiteout; the image format's own whiteouts are empty files named ``.wh.NAME``).
     """
 
     path: str
@@ -76,6 +76,8 @@ class LayerEntry:
     size: int = 0
     open: Callable[[], IO[bytes]] | None = None
     linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,25 +164,26 @@ def _split_ustar_name(name: bytes) -> tuple[bytes, bytes] | None:
 
 _MAGIC_VERSION = b"ustar\x0000"
 #: Checksum contribution of the fields that never change: mtime, magic and version,
-#: device numbers, and the checksum field itself counted as 8 spaces.
-_CONSTANT_CHECKSUM = sum(_MTIME_FIELD) + sum(_MAGIC_VERSION) + 2 * sum(_ZERO_DEVICE) + 8 * 0x20
+#: and the checksum field itself counted as 8 spaces.
+_CONSTANT_CHECKSUM = sum(_MTIME_FIELD) + sum(_MAGIC_VERSION) + 8 * 0x20
 
 
 #: The fields a layer's entries mostly share, by (mode, uid, gid, typeflag, uname,
-#: gname): (mode+uid+gid fields, magic through device numbers, their checksum share
-#: with the constant fields and the typeflag).
-_SHARED_FIELDS: dict[tuple[int, int, int, bytes, bytes, bytes], tuple[bytes, bytes, int]] = {}
+#: gname, device numbers): (mode+uid+gid fields, magic through device numbers, their
+#: checksum share with the constant fields and the typeflag).
+_SHARED_FIELDS: dict[tuple[int, int, int, bytes, bytes, bytes, int, int], tuple[bytes, bytes, int]] = {}
 
 
 def _shared_fields(mode: int, uid: int, gid: int, typeflag: bytes, uname: bytes,
-                   gname: bytes) -> tuple[bytes, bytes, int]:
-    key = (mode, uid, gid, typeflag, uname, gname)
+                   gname: bytes, devmajor: int = 0, devminor: int = 0) -> tuple[bytes, bytes, int]:
+    key = (mode, uid, gid, typeflag, uname, gname, devmajor, devminor)
     shared = _SHARED_FIELDS.get(key)
     if shared is None:
         owner = b"%07o\0%07o\0%07o\0" % (mode, uid, gid)
-        tail = b"".join((_MAGIC_VERSION, uname.ljust(32, b"\0"), gname.ljust(32, b"\0"), _ZERO_DEVICE,
-                         _ZERO_DEVICE))
-        shared = (owner, tail, _CONSTANT_CHECKSUM + sum(owner) + typeflag[0] + sum(uname) + sum(gname))
+        devices = b"%07o\0%07o\0" % (devmajor, devminor) if devmajor or devminor else _ZERO_DEVICE * 2
+        tail = b"".join((_MAGIC_VERSION, uname.ljust(32, b"\0"), gname.ljust(32, b"\0"), devices))
+        shared = (owner, tail, _CONSTANT_CHECKSUM + sum(owner) + typeflag[0] + sum(uname) + sum(gname)
+                  + sum(devices))
         if len(_SHARED_FIELDS) >= 256:
             _SHARED_FIELDS.clear()
         _SHARED_FIELDS[key] = shared
@@ -188,8 +191,8 @@ def _shared_fields(mode: int, uid: int, gid: int, typeflag: bytes, uname: bytes,
 
 
 def _ustar_header(name: bytes, mode: int, uid: int, gid: int, size: int, typeflag: bytes, linkname: bytes,
-                  uname: bytes, gname: bytes, prefix: bytes) -> bytes:
-    owner, tail, shared_sum = _shared_fields(mode, uid, gid, typeflag, uname, gname)
+                  uname: bytes, gname: bytes, prefix: bytes, devmajor: int = 0, devminor: int = 0) -> bytes:
+    owner, tail, shared_sum = _shared_fields(mode, uid, gid, typeflag, uname, gname, devmajor, devminor)
     size_f = b"%011o\0" % size
     # Padding is NUL, so the checksum sums the fields' contents only.
     checksum = shared_sum + sum(name) + sum(size_f) + (sum(linkname) if linkname else 0) + (
@@ -248,6 +251,12 @@ def entry_header(entry: LayerEntry) -> bytes:
     uid, gid = entry.uid, entry.gid
     if uid < 0 or gid < 0:
         raise ValueError(f"layer entry /{entry.path}: negative owner {uid}:{gid}")
+    devmajor, devminor = entry.devmajor, entry.devminor
+    if (devmajor or devminor) and kind != "char":
+        raise ValueError(f"layer entry /{entry.path}: a {kind} has no device numbers")
+    if not (0 <= devmajor <= _MAX_OCTAL_7 and 0 <= devminor <= _MAX_OCTAL_7):
+        raise ValueError(f"layer entry /{entry.path}: device numbers {devmajor},{devminor} do not fit a tar header "
+                         f"(0 to {_MAX_OCTAL_7} each)")
 
     pax: dict[str, bytes] = {}
     split = _split_ustar_name(path)
@@ -277,7 +286,7 @@ def entry_header(entry: LayerEntry) -> bytes:
         pax["gname"] = gname
         gname = gname[:32]
     header = _ustar_header(name, entry.mode & 0o7777, uid, gid, size_field, typeflag, linkname, uname, gname,
-                           prefix)
+                           prefix, devmajor, devminor)
     if not pax:
         return header
     records = _pax_records(pax)

@@ -4,8 +4,11 @@ that, under ``fakeroot -i STATE``, it sees owners as fakeroot recorded them.
 
 It writes to OUT, as JSON, one list ``[path, kind, mode, uid, gid, size, target, dev,
 ino, nlink]`` per entry below ROOT (paths relative, ``/``-separated, parents before
-children, names in sorted order; kind ``dir``, ``file``, ``symlink`` or ``other``;
-mode without the file type; target only for symlinks). CustomisationLayer reads it.
+children, names in sorted order; kind ``dir``, ``file``, ``symlink``, ``char``
+(character device), ``block`` (block device) or ``other`` (fifo, socket); mode without
+the file type; target a symlink's target or a device's numbers as ``MAJOR,MINOR``,
+else empty). Under fakeroot, a device that ``mknod`` made is an empty file on disk that
+fakeroot reports as the device. CustomisationLayer reads it.
 
 It imports nothing but the standard library: it runs confined in the command sandbox,
 which shows it only the Python installation and dtbuild's own files.
@@ -34,9 +37,12 @@ def walk(root: str) -> list[list[Any]]:
             st = os.lstat(full)
             mode = st.st_mode
             kind = ("dir" if stat.S_ISDIR(mode) else "symlink" if stat.S_ISLNK(mode)
-                    else "file" if stat.S_ISREG(mode) else "other")
-            found.append([prefix + name, kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_size,
-                          os.readlink(full) if kind == "symlink" else "", st.st_dev, st.st_ino, st.st_nlink])
+                    else "file" if stat.S_ISREG(mode) else "char" if stat.S_ISCHR(mode)
+                    else "block" if stat.S_ISBLK(mode) else "other")
+            target = (os.readlink(full) if kind == "symlink"
+                      else f"{os.major(st.st_rdev)},{os.minor(st.st_rdev)}" if kind in ("char", "block") else "")
+            found.append([prefix + name, kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_size, target,
+                          st.st_dev, st.st_ino, st.st_nlink])
             if kind == "dir":
                 visit(full, prefix + name + "/")
 
