@@ -19,10 +19,13 @@ This *helper* is trusted and sees the host; it:
    namespaces; process 1 of the PID namespace mounts a small /dev (a tmpfs with null,
    zero, full, random, urandom and tty bound from the host, its own devpts), a fresh
    /proc (the parts that reach the host kernel by file permissions alone read-only or
-   hidden) and a read-only /sys, pivots (``pivot_root``) into the overlay and detaches the old
-   root, sets no_new_privs, keeps only :data:`KEPT_CAPABILITIES` and executes the image's
-   /bin/sh with umask 022 and a fixed environment. No host path, process or file
-   descriptor of the helper is reachable from there,
+   hidden), a read-only /sys and, read-only at /.dtbuild-toolbox, the toolbox
+   (:mod:`~dtbuild.plugins.builtin.toolbox`: a mount point made for the run and removed
+   before packing), pivots (``pivot_root``) into the overlay and detaches the old root,
+   sets no_new_privs, keeps only :data:`KEPT_CAPABILITIES` and executes the image's
+   /bin/sh (the toolbox's sh when the image has none) with umask 022 and a fixed
+   environment. No host path, process or file descriptor of the helper is reachable from
+   there,
 4. unmounts, runs ``extra_commands`` in the upper directory (umask 022, a fixed
    environment, confined by :mod:`~dtbuild.plugins.builtin.sandbox` to the upper
    directory unless the user opted out), packs the upper directory into the layer tar (owners read inside the
@@ -63,6 +66,7 @@ from dtbuild.plugins.builtin.root_layer import (
     remove_tree_as_owner,
     write_status,
 )
+from dtbuild.plugins.builtin.toolbox import TOOLBOX_DIR, TOOLBOX_SHELL
 from dtbuild.plugins.interfaces import (
     ActionFailed,
     CancelToken,
@@ -472,9 +476,29 @@ def _mount_proc(proc: str) -> None:
             _sys_mount("dtbuild-empty", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0")
 
 
-def _enter_sandbox(merged: str, mount_points: Sequence[str], own_network: bool) -> None:
+#: statvfs flags of a mount that a bind mount of it keeps (in a user namespace the kernel
+#: refuses a remount that would drop them), with the mount flag each is.
+_LOCKED_FLAGS = ((os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, 1024), (os.ST_NODIRATIME, 2048),
+                 (os.ST_RELATIME, 1 << 21))
+
+
+def _bind_read_only(source: str, target: str) -> None:
+    """Bind ``source`` (a host directory, before the pivot) at ``target``, read-only,
+    nosuid and nodev."""
+    _sys_mount(source, target, None, MS_BIND | MS_REC)
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+    held = os.statvfs(source).f_flag
+    for st_flag, ms_flag in _LOCKED_FLAGS:
+        if held & st_flag:
+            flags |= ms_flag
+    _sys_mount(None, target, None, flags)
+
+
+def _enter_sandbox(merged: str, mount_points: Sequence[str], own_network: bool, toolbox: str | None = None) -> None:
     """In process 1 of the script's PID namespace, in its own mount namespace: mount
-    /dev, /proc and /sys in the overlay, pivot into it, drop privileges."""
+    /dev, /proc and /sys in the overlay (and the ``toolbox`` read-only at
+    /.dtbuild-toolbox, whose mount point the caller made), pivot into it, drop
+    privileges."""
     _sys_mount(None, "/", None, MS_REC | MS_PRIVATE)
     # A mount made here, not one copied from the helper's namespace (pivot_root refuses
     # those when this namespace belongs to a new user namespace).
@@ -490,6 +514,8 @@ def _enter_sandbox(merged: str, mount_points: Sequence[str], own_network: bool) 
                 _sys_mount("sysfs", path, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
             except OSError:
                 pass  # /sys stays an empty directory
+    if toolbox is not None:
+        _bind_read_only(toolbox, os.path.join(merged, TOOLBOX_DIR))
     _pivot_into(merged)
     os.umask(COMMAND_UMASK)
 
@@ -510,9 +536,12 @@ def _exit_code(status: int) -> int:
 
 
 def run_sandboxed(merged: str, mount_points: Sequence[str], argv: Sequence[str], env: Mapping[str, str], *,
-                  network: bool) -> tuple[int, str, bool]:
+                  network: bool, toolbox: str | None = None, fallbacks: Sequence[str] = ()) -> tuple[int, str, bool]:
     """Run ``argv`` (a program of the overlay) pivoted into ``merged``: (exit code, why
-    the sandbox could not be set up or "", whether it ran in a user namespace).
+    the sandbox could not be set up or "", whether it ran in a user namespace). With
+    ``toolbox``, that host directory is mounted read-only at /.dtbuild-toolbox (which must
+    exist in ``merged``); where ``argv[0]`` does not exist, the first of ``fallbacks``
+    (programs of the sandbox, such as the toolbox's sh) that does runs in its place.
 
     A first child enters a new user namespace (this process maps its ids to themselves),
     then new mount, PID, IPC, UTS and (without ``network``) network namespaces; its
@@ -530,7 +559,8 @@ def run_sandboxed(merged: str, mount_points: Sequence[str], argv: Sequence[str],
             os.close(errors_r)
             os.close(sync_r)
             os.close(mapped_w)
-            code = _sandbox_parent(merged, mount_points, argv, env, network, errors_w, sync_w, mapped_r)
+            code = _sandbox_parent(merged, mount_points, argv, env, network, errors_w, sync_w, mapped_r,
+                                   toolbox, fallbacks)
         except BaseException as e:  # anything here must reach the helper as a message
             with contextlib.suppress(OSError):
                 os.write(errors_w, f"{e}".encode())
@@ -566,7 +596,8 @@ def run_sandboxed(merged: str, mount_points: Sequence[str], argv: Sequence[str],
 
 
 def _sandbox_parent(merged: str, mount_points: Sequence[str], argv: Sequence[str], env: Mapping[str, str],
-                    network: bool, errors_w: int, sync_w: int, mapped_r: int) -> int:  # pragma: no cover
+                    network: bool, errors_w: int, sync_w: int, mapped_r: int, toolbox: str | None = None,
+                    fallbacks: Sequence[str] = ()) -> int:  # pragma: no cover
     libc = _libc()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     in_userns = libc.unshare(CLONE_NEWUSER) == 0
@@ -582,17 +613,23 @@ def _sandbox_parent(merged: str, mount_points: Sequence[str], argv: Sequence[str
         code = 126
         try:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            _enter_sandbox(merged, mount_points, own_network=not network)
+            _enter_sandbox(merged, mount_points, own_network=not network, toolbox=toolbox)
             _drop_privileges()
             os.closerange(3, errors_w)
             os.closerange(errors_w + 1, 1 << 16)
             os.set_inheritable(errors_w, False)
-            try:
-                os.execve(argv[0], list(argv), dict(env))
-            except FileNotFoundError:
-                code = 127
-                raise SandboxError(0, f"the base image has no {argv[0]}: run_as_root runs with the image's "
-                                   f"{argv[0]}") from None
+            for program in (argv[0], *fallbacks):
+                try:
+                    os.execve(program, [program, *argv[1:]], dict(env))
+                except FileNotFoundError:
+                    continue
+            code = 127
+            if fallbacks:
+                raise SandboxError(0, f"the base image has no {argv[0]} and run_as_root's toolbox has no "
+                                   f"{os.path.basename(argv[0])}: install a static busybox on this machine "
+                                   "(apt-get install busybox-static) or name a shell in the target's `tools`")
+            raise SandboxError(0, f"the base image has no {argv[0]}: run_as_root runs with the image's "
+                               f"{argv[0]}")
         except BaseException as e:  # reported to the helper
             with contextlib.suppress(OSError):
                 os.write(errors_w, str(e).encode())
@@ -703,8 +740,19 @@ def _in_namespace(job_json: str) -> int:
 def _run_script(job: RootLayerJob, merged: str, warn: Callable[[str], None]) -> tuple[int, str]:
     """Run the script in its sandbox: (exit code, why the sandbox failed or "")."""
     usable, created = _make_mount_points(merged, warn)
+    toolbox = None
+    if job.toolbox:
+        toolbox = job.toolbox
+        mount_point = os.path.join(merged, TOOLBOX_DIR)
+        if not os.path.lexists(mount_point):
+            os.mkdir(mount_point, 0o755)
+            created.append(TOOLBOX_DIR)
+        elif os.path.islink(mount_point) or not os.path.isdir(mount_point):
+            warn(f"/{TOOLBOX_DIR} in the image is not a directory: run_as_root gets no toolbox")
+            toolbox = None
     code, problem, _userns = run_sandboxed(merged, usable, ["/bin/sh", "-c", "set -e\n" + job.script],
-                                           SCRIPT_ENV, network=job.network)
+                                           SCRIPT_ENV, network=job.network, toolbox=toolbox,
+                                           fallbacks=(TOOLBOX_SHELL,) if toolbox else ())
     _stop_leftovers()
     for name in created:
         try:

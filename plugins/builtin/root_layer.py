@@ -48,6 +48,7 @@ from dtbuild.plugins.builtin.image_actions import materialize_nodes, place_artif
 from dtbuild.plugins.builtin.layer_contents import ContentConflict, MergedTree
 from dtbuild.plugins.builtin.layertar import LayerDigests, LayerEntry, sorted_entries, write_layer
 from dtbuild.plugins.builtin.tar_extract import ArchiveEntry
+from dtbuild.plugins.builtin.toolbox import TOOLBOX_BIN, HostVersion, build_toolbox, toolbox_fingerprint
 from dtbuild.plugins.interfaces import (
     ActionContext,
     ActionFailed,
@@ -70,9 +71,10 @@ OWNERS_FORMAT = "dtbuild-rootfs-owners/1"
 #: The xattrs overlayfs (and fuse-overlayfs) mark an opaque directory with.
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
 
-#: The environment of the run_as_root script (inside the chroot).
+#: The environment of the run_as_root script (inside the chroot): the toolbox's programs
+#: come last on PATH, so the image's own tools win.
 SCRIPT_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PATH": f"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:{TOOLBOX_BIN}",
     "HOME": "/root",
     "SOURCE_DATE_EPOCH": "1",
     "TZ": "UTC",
@@ -116,13 +118,16 @@ class RootLayerJob:
     #: Where the packed layer tar goes, and its {"diff_id", "size"}.
     layer_tar: str
     layer_meta: str
+    #: The toolbox (:mod:`~dtbuild.plugins.builtin.toolbox`), mounted read-only at
+    #: ``/.dtbuild-toolbox`` for the script; "" for none.
+    toolbox: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> RootLayerJob:
-        return RootLayerJob(**{k: data[k] for k in RootLayerJob.__dataclass_fields__})
+        return RootLayerJob(**{k: data[k] for k in RootLayerJob.__dataclass_fields__ if k in data})
 
     def save(self, path: str, **extra: Any) -> None:
         with open(path, "w") as f:
@@ -261,7 +266,8 @@ class RootLayerWrite(ActionKind):
     """A layer made by a script run as root in an overlay over a base (mkRootLayer)."""
 
     NAME = "RootLayerWrite"
-    VERSION = "1"
+    #: 2: the toolbox. Each action's key also holds the host's busybox and the wrappers.
+    VERSION = HostVersion("3", toolbox_fingerprint)  # type: ignore[assignment]
 
     def run(self, ctx: ActionContext) -> None:
         p = ctx.params
@@ -285,11 +291,13 @@ class RootLayerWrite(ActionKind):
             with open(owners_path, "w") as f:
                 json.dump({"format": OWNERS_FORMAT, "owners": [], "specials": []}, f)
         packages = self._write_seed(ctx, seed)
+        toolbox = os.path.join(ctx.scratch_dir, "toolbox")
+        build_toolbox(ctx, toolbox, ctx.inputs("tools"))
         job = RootLayerJob(
             job_dir=job_dir, lower=lower, owners=owners_path, seed=seed, seed_uid=p["uid"], seed_gid=p["gid"],
             script=p["script"], extra_commands=p["extra_commands"], network=p["network"],
             disk_size=p["disk_size"], memory_size=p["memory_size"],
-            layer_tar=ctx.output_path("tar"), layer_meta=os.path.join(job_dir, "layer.json"))
+            layer_tar=ctx.output_path("tar"), layer_meta=os.path.join(job_dir, "layer.json"), toolbox=toolbox)
         if p["network"]:
             ctx.log("run_as_root may use the network: this layer is not reproducible")
         result = ctx.run_command(RootLayerRequest(
@@ -308,7 +316,8 @@ class RootLayerWrite(ActionKind):
     def _write_seed(ctx: ActionContext, seed: str) -> list[str]:
         """Place copy_to_root in ``seed`` (as LayerWrite merges packages); return the
         packages' labels."""
-        tree = MergedTree(keep_dirlinks=ctx.params["keep_contents_dirlinks"])
+        keep = ctx.params["keep_contents_dirlinks"]
+        tree = MergedTree(keep_dirlinks=keep, copy_dirlinks=not keep)  # rsync -aK / -ak, as LayerWrite
         contents = ctx.inputs("contents")
         packages: list[str] = []
         try:

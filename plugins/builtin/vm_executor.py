@@ -5,15 +5,17 @@ hostile: nothing it does may reach the host's files or the host's privileges.
 The guest is the host's Linux kernel (or ``[vm] kernel`` in dtbuild.toml) booted with a
 small initramfs this module writes: static busybox, the kernel modules for virtio, 9p,
 ext4 and overlayfs (copied, decompressed, from ``/lib/modules/<version>``, loaded in
-dependency order) and an ``/init`` script (``vm_init.sh``). Four host directories
-are shared with virtio-9p: the base's root file system, copy_to_root and the job's inputs
-(the scripts), all three read-only (``readonly=on``: QEMU refuses every write), and an
-output directory, the only writable share. The guest:
+dependency order) and an ``/init`` script (``vm_init.sh``). Five host directories
+are shared with virtio-9p: the base's root file system, copy_to_root, the job's inputs
+(the scripts) and run_as_root's toolbox, all four read-only (``readonly=on``: QEMU
+refuses every write), and an output directory, the only writable share. The guest:
 
 1. formats its disk (``disk_size`` MiB, a sparse file on the host) and puts the
    overlay's upper and work directories on it,
 2. copies copy_to_root into the upper directory, mounts the overlay (lower: the 9p
-   share) and runs ``run_as_root`` chrooted in it, with /dev, /proc and /sys,
+   share) and runs ``run_as_root`` chrooted in it, with /dev, /proc, /sys and the toolbox
+   (bind-mounted read-only at /.dtbuild-toolbox; its sh runs the script when the image
+   has no /bin/sh; the mount point is removed again before packing),
 3. unmounts, runs ``extra_commands`` in the upper directory (with busybox),
 4. finds the opaque directories (a second, read-only overlay with the upper directory
    over a *probe* tree holding a marker in every directory: a marker hidden means the
@@ -81,6 +83,7 @@ from dtbuild.plugins.builtin.root_layer import (
     prepare,
     write_status,
 )
+from dtbuild.plugins.builtin.toolbox import BUSYBOX_CANDIDATES, find_static_busybox, is_static_elf
 from dtbuild.plugins.interfaces import CancelToken, CommandRequest, CommandResult, Executor, ExecutorContext
 
 #: Modules the guest needs, in the order to try; their dependencies (modules.dep) are
@@ -124,26 +127,6 @@ def kernel_version(path: str) -> str | None:
         return None
     version = text.split(b"\0", 1)[0].split(b" ", 1)[0].decode("ascii", "replace")
     return version or None
-
-
-def is_static_elf(path: str) -> bool:
-    """Whether an ELF executable has no program interpreter (is statically linked)."""
-    try:
-        with open(path, "rb") as f:
-            ident = f.read(64)
-            if ident[:4] != b"\x7fELF" or ident[4] != 2:
-                return False
-            order = "<" if ident[5] == 1 else ">"
-            phoff, = struct.unpack_from(order + "Q", ident, 0x20)
-            phentsize, phnum = struct.unpack_from(order + "HH", ident, 0x36)
-            for i in range(phnum):
-                f.seek(phoff + i * phentsize)
-                (p_type,) = struct.unpack(order + "I", f.read(4))
-                if p_type == 3:  # PT_INTERP
-                    return False
-            return True
-    except (OSError, struct.error):
-        return False
 
 
 def _version_key(name: str) -> list[Any]:
@@ -205,8 +188,7 @@ def _vm_setup(root: str, cache_dir: str, settings: tuple[tuple[str, str], ...]) 
         modules_dir = None  # a kernel with everything built in needs none
     busybox = configured("busybox")
     if busybox is None:
-        busybox = next((p for p in ("/bin/busybox", "/usr/bin/busybox", "/usr/lib/busybox-static/busybox")
-                        if is_static_elf(p)), None)
+        busybox = find_static_busybox(BUSYBOX_CANDIDATES)
         if busybox is None:
             return None, "no static busybox for the VM's initramfs (apt-get install busybox-static)"
     elif not is_static_elf(busybox):
@@ -318,7 +300,7 @@ def _module_bytes(path: str) -> bytes:
 def write_initramfs(path: str, setup: VmSetup, init: str, modules: Iterable[str]) -> None:
     with open(path, "wb") as out, open(setup.busybox, "rb") as bb:
         cpio = CpioWriter(out)
-        for d in ("bin", "dev", "proc", "sys", "tmp", "job", "out", "lower", "seed", "disk", "modules"):
+        for d in ("bin", "dev", "proc", "sys", "tmp", "job", "out", "lower", "seed", "toolbox", "disk", "modules"):
             cpio.directory(d)
         cpio.char_device("dev/console", 5, 1)
         cpio.file("bin/busybox", bb.read(), 0o755)
@@ -729,6 +711,7 @@ class VmExecutor(Executor):
         devices = [*_virtfs(outputs, "out", readonly=False, security_model=model),
                    *_virtfs(inputs, "job", readonly=True), *_virtfs(job.lower, "lower", readonly=True),
                    *_virtfs(job.seed, "seed", readonly=True),
+                   *(_virtfs(job.toolbox, "toolbox", readonly=True) if job.toolbox else []),
                    "-drive", f"file={disk.replace(',', ',,')},format=raw,if=virtio,cache=unsafe",
                    "-serial", f"file:{console}"]
         if job.network:

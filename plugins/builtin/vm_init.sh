@@ -19,6 +19,9 @@ fail() { say "$2"; echo "$2" > /out/message; status "$1" 1; off; }
 mount -t 9p -o "$P9,ro" job /job || fail mount "cannot mount the job directory (9p)"
 mount -t 9p -o "$P9,ro" lower /lower || fail mount "cannot mount the base's root file system (9p)"
 mount -t 9p -o "$P9,ro" seed /seed || fail mount "cannot mount copy_to_root (9p)"
+# run_as_root's toolbox (no share when the job has none).
+T=.dtbuild-toolbox
+mount -t 9p -o "$P9,ro" toolbox /toolbox 2>/dev/null && toolbox=yes || toolbox=""
 mke2fs -q -F /dev/vda >/dev/null 2>&1 || fail mount "cannot format the VM's disk /dev/vda"
 mount -t ext4 /dev/vda /disk || fail mount "cannot mount the VM's disk"
 mkdir /disk/upper /disk/work /disk/merged /disk/probe /disk/check
@@ -34,18 +37,36 @@ done
 [ -d "$M/dev" ] && [ ! -L "$M/dev" ] && mount --bind /dev "$M/dev"
 [ -d "$M/proc" ] && [ ! -L "$M/proc" ] && mount -t proc proc "$M/proc"
 [ -d "$M/sys" ] && [ ! -L "$M/sys" ] && mount -t sysfs -o ro sysfs "$M/sys"
+if [ -n "$toolbox" ]; then
+  if [ ! -e "$M/$T" ] && [ ! -L "$M/$T" ]; then mkdir "$M/$T"; created="$created $T"; fi
+  if [ -d "$M/$T" ] && [ ! -L "$M/$T" ]; then
+    mount --bind /toolbox "$M/$T" && mount -o remount,bind,ro,nosuid,nodev "$M/$T" \
+      || fail mount "cannot mount the toolbox"
+  else
+    say "/$T in the image is not a directory: run_as_root gets no toolbox"
+    toolbox=""
+  fi
+fi
 if [ -f /job/network ]; then
   ip link set lo up
   ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2 \
     || say "cannot configure the network"
 fi
 : > /out/log
+# The image's /bin/sh, else the toolbox's.
+shell=""
 if [ -e "$M/bin/sh" ] || [ -L "$M/bin/sh" ]; then
-  env -i @SCRIPT_ENV@ chroot "$M" /bin/sh -c "set -e
+  shell=/bin/sh
+elif [ -n "$toolbox" ] && { [ -e "$M/$T/bin/sh" ] || [ -L "$M/$T/bin/sh" ]; }; then
+  shell=/$T/bin/sh
+fi
+if [ -n "$shell" ]; then
+  env -i @SCRIPT_ENV@ chroot "$M" "$shell" -c "set -e
 $(cat /job/run_as_root.sh)" < /dev/null >> /out/log 2>&1
   rc=$?
 else
-  echo "dtbuild: the base image has no /bin/sh: run_as_root runs with the image's /bin/sh" >> /out/log
+  echo "dtbuild: the base image has no /bin/sh and run_as_root's toolbox has no sh: install a static busybox" \
+    "on this machine (apt-get install busybox-static) or name a shell in the target's \`tools\`" >> /out/log
   rc=127
 fi
 for p in /proc/[0-9]*; do
@@ -54,7 +75,7 @@ for p in /proc/[0-9]*; do
   [ -n "$(cat "$p/cmdline" 2>/dev/null)" ] && kill -9 "$pid" 2>/dev/null
 done
 sleep 0.2
-for d in dev proc sys; do umount "$M/$d" 2>/dev/null; done
+for d in dev proc sys $T; do umount "$M/$d" 2>/dev/null; done
 for d in $created; do rmdir "$M/$d"; done
 umount "$M" || fail run_as_root "cannot unmount the overlay"
 [ "$rc" = 0 ] || { status run_as_root "$rc"; off; }

@@ -43,10 +43,11 @@ def declare_root_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, base:
                        lower_layers: list[LayerInfo], packages: list[PackageInfo], script: str,
                        extra_commands: str, disk_size: int, memory_size: int, executor: str = "auto",
                        network: bool = False, uid: int = 0, gid: int = 0,
-                       keep_contents_dirlinks: bool = False) -> LayerInfo:
+                       keep_contents_dirlinks: bool = False, tools: list[Artifact] | None = None) -> LayerInfo:
     """Declare the actions of a root layer over ``base`` and ``lower_layers`` (applied
     in order): ``packages`` are copied to the root first, then ``script`` runs as root
-    chrooted in the overlay, then ``extra_commands`` in the layer's directory."""
+    chrooted in the overlay, with the toolbox and ``tools`` (files of the ``tools``
+    attribute) on its PATH, then ``extra_commands`` in the layer's directory."""
     inputs: dict[str, list[Artifact]] = {}
     if base is not None or lower_layers:
         rootfs = ctx.declare_internal("rootfs", is_tree=True)
@@ -61,6 +62,7 @@ def declare_root_layer(ctx: RuleContext, *, tar: Artifact, meta: Artifact, base:
         inputs = {"rootfs": [rootfs], "owners": [owners]}
     arts, placements = layer_placements(packages)
     inputs["contents"] = arts
+    inputs["tools"] = list(tools or [])
     ctx.actions.declare(
         "RootLayerWrite", inputs=inputs, outputs={"tar": tar, "meta": meta},
         params={"placements": placements, "script": script, "extra_commands": extra_commands,
@@ -82,14 +84,21 @@ def _root_layer_impl(ctx: RuleContext) -> list[Provider]:
         base=ctx.attr.from_image[ImageInfo], lower_layers=[],
         packages=[dep[PackageInfo] for dep in ctx.attr.copy_to_root], script=ctx.attr.run_as_root,
         extra_commands=ctx.attr.extra_commands, disk_size=ctx.attr.disk_size,
-        memory_size=ctx.attr.build_vm_memory_size, executor=ctx.attr.executor, network=ctx.attr.network)
+        memory_size=ctx.attr.build_vm_memory_size, executor=ctx.attr.executor, network=ctx.attr.network,
+        tools=ctx.files("tools"))
     return [DefaultInfo(files=(tar,)), layer]
 
 
 #: Attribute docs shared with ``image``'s run_as_root.
-RUN_AS_ROOT_DOC = ("A shell script run (with `set -e`, by the image's /bin/sh) as root, chrooted in an overlay "
-                   "over the base image, with /dev, /proc and /sys mounted and no network. What it adds, changes "
-                   "or deletes becomes the layer (deletions as whiteouts).")
+RUN_AS_ROOT_DOC = ("A shell script run (with `set -e`, by the image's /bin/sh, or the toolbox's busybox sh when "
+                   "the image has none) as root, chrooted in an overlay over the base image, with /dev, /proc and "
+                   "/sys mounted and no network. The toolbox (a static busybox with its applets, groupadd, useradd "
+                   "and `tools`) is last on its PATH, mounted read-only at /.dtbuild-toolbox, never in the layer. "
+                   "What the script adds, changes or deletes becomes the layer (deletions as whiteouts).")
+TOOLS_DOC = ("Programs for run_as_root, added to its toolbox (never to the layer): each file (a fetch_url'd static "
+             "binary, a genrule's output, a path) at /.dtbuild-toolbox/bin/NAME, each directory (a files target) "
+             "merged at /.dtbuild-toolbox, so its bin/ holds its programs. A tool replaces busybox's applet or "
+             "wrapper of the same name. The script runs chrooted: tools must be static or bring what they load.")
 DISK_SIZE_DOC = "Size in MiB of the VM's disk that holds the new layer while the vm executor builds it."
 MEMORY_SIZE_DOC = "Memory in MiB of the VM of the vm executor."
 
@@ -104,6 +113,7 @@ root_layer = rule(
         "copy_to_root": attrs.label_list(doc="Packages copied to the root of the layer before the script runs.",
                                          default=[], providers=[PackageInfo]),
         "run_as_root": attrs.string(doc=RUN_AS_ROOT_DOC),
+        "tools": attrs.source_list(doc=TOOLS_DOC, default=[]),
         "extra_commands": attrs.string(doc="Shell commands run as root in the layer's directory (the upper "
                                            "directory, not chrooted) after run_as_root.", default=""),
         "disk_size": attrs.integer(doc=DISK_SIZE_DOC, default=1024),

@@ -126,7 +126,7 @@ def test_a_hostile_script_sees_and_changes_nothing_of_the_host(rl_ws, run_dtbuil
     run_dtbuild(rl_ws, "build", "//hostile:hostile", check=True)
     found = _sections(_layer_text(rl_ws / "dtbuild-out" / "hostile" / "hostile.tar", "found"))
     assert "root:" not in found["shadow"], "the script read the host's /etc/shadow"
-    image_root = {"bin", "etc", "srv", "dev", "proc", "sys", "found"}
+    image_root = {"bin", "etc", "srv", "dev", "proc", "sys", "found", ".dtbuild-toolbox"}
     assert set(found["proc1root"].split()) <= image_root, found["proc1root"]
     assert set(found["selfroot"].split()) <= image_root, found["selfroot"]
     assert "untouched" not in found["canary"]
