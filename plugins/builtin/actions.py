@@ -6,9 +6,10 @@ import os
 import shlex
 
 from dtbuild.plugins.interfaces import ActionContext, ActionFailed, ActionKind, CommandRequest, TreeEntry
+from dtbuild.rules.builtin.genrule import COMMAND_PATH, COMMAND_PROLOGUE, COMMAND_SHELL, genrule_layout
 
 #: The environment of sandboxed commands: nothing of the user's leaks in.
-SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SANDBOX_PATH = COMMAND_PATH
 
 
 class FilesTree(ActionKind):
@@ -68,24 +69,18 @@ class Genrule(ActionKind):
                 if not os.path.lexists(dest):
                     ctx.materialize(art, dest)
                 paths[slot].append(art.path)
-        out_dir = ctx.params["out_dir"]
-        outs = [f"{out_dir}/{out}" for out in ctx.params["outs"]]
-        for out in outs:
-            os.makedirs(os.path.dirname(os.path.join(execroot, out)), exist_ok=True)
-        os.makedirs(os.path.join(execroot, out_dir), exist_ok=True)
-        env = {
-            "PATH": SANDBOX_PATH, "HOME": home, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-            "TZ": "UTC", "SOURCE_DATE_EPOCH": "1",
-            "SRCS": " ".join(paths["srcs"]), "TOOLS": " ".join(paths["tools"]),
-            "OUTS": " ".join(outs), "OUT_DIR": out_dir,
-        }
-        if len(outs) == 1:
-            env["OUT"] = outs[0]
+        # The layout the genrule's CommandInfo describes too (shell_image reproduces it).
+        layout = genrule_layout(srcs=paths["srcs"], tools=paths["tools"], outs=ctx.params["outs"],
+                                out_dir=ctx.params["out_dir"])
+        outs = list(layout.outputs)
+        for d in layout.dirs:
+            os.makedirs(os.path.join(execroot, d), exist_ok=True)
+        env = {**dict(layout.env), "HOME": home, "TMPDIR": tmp}
         cmd = ctx.params["cmd"]
         # Where the executor sandboxes commands, the command sees its execroot (the
         # inputs and the output directory), its HOME and TMPDIR, and the host's tools.
         result = ctx.run_command(CommandRequest(
-            argv=["/bin/bash", "-c", "set -e -o pipefail\numask 022\n" + cmd], cwd=execroot, env=env, network=False,
+            argv=[COMMAND_SHELL, "-c", COMMAND_PROLOGUE + cmd], cwd=execroot, env=env, network=False,
             writable=[home, tmp], outputs=outs))
         if result.exit_code != 0:
             raise ActionFailed(f"command exited with status {result.exit_code}", output_tail=result.output,

@@ -1,5 +1,5 @@
 """The built-in plugin ``layered``: ``layered_image``, ``merge_images``, ``export_image``,
-the helper rules (``merge_trees``, ``fake_nss``, ``bin_sh``, ``usr_bin_env``,
+``shell_image``, the helper rules (``merge_trees``, ``fake_nss``, ``bin_sh``, ``usr_bin_env``,
 ``ca_certificates``) with the ``SHADOW_SETUP`` BUILD global, and their action kinds.
 Its rules declare the image actions of the ``images`` plugin, so it needs that plugin."""
 
@@ -22,8 +22,9 @@ DTBUILD_REQUIRES = ("images",)
 def dtbuild_register_rules() -> Sequence[Rule]:
     from dtbuild.rules.builtin.helpers import HELPER_RULES
     from dtbuild.rules.builtin.layered import export_image, layered_image, merge_images
+    from dtbuild.rules.builtin.shell_image import shell_image
 
-    return [layered_image, merge_images, export_image, *HELPER_RULES]
+    return [layered_image, merge_images, export_image, shell_image, *HELPER_RULES]
 
 
 @hookimpl
@@ -36,5 +37,6 @@ def dtbuild_register_build_globals() -> Mapping[str, Any]:
 @hookimpl
 def dtbuild_register_action_kinds() -> Sequence[type[ActionKind]]:
     from dtbuild.plugins.builtin.layered_actions import LAYERED_ACTION_KINDS
+    from dtbuild.plugins.builtin.shell_image_actions import SHELL_IMAGE_ACTION_KINDS
 
-    return list(LAYERED_ACTION_KINDS)
+    return [*LAYERED_ACTION_KINDS, *SHELL_IMAGE_ACTION_KINDS]
