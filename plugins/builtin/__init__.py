@@ -5,11 +5,12 @@
 ======================  ===================================================================
 ``core``                files, genrule, fetch_url and their action kinds
 ``images``              pure_layer, image, image_archive: layers, assembly, archives
-``layered``             layered_image, merge_images, export_image and the helper rules
+``layered``             layered_image, merge_images, export_image, shell_image and the helper rules
 ``root_layers``         root_layer and image's run_as_root (overlay builds), the layer kind
 ``registries``          pull_image
 ``compressors``         the none, gz and zstd compressors
 ``executors``           the local, namespace and vm executors and the choice among them
+``debian``              deb_packages, its action kinds and the ``lock`` command
 ======================  ===================================================================
 
 A unit test checks that every ``*_plugin`` module here is an entry point, and that the

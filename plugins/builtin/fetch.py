@@ -14,8 +14,9 @@ import hashlib
 import os
 import shutil
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import replace
-from typing import IO
+from typing import IO, Any
 
 from dtbuild.plugins.builtin import tar_extract
 from dtbuild.plugins.builtin.network_limits import (
@@ -56,13 +57,27 @@ def _content_length(response: object) -> int | None:
     return int(length) if isinstance(length, str) and length.strip().isdigit() else None
 
 
-def _download(url: str, sink: IO[bytes], clock: Clock, meter: ProgressMeter | None = None) -> str:
-    """Copy ``url`` into ``sink``; return the sha256 of what was written. An HTTP(S)
-    download is bounded by ``clock`` and its limits. ``meter`` is told the size (when
-    known) and the bytes as they arrive.
+class HttpStatusError(OSError):
+    """A server answered a download with a status other than 200 (``status``)."""
+
+    def __init__(self, status: int, url: str) -> None:
+        super().__init__(f"HTTP {status} from {url}")
+        self.status = status
+        self.url = url
+
+
+def download(url: str, sink: IO[bytes], clock: Clock, meter: ProgressMeter | None = None, *,
+             limit: int | None = None, too_large: Callable[[], Exception] | None = None) -> str:
+    """Copy ``url`` (http, https or file) into ``sink``; return the sha256 of what was
+    written. An HTTP(S) download is bounded by ``clock`` and its limits. ``meter`` is
+    told the size (when known) and the bytes as they arrive. ``limit`` (with the error
+    ``too_large()`` raised for more) caps the bytes of this one download, of a file URL
+    too; without it an HTTP(S) download is capped at ``max_download``. Other plugins that
+    read the network (``dtbuild lock``'s indexes) download through this function.
 
     :raises LimitExceeded: when the server is silent, too slow, out of time or sends
-        more than ``max_download`` bytes."""
+        more than the cap.
+    :raises HttpStatusError: for an answer other than 200."""
     h = hashlib.sha256()
     if url.startswith("file://"):
         path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
@@ -70,7 +85,12 @@ def _download(url: str, sink: IO[bytes], clock: Clock, meter: ProgressMeter | No
             if meter is not None:
                 meter.total = os.fstat(f.fileno()).st_size
                 meter.start()
-            while chunk := f.read(_CHUNK):
+            read = 0
+            while chunk := f.read(_CHUNK if limit is None else min(_CHUNK, limit + 1 - read)):
+                read += len(chunk)
+                if limit is not None and read > limit:
+                    raise too_large() if too_large is not None else LimitExceeded(
+                        f"{url} is larger than {size_text(limit)}; refusing it", hint="")
                 h.update(chunk)
                 sink.write(chunk)
                 if meter is not None:
@@ -103,14 +123,15 @@ def _download(url: str, sink: IO[bytes], clock: Clock, meter: ProgressMeter | No
 
     try:
         if response.status != 200:
-            raise OSError(f"HTTP {response.status} from {url}")
+            raise HttpStatusError(response.status, url)
         if meter is not None:
             meter.total = _content_length(response)
             meter.start()
-        read_body(response, write, limit=limits.max_download, clock=clock, server=server, what="downloading",
-                  too_large=lambda: LimitExceeded(
-                      f"{url} is larger than {size_text(limits.max_download)}; refusing it",
-                      hint="raise [network] max_download in dtbuild.toml if the file is right"))
+        cap = limits.max_download if limit is None else limit
+        overflow: Callable[[], Any] = too_large or (lambda: LimitExceeded(  # read_body only raises it
+            f"{url} is larger than {size_text(cap)}; refusing it",
+            hint="raise [network] max_download in dtbuild.toml if the file is right"))
+        read_body(response, write, limit=cap, clock=clock, server=server, what="downloading", too_large=overflow)
     finally:
         response.close()
         response.release_conn()
@@ -146,6 +167,11 @@ def _failure_text(error: Exception) -> str:
     return text or type(reason).__name__
 
 
+#: What a sha256 mismatch suggests, unless the rule that declared the download says
+#: otherwise (``mismatch_hint``: a locked file's fix is a new lock, not a new digest).
+_MISMATCH_HINT = "If the new file is the one you want, put its sha256 in the BUILD file"
+
+
 class FetchUrl(ActionKind):
     NAME = "FetchUrl"
     VERSION = "1"
@@ -168,14 +194,13 @@ class FetchUrl(ActionKind):
                 meter = ProgressMeter(lambda **moved: ctx.progress(**moved), _transfer_name(url), None)
                 try:
                     with open(temp, "wb") as f, meter:
-                        actual = _download(url, f, clock, meter)
+                        actual = download(url, f, clock, meter)
                     if actual != expected:
                         raise _Mismatch(actual)
                 except _Mismatch as e:
                     raise ActionFailed(
                         f"the download of {url} has the wrong sha256: expected {expected}, got {e.actual}; "
-                        "nothing was cached. If the new file is the one you want, put its sha256 in the BUILD file"
-                    ) from None
+                        "nothing was cached. " + ctx.params.get("mismatch_hint", _MISMATCH_HINT)) from None
                 except (OSError, ValueError, *_connection_errors()) as e:
                     # Whatever went wrong with this URL (refused, unknown host, HTTP error,
                     # a limit), the next one is tried; the error gives each URL one line.
@@ -234,3 +259,10 @@ def _extracted_tree(ctx: ActionContext, raw: IO[bytes]) -> list[TreeEntry]:
                 "only files, directories and symlinks", member=entry.member,
                 hint="repack the archive without it (GNU tar: --exclude PATTERN)")
     return list(tree.values())
+
+
+#: For the other downloaders of dtbuild (``dtbuild lock``'s indexes): urllib3's own
+#: errors, whether an error means the host does not resolve, and one line for an error.
+connection_errors = _connection_errors
+unknown_host = _unknown_host
+failure_text = _failure_text

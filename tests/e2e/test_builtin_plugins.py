@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-BUILTIN = ("core", "images", "layered", "root_layers", "registries", "compressors", "executors")
+BUILTIN = ("core", "images", "layered", "root_layers", "registries", "compressors", "executors", "debian")
 
 MIXED_BUILD = """
 genrule(name = "gen", outs = ["gen.txt"], cmd = "echo generated > $OUT")

@@ -21,7 +21,7 @@ from dtbuild.plugins.builtin.compressors import GzipCompressor
 from dtbuild.plugins.builtin.executors import LocalExecutor
 
 ROOT = Path(__file__).resolve().parents[3]
-BUILTIN = ("core", "images", "layered", "root_layers", "registries", "compressors", "executors")
+BUILTIN = ("core", "images", "layered", "root_layers", "registries", "compressors", "executors", "debian")
 
 
 def _declared() -> dict[str, str]:
