@@ -39,8 +39,9 @@ def dtbuild_register_layer_kinds() -> Sequence[type[LayerKind]]:
 @hookimpl
 def dtbuild_register_action_kinds() -> Sequence[type[ActionKind]]:
     from dtbuild.plugins.builtin.image_actions import IMAGE_ACTION_KINDS
+    from dtbuild.plugins.builtin.spdx import SPDX_ACTION_KINDS
 
-    return list(IMAGE_ACTION_KINDS)
+    return [*IMAGE_ACTION_KINDS, *SPDX_ACTION_KINDS]
 
 
 @hookimpl
