@@ -122,6 +122,10 @@ SETTINGS: Mapping[str, Mapping[str, SettingSpec]] = {
     "cache": {"dir": SettingSpec("the cache directory, relative to the workspace root; $DTBUILD_CACHE_DIR "
                                  "wins over it, the XDG cache directory is the default", "DTBUILD_CACHE_DIR",
                                  "path", default_doc="`$XDG_CACHE_HOME/dtbuild` (`~/.cache/dtbuild`)")},
+    # Read by the image plugin when it assembles an image (it checks the value itself).
+    "image": {"max_layers": SettingSpec("the most layers an image may have; more is a build error (Docker's "
+                                        "overlay2 runs 127, past which dtbuild warns)", type="number",
+                                        default=500, checked=False)},
     "plugins": {"modules": SettingSpec("workspace plugins: Python files (relative to the workspace root) or "
                                        "importable module names", type="list of strings", default=())},
     # The remote cache and executor (engine/remote/, docs/remote.md). --remote-cache,

@@ -33,6 +33,7 @@ DEFAULT_PACKAGES=(
   openssl          # the tests' TLS certificates, and the benchmarks' hashing floor
   nginx            # the HTTP remote cache (/ac/, /cas/ over WebDAV: Debian's nginx has the DAV module)
   gcc libc6-dev    # cc -static: the genrule of examples/workspace (scripts/example.sh, e2e tests)
+  rsync            # keep_contents_dirlinks tests compare layers with rsync -ak / -aK
   apt-utils        # apt-ftparchive: the signed apt repositories of the deb_packages tests
   gpg gpgv         # the throwaway signing keys of those tests; gpgv verifies InRelease
 )

@@ -26,7 +26,14 @@ from types import MappingProxyType
 from typing import IO, Any
 
 from dtbuild.plugins.builtin import imageformat
-from dtbuild.plugins.builtin.layer_contents import ContentConflict, DirAttrs, MergedTree, Node, base_directories
+from dtbuild.plugins.builtin.layer_contents import (
+    ContentConflict,
+    DirAttrs,
+    MergedTree,
+    Node,
+    base_directories,
+    copy_dirlinks,
+)
 from dtbuild.plugins.builtin.layertar import LayerEntry, hashes_itself, sorted_entries, write_layer
 from dtbuild.plugins.canonical import canonical_json
 from dtbuild.plugins.image_description import ImageDescription, ImageDescriptionError, LayerDescriptor
@@ -369,8 +376,18 @@ def materialize_nodes(ctx: ActionContext, nodes: Mapping[str, Node], root: str) 
 
 def place_artifact(ctx: ActionContext, tree: MergedTree, art: InputArtifact, dest: str, label: str) -> None:
     """Add a package's artifact to ``tree`` at ``dest`` (relative; '' is the root): a
-    tree's entries below it, a file or symlink at it. Nothing is copied."""
+    tree's entries below it, a file or symlink at it. Nothing is copied. With the
+    tree's ``copy_dirlinks`` (rsync -k), the artifact's symlinks to its own directories
+    arrive as copies of those directories (absolute targets are taken from the image's
+    root, as the artifact is placed)."""
     if art.is_tree:
+        if tree.copy_dirlinks:
+            own = MergedTree()
+            place_artifact(ctx, own, art, dest, label)
+            copied = copy_dirlinks(own.nodes, label)
+            for path in sorted(copied, key=lambda p: p.split("/")):
+                tree.add(path, copied[path])
+            return
         for e in ctx.walk_tree(art):
             path = f"{dest}/{e.path}" if dest else e.path
             tree.add(path, Node(e.kind, e.mode, e.digest, e.size, e.target, label))
@@ -448,10 +465,12 @@ class LayerWrite(ActionKind):
     @classmethod
     def package_entries(cls, ctx: ActionContext, params: Mapping[str, Any]) -> tuple[list[LayerEntry], list[str]]:
         """The members of a layer of placed packages (``params``: placements, uid, gid,
-        keep_contents_dirlinks, extra_commands, optional uname/gname; input slots
+        keep_contents_dirlinks, extra_commands, optional copy_dirlinks, uname/gname; input slots
         ``contents`` and ``base_dirs``/``base``), and the labels of the packages placed."""
         uid, gid = params["uid"], params["gid"]
-        tree = MergedTree(keep_dirlinks=params["keep_contents_dirlinks"])
+        # copy_dirlinks: rsync -k, the image rules' default (keep_contents_dirlinks = False).
+        tree = MergedTree(keep_dirlinks=params["keep_contents_dirlinks"],
+                          copy_dirlinks=bool(params.get("copy_dirlinks")))
         contents = ctx.inputs("contents")
         packages: list[str] = []
         try:
@@ -676,28 +695,76 @@ class LayerCompress(ActionKind):
 # --------------------------------------------------------------------------- ImageAssemble
 
 
+#: Config fields whose value is a set of keys: the base's keys stay, the image's are added.
+MERGED_BY_KEY = ("Labels", "ExposedPorts", "Volumes")
+
+
 def merge_config(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """The base image's config with ``new`` applied: Env appended after the base's (a
-    variable set again replaces the base's value in place), dict fields merged, other
-    fields replaced."""
-    merged = dict(base)
+    """The base image's config with the image's ``new`` fields applied, as
+    docs/image-config.md says: Env by variable name (the base's variables stay in their
+    order, one set again takes the new value in its place, new ones follow in the
+    image's order); Labels, ExposedPorts and Volumes by key; every other field the
+    image sets replaces the base's (Healthcheck as a whole). As in a Dockerfile, an
+    Entrypoint set without a Cmd drops the base's Cmd (it was the base entrypoint's
+    arguments), and the base's OnBuild triggers are not inherited (Docker runs them when
+    it builds from the base, then drops them). A field set to None drops the base's."""
+    merged = {key: value for key, value in base.items() if key != "OnBuild"}
+    if "Entrypoint" in new and "Cmd" not in new:
+        merged.pop("Cmd", None)
     for key, value in new.items():
-        if key == "Env":
-            names = {item.split("=", 1)[0]: item for item in value}
-            kept = [item for item in base.get("Env") or [] if item.split("=", 1)[0] not in names]
-            merged["Env"] = kept + list(value)
-        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+        if value is None:
+            merged.pop(key, None)
+        elif key == "Env":
+            values = {item.split("=", 1)[0]: item for item in value}
+            env = [values.pop(item.split("=", 1)[0], item) for item in base.get("Env") or []]
+            merged["Env"] = env + [item for item in value if values.get(item.split("=", 1)[0]) == item]
+        elif key in MERGED_BY_KEY and isinstance(base.get(key), dict):
             merged[key] = {**base[key], **value}
         else:
             merged[key] = value
     return merged
 
 
+#: Past this many layers Docker's overlay2 storage driver refuses to run an image (it
+#: stacks at most 128 overlayfs lower directories: "max depth exceeded"): a warning.
+OVERLAY_LAYER_WARNING = 127
+#: ``[image] max_layers`` unless dtbuild.toml says otherwise: the kernel's overlayfs stack
+#: limit (OVL_MAX_STACK), which podman's and containerd's overlay storage hit.
+DEFAULT_MAX_LAYERS = 500
+
+
+def check_layer_count(ctx: ActionContext, label: str, count: int) -> None:
+    """Warn past :data:`OVERLAY_LAYER_WARNING` layers; fail past ``[image] max_layers``
+    (docs/configuration.md), naming the fix.
+
+    :raises ActionFailed: past the limit, or for a limit that is not a positive integer.
+    """
+    limit = ctx.settings.setting("image", "max_layers", DEFAULT_MAX_LAYERS)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ActionFailed(f"{ctx.settings.origin('image', 'max_layers')} must be a positive integer "
+                           "(the most layers an image may have)")
+    fix = ("put fewer layers in it: a layered_image's max_layers merges the least popular packages into one, "
+           "and a base image with fewer layers (export_image, then image_archive) helps too")
+    if count > limit:
+        raise ActionFailed(f"{label} has {count} layers, more than [image] max_layers = {limit} allows (the most "
+                           f"your container runtime stacks); {fix}, or raise [image] max_layers in dtbuild.toml "
+                           "if your runtime takes more")
+    if count > OVERLAY_LAYER_WARNING:
+        ctx.log(f"warning: {label} has {count} layers; Docker's overlay2 storage runs at most "
+                f"{OVERLAY_LAYER_WARNING} (\"max depth exceeded\"): {fix}")
+
+
 class ImageAssemble(ActionKind):
+    """The image tree of a built image: the base's layers and config, then the new
+    layers, the config merged (:func:`merge_config`), the layer count checked
+    (:func:`check_layer_count`)."""
+
     NAME = "ImageAssemble"
     #: 2: image trees carry layer-notes.json (for inspect); image bytes are unchanged.
     #: 3: compressed layers are in the tree as blobs only (sizes in layer-sizes.json).
-    VERSION = "3"
+    #: 4: the config merge: Env in place, Healthcheck whole, Entrypoint drops the base's
+    #: Cmd, OnBuild not inherited, None drops a field.
+    VERSION = "4"
 
     def run(self, ctx: ActionContext) -> None:
         p = ctx.params
@@ -760,6 +827,7 @@ class ImageAssemble(ActionKind):
                 descriptors.append(LayerDescriptor(digest=meta["diff_id"], diff_id=meta["diff_id"], size=meta["size"],
                                                    media_type=imageformat.PLAIN_LAYER_MEDIA_TYPE))
                 blob_files.append((meta["diff_id"], tar.digest, tar.size))
+        check_layer_count(ctx, p["label"], len(diff_ids))
         try:
             config_bytes = imageformat.make_config(
                 p["architecture"], p["os"], merge_config(base_config.get("config") or {}, p["config"]), diff_ids,
@@ -837,7 +905,9 @@ class OciLayout(ActionKind):
 
 
 class ImageImport(ActionKind):
-    """An image from a docker-archive, OCI archive or OCI layout, as an image tree."""
+    """An image from a docker-archive, OCI archive or OCI layout, as an image tree: the
+    one ``image_name``/``tag`` name (parameters present only when the rule gives them),
+    else the one at ``index``."""
 
     NAME = "ImageImport"
     #: 2: Docker layer media types of an OCI layout are written as their OCI equivalents.
@@ -852,9 +922,12 @@ class ImageImport(ActionKind):
             images = imageformat.extract_image_archive(path, dest, imageformat.Compressors.of(ctx))
         except (ValueError, OSError) as e:
             raise ActionFailed(f"cannot read {src.path} as a docker-archive or OCI image: {e}") from None
-        index = ctx.params["index"]
-        if not 0 <= index < len(images):
-            raise ActionFailed(f"{src.path} holds {len(images)} image(s); index {index} is out of range")
+        try:
+            index = imageformat.pick_archive_image(
+                [image.repo_tags for image in images], image_name=ctx.params.get("image_name"),
+                tag=ctx.params.get("tag"), index=ctx.params["index"], what=src.path)
+        except ValueError as e:
+            raise ActionFailed(str(e)) from None
         image = images[index]
         compressors = imageformat.Compressors.of(ctx)
         layer_files: list[tuple[str, str, int]] = []

@@ -274,6 +274,47 @@ def split_repo_tag(repo_tag: str) -> tuple[str, str]:
     return name, tag
 
 
+def short_repository(name: str) -> str:
+    """A repository name as Docker shows Docker Hub's: ``docker.io/library/x`` and
+    ``index.docker.io/x`` are ``x``, ``docker.io/team/x`` is ``team/x``."""
+    for prefix in ("docker.io/", "index.docker.io/", "registry-1.docker.io/"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name.removeprefix("library/") if name.count("/") == 1 else name
+
+
+def pick_archive_image(repo_tags: Sequence[Sequence[str]], *, image_name: str | None, tag: str | None,
+                       index: int, what: str) -> int:
+    """Which image of an archive to take (its position): the first tagged
+    ``image_name:tag`` (any tag of ``image_name`` with ``tag`` None, ``tag`` of any
+    repository with ``image_name`` None), else the one at ``index``. ``repo_tags``: each
+    image's "name:tag" references, in the archive's order.
+
+    :raises ValueError: naming the images the archive has, when none matches.
+    """
+    def shown() -> str:
+        items = [f"{i}: {', '.join(tags) or '(untagged)'}" for i, tags in enumerate(repo_tags)]
+        return "; ".join(items) if items else "none"
+
+    if image_name is None and tag is None:
+        if not 0 <= index < len(repo_tags):
+            raise ValueError(f"{what} holds {len(repo_tags)} image(s), so index {index} is out of range "
+                             f"(its images, by index: {shown()})")
+        return index
+    wanted = short_repository(image_name) if image_name is not None else None
+    for position, tags in enumerate(repo_tags):
+        for ref in tags:
+            try:
+                name, ref_tag = split_repo_tag(ref)
+            except ValueError:
+                continue
+            if (wanted is None or short_repository(name) == wanted) and (tag is None or ref_tag == tag):
+                return position
+    asked = f"{image_name or '*'}:{tag or '*'}"
+    raise ValueError(f"{what} has no image tagged {asked} (its images, by index: {shown()})")
+
+
 # --------------------------------------------------------------------------- docker-archive
 
 

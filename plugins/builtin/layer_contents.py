@@ -32,40 +32,130 @@ class Node:
     origin: str = ""  # the package (label) that placed it
 
 
-class MergedTree:
-    """Later packages override earlier ones path by path (rsync -a semantics): a file
-    replaces a file or a symlink, a directory merges with a directory and replaces a
-    symlink, unless ``keep_dirlinks`` (rsync -K), where a symlink to a directory is
-    followed and the directory's contents land where it points."""
+#: How many symbolic links one resolution follows (the kernel's limit, MAXSYMLINKS).
+MAX_SYMLINK_FOLLOWS = 40
+#: The most entries a package's tree may grow to when its symlinks to directories are
+#: copied as directories (:func:`copy_dirlinks`): a few links to big directories multiply.
+MAX_COPIED_ENTRIES = 1_000_000
 
-    def __init__(self, keep_dirlinks: bool = False) -> None:
+
+def resolve_directory(nodes: dict[str, Node], parent: str, target: str) -> str | None:
+    """The directory of ``nodes`` that a symbolic link in ``parent`` (a real directory
+    path, '' for the root) with ``target`` leads to, following links on the way as the
+    kernel does (an absolute target starts at the root of ``nodes``: the image's root);
+    None when it leads to no directory of ``nodes``: dangling, to a file, out of the
+    tree through '..', or more than :data:`MAX_SYMLINK_FOLLOWS` links deep."""
+    follows = 0
+
+    def walk(start: str, text: str) -> str | None:
+        nonlocal follows
+        current = "" if text.startswith("/") else start
+        for part in text.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not current:
+                    return None  # above the root: outside what this tree holds
+                current = posixpath.dirname(current)
+                continue
+            candidate = f"{current}/{part}" if current else part
+            node = nodes.get(candidate)
+            if node is None or node.kind == "file":
+                return None
+            if node.kind == "symlink":
+                follows += 1
+                if follows > MAX_SYMLINK_FOLLOWS:
+                    return None
+                found = walk(current, node.target)
+                if found is None:
+                    return None
+                current = found
+            else:
+                current = candidate
+        return current
+
+    return walk(parent, target)
+
+
+def copy_dirlinks(nodes: dict[str, Node], what: str = "a package") -> dict[str, Node]:
+    """rsync -k (--copy-dirlinks) on one package's tree: every symbolic link that leads
+    to a directory of the same tree (:func:`resolve_directory`) becomes a directory
+    with that directory's mode and a copy of its contents (links in them treated the
+    same way, resolved where the contents really are), as dockerTools' ``rsync -ak``
+    of each package into the layer sends it. Links that lead nowhere in the tree stay
+    links. A link to a directory that holds the link itself (its own parent, the root)
+    would make an endless tree, where rsync runs until it fails: it stays a link too.
+
+    :raises ContentConflict: when the copies would pass :data:`MAX_COPIED_ENTRIES`.
+    """
+    children: dict[str, list[str]] = {}
+    for path in sorted(nodes, key=lambda p: p.split("/")):
+        children.setdefault(posixpath.dirname(path), []).append(path)
+    out: dict[str, Node] = {}
+
+    def emit(real_dir: str, out_dir: str, walked: tuple[str, ...]) -> None:
+        for real in children.get(real_dir, ()):
+            name = posixpath.basename(real)
+            dest = f"{out_dir}/{name}" if out_dir else name
+            node = nodes[real]
+            if len(out) >= MAX_COPIED_ENTRIES:
+                raise ContentConflict(f"copying the symbolic links to directories of {what} as directories (as "
+                                      f"rsync -k does, keep_contents_dirlinks = False) makes more than "
+                                      f"{MAX_COPIED_ENTRIES} entries; set keep_contents_dirlinks = True to keep "
+                                      "them as links")
+            if node.kind == "symlink":
+                found = resolve_directory(nodes, real_dir, node.target)
+                # A directory that holds one of the directories being copied holds this link.
+                if found is not None and found and not any(w == found or w.startswith(found + "/") for w in walked):
+                    out[dest] = Node("dir", nodes[found].mode, origin=node.origin)
+                    emit(found, dest, (*walked, found))
+                    continue
+            out[dest] = node
+            if node.kind == "dir":
+                emit(real, dest, (*walked, real))
+
+    emit("", "", ("",))
+    return out
+
+
+class MergedTree:
+    """Packages merged into one tree, later ones over earlier ones path by path, as
+    rsync -a copies each package into the layer root: a file replaces a file or a
+    symlink, a directory merges with a directory and replaces a file or symlink, a
+    file or symlink replaces an empty directory (a non-empty one is an error, where
+    rsync says "cannot delete non-empty directory").
+
+    ``keep_dirlinks`` (rsync -K, --keep-dirlinks): a symlink to a directory of the tree
+    stays, and later contents below it land where it points. ``copy_dirlinks`` (rsync
+    -k, with :func:`place_artifact`): a package's own symlinks to its directories arrive
+    as directories (:func:`copy_dirlinks`). dockerTools copies contents with ``rsync
+    -ak``, or ``rsync -aK`` with keepContentsDirlinks; layered images merge packages
+    with neither.
+    """
+
+    def __init__(self, keep_dirlinks: bool = False, *, copy_dirlinks: bool = False) -> None:
         self.keep_dirlinks = keep_dirlinks
+        self.copy_dirlinks = copy_dirlinks
         self.nodes: dict[str, Node] = {}
 
     def _resolve(self, path: str) -> str:
-        """With keep_dirlinks: rewrite leading components that are symlinks to
-        directories of this tree into their targets."""
-        if not self.keep_dirlinks:
+        """With keep_dirlinks: ``path`` with its leading components that are symlinks to
+        directories of this tree replaced by where they lead (absolute targets from the
+        image's root)."""
+        if not self.keep_dirlinks or "/" not in path:
             return path
-        parts = path.split("/")
-        for _ in range(40):  # symlink chains are bounded, as in the kernel
-            for i in range(1, len(parts)):
-                prefix = "/".join(parts[:i])
-                node = self.nodes.get(prefix)
-                if node is not None and node.kind == "symlink":
-                    base = posixpath.dirname(prefix)
-                    target = node.target
-                    resolved = posixpath.normpath(target.lstrip("/") if target.startswith("/")
-                                                  else posixpath.join(base, target))
-                    if resolved.startswith("..") or resolved == ".":
-                        break  # points outside the layer: leave it alone
-                    target_node = self.nodes.get(resolved)
-                    if target_node is not None and target_node.kind == "dir":
-                        parts = [*resolved.split("/"), *parts[i:]]
-                        break
-            else:
-                return "/".join(parts)
-        return "/".join(parts)
+        *parents, name = path.split("/")
+        current = ""
+        for part in parents:
+            candidate = f"{current}/{part}" if current else part
+            node = self.nodes.get(candidate)
+            if node is not None and node.kind == "symlink":
+                found = resolve_directory(self.nodes, current, node.target)
+                if found is not None:
+                    current = found
+                    continue
+            current = candidate
+        return f"{current}/{name}" if current else name
 
     def _ensure_parents(self, path: str, origin: str) -> None:
         parent = posixpath.dirname(path)
@@ -77,7 +167,7 @@ class MergedTree:
             node = self.nodes.get(parent)
             if node is not None:
                 if node.kind != "dir":
-                    if node.kind == "symlink" and not self.keep_dirlinks:
+                    if node.kind == "symlink":  # one to a directory was resolved (keep_dirlinks)
                         self.nodes[parent] = Node("dir", 0o755, origin=origin)
                     else:
                         raise ContentConflict(f"/{parent} is a {node.kind} (from {node.origin}) but {origin} "
@@ -103,8 +193,10 @@ class MergedTree:
         if existing.kind == "dir":
             if any(p.startswith(path + "/") for p in self.nodes):
                 raise ContentConflict(f"/{path} is a directory (from {existing.origin}) but {node.origin} "
-                                      f"places a {node.kind} there")
-        elif node.kind == "dir" and existing.kind == "symlink" and self.keep_dirlinks:
+                                      f"places a {node.kind} there, and a directory that holds files cannot be "
+                                      "replaced (rsync: \"cannot delete non-empty directory\")")
+        elif node.kind == "dir" and existing.kind == "symlink" and self.keep_dirlinks \
+                and resolve_directory(self.nodes, posixpath.dirname(path), existing.target) is not None:
             return  # the symlink stays; contents are resolved through it
         self.nodes[path] = node
 

@@ -44,12 +44,6 @@ PODMAN_STATE_FILE = "run-podman.json"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Host files a container on the host's network sees, as ``docker run --network host`` does.
 HOST_NETWORK_FILES = ("/etc/resolv.conf", "/etc/hosts")
-#: ``os.uname().machine`` -> the image config's ``architecture`` (GOARCH spelling).
-MACHINE_ARCHITECTURES = {
-    "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "armv6l": "arm",
-    "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64",
-    "mips64": "mips64le",
-}
 #: Exit statuses with which ``podman run`` says the container could not be started.
 _PODMAN_START_FAILURES = (125, 126, 127)
 
@@ -72,8 +66,9 @@ class ContainerProcess:
 
 def host_platform() -> tuple[str, str]:
     """(os, architecture) of the containers this machine runs, in image config spelling."""
-    machine = os.uname().machine
-    return "linux", MACHINE_ARCHITECTURES.get(machine, machine)
+    from dtbuild.rules.builtin.image import host_architecture
+
+    return "linux", host_architecture()
 
 
 def check_platform(label: str, config: Mapping[str, Any]) -> None:

@@ -14,7 +14,7 @@ import re
 
 from dtbuild.rules import attrs
 from dtbuild.rules.api import RuleContext, rule
-from dtbuild.rules.builtin.image import _TAG_RE, ARCHITECTURES, declare_image_outputs
+from dtbuild.rules.builtin.image import _TAG_RE, architecture_value, declare_image_outputs
 from dtbuild.rules.providers import DefaultInfo, ImageInfo, Provider
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -68,13 +68,7 @@ def _pull_image_impl(ctx: RuleContext) -> list[Provider]:
             ctx.fail(f"must be 64 hex digits (the sha256 of the NAME.tar docker-archive), 'sha256:<hex>' or "
                      f"'sha256-<base64>', but was {ctx.attr.sha256!r}", attr="sha256",
                      hint="leave it out and build once: the error names the sha256 to put here")
-    arch = ctx.attr.arch
-    if arch.split("/", 1)[0] not in ARCHITECTURES:
-        from difflib import get_close_matches
-
-        close = get_close_matches(arch, ARCHITECTURES, n=1)
-        ctx.fail(f"must be one of {', '.join(ARCHITECTURES)} (optionally with a variant, such as 'arm/v7'), "
-                 f"but was {arch!r}", attr="arch", hint=f"did you mean '{close[0]}'?" if close else None)
+    arch = architecture_value(ctx, "arch", ctx.attr.arch, variant=True)
     if not re.match(r"^[a-z0-9]+$", ctx.attr.os):
         ctx.fail(f"must be an operating system name such as 'linux', but was {ctx.attr.os!r}", attr="os")
     final_name = _check_name(ctx, "final_image_name") if ctx.attr.final_image_name is not None else image_name
@@ -112,8 +106,11 @@ pull_image = rule(
                                    "every byte; this guards the archive as pullImage's sha256 does.",
                                default=None, allow_none=True),
         "os": attrs.string(doc="Operating system of the entry to take from an image index.", default="linux"),
-        "arch": attrs.string(doc="Architecture (GOARCH spelling, optionally '/variant') of the entry to take from "
-                                 "an image index.", default="amd64"),
+        "arch": attrs.string(doc="Architecture (GOARCH spelling, optionally '/variant'; x86_64 and aarch64 are "
+                                 "taken as amd64 and arm64) of the entry to take from an image index. None: the "
+                                 "architecture of the machine that builds it (as pullImage's default, the host's "
+                                 "GOARCH), so an index digest gives another image on an arm64 machine; set it to "
+                                 "pull the same image everywhere.", default=None, allow_none=True),
         "final_image_name": attrs.string(doc="Repository name in the image's tag; default: image_name.",
                                          default=None, allow_none=True),
         "final_image_tag": attrs.string(doc="Tag of the image (in NAME.tar and NAME.json).", default="latest"),
