@@ -46,6 +46,9 @@ class PackageInfo(Provider):
     label: str
     entries: tuple[PackageEntry, ...]
     deps: tuple[PackageInfo, ...] = ()
+    #: The package's own version where one is known (a Debian package's), for the image's
+    #: SPDX document; None for targets of the workspace.
+    version: str | None = None
 
     def closure(self) -> Iterator[PackageInfo]:
         """This package and every package it depends on, each once, depth first."""
@@ -95,3 +98,27 @@ class ImageInfo(Provider):
     #: How many layers the image has, when analysis knows it (an image built from known
     #: layers); None when only its build tells (a pulled or imported base somewhere below).
     layers: int | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CommandInfo(Provider):
+    """The build environment of a target's command (a genrule's), as its sandbox shows
+    it: what an image reproducing it needs (shell_image). Paths are relative to the
+    command's working directory, its execution root."""
+
+    label: str
+    #: The rule that runs the command ("genrule").
+    kind: str
+    #: The interpreter and its flags that run ``script`` (``("/bin/bash", "-c")``).
+    shell: tuple[str, ...]
+    #: The script as it runs: the rule's prologue (``set -e -o pipefail``...) and the command.
+    script: str
+    #: The environment, in order, without HOME and TMPDIR (private directories of each
+    #: run: whoever reproduces the environment gives its own).
+    env: tuple[tuple[str, str], ...]
+    #: Each input at its path below the working directory.
+    inputs: tuple[tuple[str, Artifact], ...]
+    #: The paths the command must create.
+    outputs: tuple[str, ...]
+    #: Directories that exist before the command runs (its output directory).
+    dirs: tuple[str, ...] = ()

@@ -100,9 +100,9 @@ def _base_layer_count(ctx: ActionContext) -> int:
     return 0
 
 
-def _plan(ctx: ActionContext, max_layers: int, packages: int) -> LayerPlan:
+def _plan(ctx: ActionContext, max_layers: int, packages: int, *, sbom: bool = False) -> LayerPlan:
     try:
-        return plan_layers(max_layers, _base_layer_count(ctx), packages)
+        return plan_layers(max_layers, _base_layer_count(ctx), packages, sbom=sbom)
     except LayerBudgetError as e:
         raise ActionFailed(f"{e} (raise max_layers, or use a base image with fewer layers)") from None
 
@@ -119,7 +119,7 @@ class LayerWriteMerged(LayerWrite):
     def run(self, ctx: ActionContext) -> None:
         params = ctx.params
         order = params["order"]
-        plan = _plan(ctx, params["max_layers"], len(order))
+        plan = _plan(ctx, params["max_layers"], len(order), sbom=bool(params.get("sbom")))
         keep = set(order[plan.singles:]) if plan.merged else set()
         placements = [p for p in params["placements"] if p[2] in keep]
         super().run(_ContextView(ctx, params={**params, "placements": placements}))  # type: ignore[arg-type]
@@ -136,14 +136,15 @@ class LayeredImageAssemble(ImageAssemble):
     #: 2: image trees carry layer-notes.json (for inspect), as ImageAssemble's do.
     #: 3: the ``union`` check of the packages' paths.
     #: 4: a compressed layer is held in the tree as its blob only (layer-sizes.json).
-    VERSION = "4"
+    #: 5: ImageAssemble's config merge (its version 4).
+    VERSION = "5"
 
     def run(self, ctx: ActionContext) -> None:
         params = ctx.params
         if params.get("union"):
             check_union(ctx, params["union"])
         layering = params["layering"]
-        plan = _plan(ctx, layering["max_layers"], layering["packages"])
+        plan = _plan(ctx, layering["max_layers"], layering["packages"], sbom=bool(layering.get("sbom")))
         declared = layering["singles"]
         if layering.get("planned") and (plan.singles, plan.merged) != (declared, layering["merged"]):
             raise ActionFailed(f"internal error: analysis planned {declared} single layers (merged: "
@@ -251,6 +252,20 @@ _WALKER = (sys.executable, "-I", "-m", "dtbuild.plugins.builtin.tree_walk")
 _PROLOGUE = (sys.executable, "-I", "-m", "dtbuild.plugins.builtin.fakeroot_prologue")
 
 
+#: What proot binds over the customisation root under enable_fakechroot (those that
+#: exist): the sandbox's own /dev, /proc and /sys, as nixpkgs binds the build
+#: sandbox's. Binds, not copies: nothing of them reaches the root, so none the layer.
+_FAKECHROOT_BINDS = ("/dev", "/proc", "/sys")
+
+
+def _fake_owners(fakechroot: bool) -> bool:
+    """Whether owners after fakeroot_commands are fakeroot's records (read by a walk
+    under ``fakeroot -i``) rather than the real file system's: always, except as root
+    under enable_fakechroot, where the image's own programs (which fakeroot does not
+    reach) change the real owners and fakeroot shows inodes it has no record of as 0:0."""
+    return os.geteuid() != 0 or not fakechroot
+
+
 def _sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -264,14 +279,24 @@ class CustomisationLayer(ActionKind):
 
     The packages of the closure are laid out as one tree (the customisation root);
     ``extra_commands`` run in it, then ``fakeroot_commands`` under fakeroot (with
-    ``enable_fakechroot``, through proot with the root as /). The layer holds what the
-    commands changed: new and changed entries with their parent directories, and a
-    whiteout for each removed path. Without commands it is empty. Owners are
-    ``uid``/``gid``, or what fakeroot reports after fakeroot_commands.
+    ``enable_fakechroot``, through proot with the root as / and the sandbox's /dev,
+    /proc and /sys bound over it, as nixpkgs does). The layer holds what the commands
+    changed: new and changed entries with their parent directories, and a whiteout for
+    each removed path. Without commands it is empty. Owners are ``uid``/``gid``, or what
+    fakeroot reports after fakeroot_commands.
+
+    Owners, modes and device nodes that fakeroot_commands make are fakeroot's records
+    alone, as root as well as an ordinary user: fakeroot never tries a real chown, its
+    ``mknod`` leaves an empty file on disk, and the walk of the root runs under fakeroot
+    to read the records. So a build gives the same layer whoever runs it, and makes no
+    real device. (Under enable_fakechroot as root the commands are the image's own
+    programs, which fakeroot does not reach: there the real file system is what counts.)
     """
 
     NAME = "CustomisationLayer"
-    VERSION = "1"
+    #: 2: device nodes made under fakeroot are character devices in the layer (they were
+    #: empty files as root, an error otherwise).
+    VERSION = "2"
 
     def run(self, ctx: ActionContext) -> None:
         p = ctx.params
@@ -323,10 +348,7 @@ class CustomisationLayer(ActionKind):
             state = self._run_fakeroot(ctx, root, env, base_dirs)
         walk_json = os.path.join(ctx.scratch_dir, "walk.json")
         walker = [*_WALKER, root, walk_json]
-        if state is not None and os.geteuid() != 0:
-            # Owners as fakeroot recorded them. (As root, fakeroot also changes the real
-            # owners, and only the real file system knows what proot's commands did:
-            # fakeroot shows inodes it has no record of as 0:0.)
+        if state is not None and _fake_owners(p["enable_fakechroot"]):
             walker = ["fakeroot", "-i", state, "--", *walker]
         self._run(ctx, walker, ctx.scratch_dir, env, "the walk of the customisation root", None,
                   readonly=interpreter_paths())
@@ -334,9 +356,10 @@ class CustomisationLayer(ActionKind):
             walked = json.load(f)
         final: dict[str, _Seen] = {}
         for path, kind, mode, e_uid, e_gid, size, target, dev, ino, nlink in walked:
-            if kind == "other":
-                raise ActionFailed(f"/{path}: the commands made something that is not a file, directory or "
-                                   "symlink; only those can go into a layer")
+            if kind not in ("dir", "file", "symlink", "char"):
+                what = "a block device" if kind == "block" else "a fifo or socket"
+                raise ActionFailed(f"/{path}: the commands made {what}; a layer holds only files, directories, "
+                                   f"symlinks and character devices (remove /{path} at the end of the commands)")
             held = special.get(path)
             if held is not None and kind != "symlink" and mode == held & 0o777:
                 mode = held  # setuid/setgid/sticky bits never reach the disk: as the package has them
@@ -370,7 +393,8 @@ class CustomisationLayer(ActionKind):
             if not os.path.lexists(os.path.join(root, "bin", "sh")):
                 raise ActionFailed("enable_fakechroot runs fakeroot_commands with the image's own /bin/sh, but no "
                                    "package of the contents provides /bin/sh (add a shell, such as bin_sh)")
-            command = ["proot", "-r", root, "-w", "/", "/bin/sh", "-c", "set -e\numask 022\n" + commands]
+            binds = [arg for d in _FAKECHROOT_BINDS if os.path.isdir(d) for arg in ("-b", d)]
+            command = ["proot", "-r", root, *binds, "-w", "/", "/bin/sh", "-c", "set -e\numask 022\n" + commands]
         else:
             command = ["/bin/bash", "-c", "set -e -o pipefail\numask 022\n" + commands]
         owners = os.path.join(ctx.scratch_dir, "owners.json")
@@ -378,13 +402,16 @@ class CustomisationLayer(ActionKind):
             json.dump({"default": [p["uid"], p["gid"]],
                        "owners": {path: [a.uid, a.gid] for path, a in base_dirs.items()}}, f)
         state = os.path.join(ctx.scratch_dir, "fakeroot.state")
-        if os.geteuid() != 0:
-            # In a user namespace (the sandbox's, or unshare's) a real chown to an unmapped
-            # owner fails with EINVAL, which fakeroot passes on (it ignores only EPERM):
-            # owners are then fakeroot's alone, as the walk below reads them.
+        readonly = interpreter_paths()
+        if p["enable_fakechroot"] and os.path.isdir("/sys"):
+            readonly = (*readonly, "/sys")  # for proot to bind (the sandbox has /dev and /proc of its own)
+        if _fake_owners(p["enable_fakechroot"]):
+            # Owners are fakeroot's alone, read back by the walk under fakeroot. A real
+            # chown would fail in a user namespace (EINVAL for an unmapped owner, which
+            # fakeroot passes on) and, as root, make the layer depend on who built it.
             env = {**env, "FAKEROOTDONTTRYCHOWN": "1"}
         self._run(ctx, ["fakeroot", "-s", state, "--", *_PROLOGUE, owners, "--", *command], root, env,
-                  "fakeroot_commands", commands, readonly=interpreter_paths())
+                  "fakeroot_commands", commands, readonly=readonly)
         return state
 
     # ------------------------------------------------------------------ the difference
@@ -434,6 +461,10 @@ class CustomisationLayer(ActionKind):
             elif now.kind == "symlink":
                 entries.append(LayerEntry(path=path, kind="symlink", mode=0o777, uid=now.uid, gid=now.gid,
                                           linkname=now.target, **names))
+            elif now.kind == "char":
+                major, minor = (int(n) for n in now.target.split(","))
+                entries.append(LayerEntry(path=path, kind="char", mode=now.mode, uid=now.uid, gid=now.gid,
+                                          devmajor=major, devminor=minor, **names))
             elif now.nlink > 1 and now.inode in links:
                 entries.append(LayerEntry(path=path, kind="hardlink", mode=now.mode, uid=now.uid, gid=now.gid,
                                           linkname=links[now.inode], **names))

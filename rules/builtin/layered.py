@@ -27,6 +27,7 @@ from dtbuild.rules.builtin.image import (
     layer_placements,
     repository_name,
 )
+from dtbuild.rules.builtin.sbom import SBOM_ATTR
 from dtbuild.rules.providers import DefaultInfo, ImageInfo, LayerInfo, PackageInfo, Provider
 
 # --------------------------------------------------------------------------- popularity
@@ -106,19 +107,22 @@ class LayerPlan:
     merged: bool
 
 
-def plan_layers(max_layers: int, base_layers: int, packages: int) -> LayerPlan:
+def plan_layers(max_layers: int, base_layers: int, packages: int, *, sbom: bool = False) -> LayerPlan:
     """dockerTools' split: ``max_layers`` minus the base image's layers minus the
-    customisation layer are available; with more packages than that, all but the last
-    available layer hold one package each and the last holds the rest.
+    customisation layer (and the sbom's layer, with ``sbom``) are available; with more
+    packages than that, all but the last available layer hold one package each and the
+    last holds the rest.
 
     :raises LayerBudgetError: when no layer is left for the contents.
     """
     if max_layers <= 1:
         raise LayerBudgetError(f"max_layers must be greater than 1, but was {max_layers}")
-    used = base_layers + 1
+    used = base_layers + 1 + (1 if sbom else 0)
     if used >= max_layers:
+        by = (f"'from_image' ({base_layers}), the customisation layer (1) and the sbom layer (1)" if sbom
+              else f"'from_image' ({base_layers}) and the customisation layer (1)")
         raise LayerBudgetError(
-            f"{used} layers are used by 'from_image' ({base_layers}) and the customisation layer (1), but only "
+            f"{used} layers are used by {by}, but only "
             f"max_layers = {max_layers} were allowed: at least 1 layer is required to store the contents")
     available = max_layers - used
     if packages >= available:
@@ -196,6 +200,8 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
                             description=f"BaseDirectories {ctx.label}")
     settings = {"uid": ctx.attr.uid, "gid": ctx.attr.gid, "uname": uname, "gname": gname,
                 "keep_contents_dirlinks": False, "extra_commands": ""}
+    # The sbom's layer counts against max_layers (LayerWriteMerged and the assembly plan with it).
+    sbom_budget = {"sbom": True} if ctx.attr.sbom else {}
     layers: list[LayerInfo] = []
     names: list[str] = []
     # How many layers the base has is known now unless a pulled or imported image is
@@ -204,16 +210,17 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
     planned = base is None or base.layers is not None
     if planned:
         try:
-            plan = plan_layers(max_layers, base.layers or 0 if base is not None else 0, len(layered))
+            plan = plan_layers(max_layers, base.layers or 0 if base is not None else 0, len(layered),
+                               sbom=ctx.attr.sbom)
         except LayerBudgetError as e:
             ctx.fail(str(e), hint="raise max_layers, or use a base image with fewer layers")
         singles, merged = plan.singles, plan.merged
     else:
         # How many layers the base has is known once it is built or imported: declare
-        # a layer for each of the first max_layers - 2 packages (the most that can
-        # fit) and a merged layer that picks its packages then; the assembly takes
+        # a layer for each of the first max_layers - 2 packages (- 3 with an sbom: the
+        # most that can fit) and a merged layer that picks its packages then; the assembly takes
         # the layers the budget allows.
-        singles, merged = min(len(layered), max_layers - 2), bool(layered)
+        singles, merged = min(len(layered), max_layers - (3 if ctx.attr.sbom else 2)), bool(layered)
     for label in layered[:singles]:
         stem = _layer_stem(label)
         layers.append(declare_layer(
@@ -232,7 +239,8 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
         else:
             layers.append(declare_layer(
                 ctx, tar=merged_tar, meta=merged_meta, packages=[packages[label] for label in layered],
-                closure=False, base_dirs=base_dirs, settings={**settings, "max_layers": max_layers, "order": layered},
+                closure=False, base_dirs=base_dirs,
+                settings={**settings, "max_layers": max_layers, "order": layered, **sbom_budget},
                 mnemonic="LayerWriteMerged", description=f"LayerWriteMerged {ctx.label}"))
         names.append("merged/layer")
 
@@ -265,8 +273,9 @@ def _layered_image_impl(ctx: RuleContext) -> list[Provider]:
         mnemonic="LayeredImageAssemble", layer_names=names, extra_inputs=check,
         layer_count=(base.layers or 0 if base is not None else 0) + len(layers) if planned else None,
         extra_params={"layering": {"max_layers": max_layers, "packages": len(layered), "singles": singles,
-                                   "merged": merged, "planned": planned},
-                      "union": [] if commands else placements})
+                                   "merged": merged, "planned": planned, **sbom_budget},
+                      "union": [] if commands else placements},
+        sbom=contents if ctx.attr.sbom else None)
 
 
 layered_image = rule(
@@ -287,14 +296,19 @@ layered_image = rule(
                                            "packages) before fakeroot_commands; in the command sandbox, not as root.",
                                        default=""),
         "fakeroot_commands": attrs.string(doc="Shell commands run in the customisation root under fakeroot: "
-                                              "chown and chmod show in the customisation layer's tar headers.",
+                                              "chown, chmod and `mknod PATH c MAJOR MINOR` show in the "
+                                              "customisation layer's tar headers, as root and as an ordinary "
+                                              "user alike (fakeroot records them; no real device is made).",
                                           default=""),
         "enable_fakechroot": attrs.boolean(doc="Run fakeroot_commands with the customisation root as / (through "
-                                               "proot), with the image's own /bin/sh and tools.", default=False),
+                                               "proot), with the image's own /bin/sh and tools, and the build "
+                                               "sandbox's /dev, /proc and /sys bound in (never in the layer).",
+                                           default=False),
         "include_store_paths": attrs.boolean(doc="Put the packages in the image. False leaves out their layers: the "
                                                  "image holds only the customisation layer (what the commands made "
                                                  "or changed), for root file systems provided by other means.",
                                              default=True),
+        "sbom": SBOM_ATTR,
         "uid": attrs.integer(doc="Numeric owner of the packages' files (and of what the commands create, unless "
                                  "fakeroot_commands changes it).", default=0),
         "gid": attrs.integer(doc="Numeric group of the packages' files.", default=0),
