@@ -19,8 +19,10 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -42,8 +44,9 @@ BUILDS: dict[int, dict[str, str | None]] = {
             "TMPDIR": None, "PYTHONHASHSEED": "12345"},
 }
 
-#: Registered action kinds no target here runs (none: pull_image runs against a local server).
-SKIPPED_KINDS: frozenset[str] = frozenset()
+#: Registered action kinds no target here runs (pull_image runs against a local server):
+#: DebLockProblem only ever fails (a missing or stale lock), so no build it is in succeeds.
+SKIPPED_KINDS: frozenset[str] = frozenset({"DebLockProblem"})
 
 #: Every target of the fixture (and of the remote/ package the test writes), with the bug
 #: that makes it differ between umasks, if any (the test of that target is then an xfail).
@@ -78,6 +81,9 @@ TARGETS: dict[str, str | None] = {
     "//remote:fetched": None,
     "//remote:pulled": None,
     "//remote:on_pulled": None,
+    "//remote:debs": None,
+    "//remote:debian": None,
+    "//images:generated_shell": None,
 }
 
 _ACTION_LINE = re.compile(r"^\[\d+/\d+\] ([A-Z][A-Za-z0-9]*) ", re.MULTILINE)
@@ -114,7 +120,47 @@ def _serve_files(directory: Path) -> dict[str, str]:
     (directory / "payload.tar.gz").write_bytes(_deterministic_tar_gz(
         {"share/fetched/a.txt": b"fetched\n", "share/fetched/deeper/b.txt": b"deeper\n"}))
     (directory / "note.txt").write_bytes(b"a plain fetched file\n")
+    _build_deb(directory / "hello-data_1.0_all.deb")
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+def _build_deb(out: Path) -> None:
+    """A Debian package made by dpkg-deb: a script, a data file, a directory and its md5sums."""
+    root = out.parent / "deb-root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: hello-data\nVersion: 1.0\nArchitecture: all\nMaintainer: Test <test@example.invalid>\n"
+        "Installed-Size: 4\nDescription: files for the umask matrix\n compared under every umask.\n")
+    files = {"usr/share/hello/greeting": (b"hello from a .deb\n", 0o644),
+             "usr/bin/hello-data": (b"#!/bin/sh\ncat /usr/share/hello/greeting\n", 0o755)}
+    for path, (data, mode) in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+        (root / path).chmod(mode)
+    (root / "DEBIAN" / "md5sums").write_text(
+        "".join(f"{hashlib.md5(data).hexdigest()}  {path}\n" for path, (data, _) in sorted(files.items())))
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(out)], check=True,
+                   capture_output=True, env={**os.environ, "SOURCE_DATE_EPOCH": "1700000000"})
+    shutil.rmtree(root)
+
+
+_DEB_SOURCES = ["http://deb.example.invalid/debian stable main"]
+
+
+def _write_deb_lock(package: Path, files: Path, sums: dict[str, str]) -> None:
+    """remote/'s keyring (never read: the lock is given) and a lock naming the served .deb."""
+    from dtbuild.rules.builtin.deb import inputs_digest
+
+    deb = files / "hello-data_1.0_all.deb"
+    (package / "keyring.gpg").write_bytes(b"")
+    lock = {"version": 1, "inputs_digest": inputs_digest(_DEB_SOURCES, ["hello-data"], ["amd64"]),
+            "keyring_sha256": hashlib.sha256(b"").hexdigest(),
+            "sources": [{"url": "http://deb.example.invalid/debian", "suite": "stable", "components": ["main"],
+                         "inrelease_sha256": "0" * 64, "date": "Sat, 10 May 2025 10:00:00 UTC"}],
+            "architectures": {"amd64": [
+                {"name": "hello-data", "version": "1.0", "architecture": "all", "url": deb.as_uri(),
+                 "sha256": sums[deb.name], "size": deb.stat().st_size, "depends": []}]}}
+    (package / "debian.lock.json").write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
 
 
 def _remote_build(files: Path, sums: dict[str, str], registry: tuple[str, str] | None) -> str:
@@ -138,6 +184,23 @@ image(
     name = "fetched",
     tag = "1",
     copy_to_root = [":payload", ":note"],
+    compressor = "none",
+)
+
+# A Debian package from a lock (the test writes it): fetched by sha256, extracted with
+# its dpkg entry, one layer.
+deb_packages(
+    name = "debs",
+    sources = {json.dumps(_DEB_SOURCES)},
+    keyring = "keyring.gpg",
+    packages = ["hello-data"],
+    lockfile = "debian.lock.json",
+)
+
+layered_image(
+    name = "debian",
+    tag = "1",
+    contents = [":debs"],
     compressor = "none",
 )
 """
@@ -218,7 +281,7 @@ def matrix(workspace, run_dtbuild, require_tool, tree_snapshot, tmp_path) -> Ite
     """The three builds (made by the first test that asks, then remembered): per umask, the
     build's summary, output (stdout and stderr) and dtbuild-out/ snapshot, and the registered action kinds."""
     if not _RESULTS:
-        for tool in ("busybox", "unshare", "fakeroot", "bash", "tar"):
+        for tool in ("busybox", "unshare", "fakeroot", "bash", "tar", "dpkg-deb"):
             require_tool(tool)
         files = tmp_path / "served"
         sums = _serve_files(files)
@@ -228,6 +291,7 @@ def matrix(workspace, run_dtbuild, require_tool, tree_snapshot, tmp_path) -> Ite
         _add_busybox(seed)
         (seed / "remote").mkdir()
         (seed / "remote" / "BUILD").write_text(_remote_build(files, sums, None))
+        _write_deb_lock(seed / "remote", files, sums)
         run_dtbuild.build(seed, "//base:busybox", check=True)
         _, plugins, _ = run_dtbuild(seed, "plugins", check=True)
         layout = seed / "dtbuild-out" / "base" / "busybox.oci"
@@ -243,6 +307,7 @@ def matrix(workspace, run_dtbuild, require_tool, tree_snapshot, tmp_path) -> Ite
                 (ws / "remote").mkdir()
                 (ws / "remote" / "BUILD").write_text(
                     _remote_build(files, sums, (f"127.0.0.1:{server.server_address[1]}", digest)))
+                _write_deb_lock(ws / "remote", files, sums)
                 cache = tmp_path / f"cache-{umask:03o}"
                 build = run_dtbuild.build(ws, "//...", check=True, umask=umask, timeout=300,
                                           env={**env, "DTBUILD_CACHE_DIR": str(cache)})

@@ -21,6 +21,7 @@ def test_build_example_loads_and_analyzes(tmp_path: Path) -> None:
     (tmp_path / "app.conf").write_text("mode = 1\n")
     (tmp_path / "vendor").mkdir()
     (tmp_path / "vendor" / "base.tar").write_bytes(b"")
+    (tmp_path / "debian-archive-keyring.gpg").write_bytes(b"")
     session = Session(find_workspace(str(tmp_path)))
     labels = session.expand(["//:all"])
     analysis = session.analyze(labels)
