@@ -35,7 +35,7 @@ MAX_KEYRING = 16 << 20
 def lock_document(info: Any, keyring: bytes, sources: Sequence[tuple[Any, Any]],
                   packages: dict[str, list[Any]]) -> dict[str, Any]:
     """The lock of ``info`` (a DebSourcesInfo): ``sources`` are (Source, Release) pairs in
-    the rule's order, ``packages`` the LockedPackage lists by architecture."""
+    the rule's order, ``packages`` the LockedDeb lists by architecture."""
     return {
         "version": LOCK_VERSION,
         "inputs_digest": info.inputs_digest,

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtbuild.plugins.interfaces import CommandFailed
+from dtbuild.rules.builtin.deb import LockedDeb
 
 #: The uncompressed size a Packages index may have when its release lists no size for it.
 MAX_INDEX_SIZE = 1 << 30
@@ -838,21 +839,6 @@ def _no_progress(*, description: str, done_bytes: int, total_bytes: int | None) 
 # --------------------------------------------------------------------------- resolving
 
 
-@dataclass(frozen=True, slots=True)
-class LockedPackage:
-    """One entry of a lock: a chosen package and the names it depends on."""
-
-    name: str
-    version: str
-    architecture: str
-    url: str
-    sha256: str
-    size: int
-    depends: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "architecture": self.architecture, "url": self.url,
-                "sha256": self.sha256, "size": self.size, "depends": list(self.depends)}
 
 
 class _Universe:
@@ -1041,7 +1027,7 @@ class _Resolver:
                                f" (chain: {state.chain(name)} -> {relation})")
 
 
-def resolve(indexes: Sequence[PackageIndex], packages: Iterable[str], arch: str) -> list[LockedPackage]:
+def resolve(indexes: Sequence[PackageIndex], packages: Iterable[str], arch: str) -> list[LockedDeb]:
     """The closure of the requested ``packages`` for ``arch`` over ``indexes`` (in the
     order of the sources: the first wins a tie), as lock entries sorted by name (see
     the module docstring for how it chooses).
@@ -1079,14 +1065,14 @@ def resolve(indexes: Sequence[PackageIndex], packages: Iterable[str], arch: str)
         state.select(candidate, None)
         requested.append(candidate.name)
     resolver.process(state, list(reversed(requested)), 0)
-    return [LockedPackage(c.name, c.version, c.architecture, c.url, c.sha256, c.size,
+    return [LockedDeb(c.name, c.version, c.architecture, c.url, c.sha256, c.size,
                           tuple(sorted(state.edges[c.name] - {c.name})))
             for c in sorted(state.selected.values(), key=lambda c: c.name)]
 
 
 __all__ = [
     "Candidate",
-    "LockedPackage",
+    "LockedDeb",
     "NotFound",
     "PackageIndex",
     "Relation",

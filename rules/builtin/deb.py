@@ -100,6 +100,11 @@ class LockedDeb:
     size: int
     depends: tuple[str, ...]
 
+    def to_json(self) -> dict[str, Any]:
+        """The lock file's entry (``dtbuild lock`` writes it, :func:`parse_lock` reads it)."""
+        return {"name": self.name, "version": self.version, "architecture": self.architecture, "url": self.url,
+                "sha256": self.sha256, "size": self.size, "depends": list(self.depends)}
+
 
 class LockProblem(Exception):
     """The lock cannot be used: the message says why (without the command to run)."""

@@ -172,7 +172,7 @@ def _index(*packages: Candidate) -> PackageIndex:
     return PackageIndex("test", packages)
 
 
-def _closure(locked: list[deb_repo.LockedPackage]) -> dict[str, tuple[str, tuple[str, ...]]]:
+def _closure(locked: list[deb_repo.LockedDeb]) -> dict[str, tuple[str, tuple[str, ...]]]:
     return {p.name: (p.version, p.depends) for p in locked}
 
 
