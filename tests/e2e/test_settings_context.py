@@ -149,7 +149,8 @@ def test_invalid_toml_is_an_error_at_its_line(write_workspace, run_dtbuild, toml
 
 @pytest.mark.parametrize(("toml", "expected"), [
     ("[netwrok]\ntimeout = 1\n", ["dtbuild.toml:1: dtbuild.toml has no section [netwrok] (sections: cache, "
-                                  "image, network, plugins, remote, run, sandbox, vm)", "hint: did you mean 'network'?"]),
+                                  "image, network, plugins, remote, run, sandbox, vm)",
+                                  "hint: did you mean 'network'?"]),
     ('# VM\n[vm]\nkernl = "/boot/vmlinuz"\n', ["dtbuild.toml:3: [vm] has no setting 'kernl'",
                                                 "hint: did you mean 'kernel'?"]),
     ("[network]\ntimeout = 5\n[sandbox]\ncomands = \"none\"\n", ["dtbuild.toml:4: [sandbox] has no setting 'comands'"]),
