@@ -8,13 +8,8 @@ bytes. fakeroot's ``mknod`` never makes a real device: on disk it is an empty fi
 Under enable_fakechroot the commands see a /dev, /proc and /sys, none of which lands in
 the layer.
 
-The nobody runs need an interpreter nobody can run whose own site-packages hold what
-the sandboxed helper programs import (dtbuild's editable-install finder and pluggy): a
-``python -I`` program in the command sandbox sees the interpreter's installation and
-dtbuild's package directories, nothing a PYTHONPATH adds. When the test interpreter is
-not reachable by nobody (a pyenv under /root), a virtualenv of the system python3 of
-the same version is made in nobody's home with those, and a ``.pth`` that adds this
-virtualenv's site-packages for the rest.
+The nobody runs go through tests/nobody.py (an interpreter whose sandboxed helper
+programs import dtbuild too).
 """
 
 from __future__ import annotations
@@ -24,13 +19,11 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dtbuild.plugins.builtin.layertar import LayerEntry, write_layer
+from nobody import dtbuild_as_nobody
 
 pytestmark = pytest.mark.e2e
 
@@ -127,58 +120,12 @@ def _tar_tv(layer: Path) -> list[str]:
 # --------------------------------------------------------------------------- building as nobody
 
 
-def _reachable_by_others(path: str) -> bool:
-    real = Path(os.path.realpath(path))
-    return all(p.stat().st_mode & 0o001 for p in [real, *real.parents])
-
-
-def _python_for_nobody(home: Path) -> str:
-    """A python that nobody can run, imports dtbuild, and whose sandboxed ``-I`` programs
-    import it too (see the module's docstring)."""
-    import site
-
-    site_packages = next(p for p in map(Path, site.getsitepackages())
-                         if any(p.glob("__editable__*dtbuild*")) or (p / "dtbuild").is_dir())
-    if _reachable_by_others(sys.executable) and _reachable_by_others(str(site_packages)):
-        return sys.executable
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    system = shutil.which(f"python{version}", path="/usr/bin:/bin")
-    if system is None:
-        pytest.skip(f"nobody can run neither {sys.executable} nor a system python{version}")
-    venv = home / "venv"
-    subprocess.run([system, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
-    own = venv / "lib" / f"python{version}" / "site-packages"
-    for entry in [*site_packages.glob("__editable__*"), site_packages / "dtbuild", site_packages / "pluggy"]:
-        if entry.is_dir():
-            shutil.copytree(entry, own / entry.name, symlinks=True)
-        elif entry.exists():
-            shutil.copy(entry, own / entry.name)
-    (own / "zz-test-interpreter.pth").write_text(f"import site; site.addsitedir({str(site_packages)!r})\n")
-    return str(venv / "bin" / "python")
-
-
-@pytest.fixture
-def nobody_home() -> Iterator[Path]:
-    """A directory nobody will own, outside pytest's 0700 base directory."""
-    home = Path(tempfile.mkdtemp(prefix="dtbuild-nobody-", dir="/tmp"))
-    os.chmod(home, 0o755)
-    yield home
-    shutil.rmtree(home, ignore_errors=True)
-
-
 def _build_as_nobody(ws: Path, run_dtbuild, home: Path, *targets: str) -> Path:
     """Build ``targets`` as nobody on a copy of ``ws`` in ``home`` with a cache there;
     returns the copy."""
-    python = _python_for_nobody(home)
-    copy = home / "ws"
-    shutil.copytree(ws, copy, symlinks=True, ignore=shutil.ignore_patterns("dtbuild-out", ".dtbuild"))
-    subprocess.run(["chown", "-R", "65534:65534", str(home)], check=True)
-    env = run_dtbuild.env({"HOME": str(home), "DTBUILD_CACHE_DIR": str(home / "cache")})
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-m",
-                           "dtbuild.engine.cli", "build", *targets],
-                          cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    done = dtbuild_as_nobody(ws, run_dtbuild, home, ["build", *targets], timeout=600)
     assert done.returncode == 0, done.stderr
-    return copy
+    return home / "ws"
 
 
 def _build(ws: Path, run_dtbuild, require_tool, nobody_home: Path, builder: str, *targets: str) -> Path:

@@ -16,10 +16,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nobody import dtbuild_as_nobody
 
 pytestmark = pytest.mark.e2e
 
@@ -332,79 +332,12 @@ def test_vm_executor_makes_the_same_layer(ws, run_dtbuild, require_tool) -> None
     assert (out / "layer_vm.tar").read_bytes() == (out / "layer.tar").read_bytes()
 
 
-def _add_subordinate_ids(user: str) -> list[tuple[Path, str]]:
-    added = []
-    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
-        text = path.read_text() if path.exists() else ""
-        ranges = [line.split(":") for line in text.splitlines() if line.count(":") == 2]
-        if any(r[0] in (user, "65534") for r in ranges):
-            continue
-        start = max([100000] + [int(r[1]) + int(r[2]) for r in ranges])
-        line = f"{user}:{start}:65536"
-        with open(path, "a") as f:
-            f.write(("" if not text or text.endswith("\n") else "\n") + line + "\n")
-        added.append((path, line))
-    return added
-
-
-def _remove_lines(added: list[tuple[Path, str]]) -> None:
-    for path, line in added:
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(x for x in lines if x.strip() != line))
-
-
-def _reachable_by_others(path: str) -> bool:
-    real = Path(os.path.realpath(path))
-    return all(p.stat().st_mode & 0o001 for p in [real, *real.parents])
-
-
-def _interpreter_for_nobody(home: Path) -> tuple[list[str], dict[str, str]]:
-    """A python command that ``nobody`` can run and that imports dtbuild."""
-    if _reachable_by_others(sys.executable):
-        return [sys.executable], {}
-    system = shutil.which("python3", path="/usr/bin:/bin")
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if system is None or subprocess.run([system, "-c", f"import sys; assert sys.version[:4] == '{version}'"],
-                                        capture_output=True).returncode != 0:
-        pytest.skip(f"nobody can run neither {sys.executable} nor a system python{version}")
-    import site
-
-    boot = home / "boot"
-    boot.mkdir()
-    sites = [p for p in site.getsitepackages() if os.path.isdir(p)]
-    (boot / "sitecustomize.py").write_text("import site\n" + "".join(f"site.addsitedir({p!r})\n" for p in sites))
-    return [system], {"PYTHONPATH": str(boot)}
-
-
-@pytest.fixture
-def nobody_home() -> Iterator[Path]:
-    import tempfile
-
-    home = Path(tempfile.mkdtemp(prefix="dtbuild-nobody-", dir="/tmp"))
-    os.chmod(home, 0o755)
-    yield home
-    shutil.rmtree(home, ignore_errors=True)
-
-
 def test_as_an_ordinary_user_the_namespace_executor_makes_the_same_layer(ws, run_dtbuild, require_tool,
                                                                          nobody_home) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("runs the build as nobody, which needs root to set up")
     for tool in ("setpriv", "newuidmap", "newgidmap"):
         require_tool(tool)
     run_dtbuild.build(ws, "//app:layer", check=True)
-    shutil.copytree(ws, nobody_home / "ws", symlinks=True, ignore=shutil.ignore_patterns("dtbuild-out"))
-    python, extra_env = _interpreter_for_nobody(nobody_home)
-    subprocess.run(["chown", "-R", "65534:65534", str(nobody_home)], check=True)
-    added = _add_subordinate_ids("nobody")
-    try:
-        env = run_dtbuild.env({"HOME": str(nobody_home), "DTBUILD_CACHE_DIR": str(nobody_home / "cache"),
-                               **extra_env})
-        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *python, "-m",
-                               "dtbuild.engine.cli", "build", "//app:layer"],
-                              cwd=nobody_home / "ws", env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        _remove_lines(added)
+    done = dtbuild_as_nobody(ws, run_dtbuild, nobody_home, ["build", "//app:layer"])
     assert done.returncode == 0, done.stderr
     layer = nobody_home / "ws" / "dtbuild-out" / "app" / "layer.tar"
     assert layer.stat().st_uid == 65534

@@ -4,12 +4,8 @@ image and runc runs it, and what runc shows is what a user checks. The same laye
 out of the namespace executor as root, as an ordinary user, with fuse-overlayfs and in a
 VM. No mount, directory or process is left behind, whatever happened.
 
-The ordinary-user tests (namespace and VM) run the build as ``nobody`` (``setpriv --reuid=65534``) in a
-workspace and cache it owns. When /etc/subuid or /etc/subgid have no range for it, the
-test adds ``nobody:<start>:65536`` to both for its duration (and removes exactly that
-line afterwards). When the test interpreter is not reachable by nobody (a pyenv under
-/root), it runs the system python3 of the same version with a ``sitecustomize`` that
-adds this virtualenv's site-packages.
+The ordinary-user tests (namespace and VM) run the build as ``nobody`` in a workspace
+and cache it owns (tests/nobody.py: subordinate ids and an interpreter for nobody).
 """
 
 from __future__ import annotations
@@ -19,13 +15,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nobody import dtbuild_as_nobody
 
 pytestmark = pytest.mark.e2e
 
@@ -229,85 +225,10 @@ def test_ctrl_c_stops_the_script_unmounts_and_removes_everything(rl_ws, run_dtbu
 # --------------------------------------------------------------------------- an ordinary user
 
 
-def _add_subordinate_ids(user: str) -> list[tuple[Path, str]]:
-    """Give ``user`` 65536 subordinate ids where it has none; return the lines added."""
-    added = []
-    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
-        text = path.read_text() if path.exists() else ""
-        ranges = [line.split(":") for line in text.splitlines() if line.count(":") == 2]
-        if any(r[0] in (user, "65534") for r in ranges):
-            continue
-        start = max([100000] + [int(r[1]) + int(r[2]) for r in ranges])
-        line = f"{user}:{start}:65536"
-        with open(path, "a") as f:
-            f.write(("" if not text or text.endswith("\n") else "\n") + line + "\n")
-        added.append((path, line))
-    return added
-
-
-def _remove_lines(added: list[tuple[Path, str]]) -> None:
-    for path, line in added:
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(x for x in lines if x.strip() != line))
-
-
-def _as_nobody(*argv: str) -> list[str]:
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
-
-
-def _reachable_by_others(path: str) -> bool:
-    """Whether a user with no group in common can execute ``path`` (permission bits of
-    the file and of every directory above it)."""
-    real = Path(os.path.realpath(path))
-    return all(p.stat().st_mode & 0o001 for p in [real, *real.parents])
-
-
-def _interpreter_for_nobody(home: Path) -> tuple[list[str], dict[str, str]]:
-    """A python command that ``nobody`` can run and that imports dtbuild."""
-    if _reachable_by_others(sys.executable):
-        return [sys.executable], {}
-    system = shutil.which("python3", path="/usr/bin:/bin")
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if system is None or subprocess.run([system, "-c", f"import sys; assert sys.version[:4] == '{version}'"],
-                                        capture_output=True).returncode != 0:
-        pytest.skip(f"nobody can run neither {sys.executable} nor a system python{version}")
-    import site
-
-    boot = home / "boot"
-    boot.mkdir()
-    sites = [p for p in site.getsitepackages() if os.path.isdir(p)]
-    (boot / "sitecustomize.py").write_text(
-        "import site\n" + "".join(f"site.addsitedir({p!r})\n" for p in sites))
-    return [system], {"PYTHONPATH": str(boot)}
-
-
-@pytest.fixture
-def nobody_home() -> Iterator[Path]:
-    """A directory nobody owns, outside pytest's 0700 base directory."""
-    import tempfile
-
-    home = Path(tempfile.mkdtemp(prefix="dtbuild-nobody-", dir="/tmp"))
-    os.chmod(home, 0o755)
-    yield home
-    shutil.rmtree(home, ignore_errors=True)
-
-
 def _build_as_nobody(ws: Path, run_dtbuild, home: Path, *targets: str) -> subprocess.CompletedProcess[str]:
     """``dtbuild build TARGETS --keep-going`` as nobody, on a copy of ``ws`` in ``home``
     with a cache there; returns the run (the workspace copy is ``home/ws``)."""
-    if os.geteuid() != 0:
-        pytest.skip("runs the build as nobody, which needs root to set up (as an ordinary user, every other "
-                    "test here already is one)")
-    shutil.copytree(ws, home / "ws", symlinks=True, ignore=shutil.ignore_patterns("dtbuild-out"))
-    python, extra_env = _interpreter_for_nobody(home)
-    subprocess.run(["chown", "-R", "65534:65534", str(home)], check=True)
-    added = _add_subordinate_ids("nobody")
-    try:
-        env = run_dtbuild.env({"HOME": str(home), "DTBUILD_CACHE_DIR": str(home / "cache"), **extra_env})
-        return subprocess.run(_as_nobody(*python, "-m", "dtbuild.engine.cli", "build", *targets, "--keep-going"),
-                              cwd=home / "ws", env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        _remove_lines(added)
+    return dtbuild_as_nobody(ws, run_dtbuild, home, ["build", *targets, "--keep-going"])
 
 
 def test_namespace_executor_as_an_ordinary_user_makes_the_same_layer(rl_ws, run_dtbuild, require_tool,
