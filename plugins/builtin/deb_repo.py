@@ -712,41 +712,28 @@ class RepositoryReader:
             limit), naming the URL and, for each different failure, what happened.
         """
         from dtbuild.plugins.builtin import fetch
-        from dtbuild.plugins.builtin.network_limits import LimitExceeded
         from dtbuild.plugins.progress import ProgressMeter
 
-        retryable: tuple[type[Exception], ...] = (OSError, ValueError, *fetch.connection_errors())
-        clock = self.limits.clock()  # one deadline for all the tries of this URL
-        failures: list[str] = []
         report = self.progress if self.progress is not None else _no_progress
         name = f"download {urllib.parse.unquote(url.rstrip('/').rpartition('/')[2])}"
-        for attempt in range(self.ATTEMPTS):
+
+        def attempt(_n: int) -> bytes:
             if self.cancel is not None and self.cancel.is_set():
                 raise RepositoryError("interrupted")
             sink = io.BytesIO()
-            meter = ProgressMeter(report, name, total)
-            try:
-                with meter:  # too_large()'s error is no OSError: it ends the tries
-                    fetch.download(url, sink, clock, meter, limit=limit, too_large=too_large)
-                return sink.getvalue()
-            except FileNotFoundError:
-                raise NotFound(f"{url} does not exist") from None
-            except fetch.HttpStatusError as e:
-                if e.status in (404, 410):
-                    raise NotFound(f"{url} does not exist (HTTP {e.status})") from None
-                failure: Exception = e
-            except retryable as e:
-                failure = e
-            text = fetch.failure_text(failure)
-            if text not in failures:
-                failures.append(text)
-            if (isinstance(failure, LimitExceeded) and not failure.retryable) or fetch.unknown_host(failure) \
-                    or attempt + 1 == self.ATTEMPTS or not clock.sleep(min(4.0, 0.5 * 2**attempt)):
-                tries = f" ({attempt + 1} attempts)" if attempt else ""
-                raise RepositoryError(f"cannot read {url}: {'; then '.join(failures)}{tries}",
-                                      hint="check the source's URL in 'sources' and the network (a [network] "
-                                           "setting in dtbuild.toml may need raising for a slow mirror)")
-        raise AssertionError("unreachable")
+            with ProgressMeter(report, name, total) as meter:  # too_large()'s error is no OSError: it ends the tries
+                fetch.download(url, sink, clock, meter, limit=limit, too_large=too_large)
+            return sink.getvalue()
+
+        clock = self.limits.clock()  # one deadline for all the tries of this URL
+        try:
+            return fetch.download_retrying(url, clock, attempt)
+        except fetch.DownloadFailed as e:
+            if e.missing:
+                raise NotFound(f"{url} does not exist" + (f" (HTTP {e.status})" if e.status else "")) from None
+            raise RepositoryError(f"cannot read {e}",
+                                  hint="check the source's URL in 'sources' and the network (a [network] "
+                                       "setting in dtbuild.toml may need raising for a slow mirror)") from None
 
     def release(self, source: Source, keyring: bytes, keyring_name: str) -> tuple[Release, str]:
         """The release of ``source``'s suite, from its InRelease verified against

@@ -16,7 +16,7 @@ import shutil
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import replace
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from dtbuild.plugins.builtin import tar_extract
 from dtbuild.plugins.builtin.network_limits import (
@@ -35,12 +35,6 @@ from dtbuild.plugins.progress import ProgressMeter
 
 ATTEMPTS = 3
 _CHUNK = 1 << 20
-
-
-class _Mismatch(Exception):
-    def __init__(self, actual: str) -> None:
-        super().__init__(actual)
-        self.actual = actual
 
 
 def _transfer_name(url: str) -> str:
@@ -158,7 +152,7 @@ def _unknown_host(error: Exception) -> bool:
 
 def _failure_text(error: Exception) -> str:
     """One line for a failed download, without urllib3's object reprs."""
-    if isinstance(error, LimitExceeded | _Mismatch) or not isinstance(error, _connection_errors()):
+    if isinstance(error, LimitExceeded) or not isinstance(error, _connection_errors()):
         return str(error)
     reason = getattr(error, "reason", None) or error
     text = str(reason)
@@ -172,12 +166,52 @@ def _failure_text(error: Exception) -> str:
 _MISMATCH_HINT = "If the new file is the one you want, put its sha256 in the BUILD file"
 
 
+class DownloadFailed(Exception):
+    """Every try of one URL failed: each different failure once (``failures``), after
+    ``tries`` tries; ``missing`` when the last said the URL names nothing (a missing
+    file, HTTP 404 or 410), which no retry mends."""
+
+    def __init__(self, url: str, failures: list[str], tries: int, last: Exception) -> None:
+        super().__init__(f"{url}: {'; then '.join(failures)}{f' ({tries} attempts)' if tries > 1 else ''}")
+        self.url = url
+        self.failures = failures
+        self.tries = tries
+        #: The HTTP status of the last try's answer, when it was one.
+        self.status: int | None = last.status if isinstance(last, HttpStatusError) else None
+        self.missing = isinstance(last, FileNotFoundError) or self.status in (404, 410)
+
+
+T = TypeVar("T")
+
+
+def download_retrying(url: str, clock: Clock, attempt: Callable[[int], T]) -> T:
+    """``attempt(n)`` (one try at downloading ``url``, the n-th) until one succeeds: a
+    failure that may pass (refused, reset, a slow server) is tried again after a pause,
+    up to :data:`ATTEMPTS` tries within ``clock``'s deadline; a missing file, an unknown
+    host or a limit no retry changes ends the tries. Errors of other kinds (a digest
+    mismatch, a size cap of the caller's) pass through at once.
+
+    :raises DownloadFailed: when no try succeeded."""
+    failures: list[str] = []
+    for n in range(ATTEMPTS):
+        try:
+            return attempt(n)
+        except (OSError, ValueError, *_connection_errors()) as e:
+            text = _failure_text(e)
+            if text not in failures:
+                failures.append(text)
+            failed = DownloadFailed(url, failures, n + 1, e)
+            if (failed.missing or _unknown_host(e) or (isinstance(e, LimitExceeded) and not e.retryable)
+                    or n + 1 == ATTEMPTS or not clock.sleep(min(4.0, 0.5 * 2**n))):
+                raise failed from None
+    raise AssertionError("unreachable")
+
+
 class FetchUrl(ActionKind):
     NAME = "FetchUrl"
     VERSION = "1"
 
     def run(self, ctx: ActionContext) -> None:
-        expected = ctx.params["sha256"]
         extract = ctx.params["extract"]
         try:
             limits = limits_from(ctx.settings)
@@ -185,38 +219,34 @@ class FetchUrl(ActionKind):
             raise ActionFailed(e.message + (f" (hint: {e.hint})" if e.hint else "")) from None
         errors: list[str] = []
         for url in ctx.params["urls"]:
-            clock = limits.clock()  # one deadline for all the tries of this URL
-            failures: list[str] = []  # this URL's, each different one once
-            for attempt in range(ATTEMPTS):
-                temp = os.path.join(ctx.scratch_dir, f"download-{attempt}")
-                # ctx.progress is looked up only when there is something to report: a context made
-                # before it existed (a test's) still downloads small files.
-                meter = ProgressMeter(lambda **moved: ctx.progress(**moved), _transfer_name(url), None)
-                try:
-                    with open(temp, "wb") as f, meter:
-                        actual = download(url, f, clock, meter)
-                    if actual != expected:
-                        raise _Mismatch(actual)
-                except _Mismatch as e:
-                    raise ActionFailed(
-                        f"the download of {url} has the wrong sha256: expected {expected}, got {e.actual}; "
-                        "nothing was cached. " + ctx.params.get("mismatch_hint", _MISMATCH_HINT)) from None
-                except (OSError, ValueError, *_connection_errors()) as e:
-                    # Whatever went wrong with this URL (refused, unknown host, HTTP error,
-                    # a limit), the next one is tried; the error gives each URL one line.
-                    if _failure_text(e) not in failures:
-                        failures.append(_failure_text(e))
-                    if (isinstance(e, FileNotFoundError) or " 404 " in f" {e} "  # a missing file stays missing
-                            or _unknown_host(e)
-                            or (isinstance(e, LimitExceeded) and not e.retryable)  # the next URL may do better
-                            or attempt + 1 == ATTEMPTS or not clock.sleep(min(4.0, 0.5 * 2**attempt))):
-                        tries = f" ({attempt + 1} attempts)" if attempt else ""
-                        errors.append(f"{url}: {'; then '.join(failures)}{tries}")
-                        break
-                    continue
-                self._place(ctx, temp, extract, url)
-                return
+            # One deadline for all the tries of this URL; whatever went wrong with it
+            # (refused, unknown host, HTTP error, a limit), the next URL is tried, and the
+            # error gives each URL one line.
+            clock = limits.clock()
+            try:
+                temp = download_retrying(url, clock, lambda n, url=url, clock=clock: self._try(ctx, url, clock, n))
+            except DownloadFailed as e:
+                errors.append(str(e))
+                continue
+            self._place(ctx, temp, extract, url)
+            return
         raise ActionFailed("could not download any of the URLs:\n  " + "\n  ".join(errors))
+
+    @staticmethod
+    def _try(ctx: ActionContext, url: str, clock: Clock, attempt: int) -> str:
+        """Download ``url`` once into the scratch directory; the file's path."""
+        expected = ctx.params["sha256"]
+        temp = os.path.join(ctx.scratch_dir, f"download-{attempt}")
+        # ctx.progress is looked up only when there is something to report: a context made
+        # before it existed (a test's) still downloads small files.
+        meter = ProgressMeter(lambda **moved: ctx.progress(**moved), _transfer_name(url), None)
+        with open(temp, "wb") as f, meter:
+            actual = download(url, f, clock, meter)
+        if actual != expected:
+            raise ActionFailed(
+                f"the download of {url} has the wrong sha256: expected {expected}, got {actual}; "
+                "nothing was cached. " + ctx.params.get("mismatch_hint", _MISMATCH_HINT))
+        return temp
 
     @staticmethod
     def _place(ctx: ActionContext, temp: str, extract: bool, url: str) -> None:
@@ -259,10 +289,3 @@ def _extracted_tree(ctx: ActionContext, raw: IO[bytes]) -> list[TreeEntry]:
                 "only files, directories and symlinks", member=entry.member,
                 hint="repack the archive without it (GNU tar: --exclude PATTERN)")
     return list(tree.values())
-
-
-#: For the other downloaders of dtbuild (``dtbuild lock``'s indexes): urllib3's own
-#: errors, whether an error means the host does not resolve, and one line for an error.
-connection_errors = _connection_errors
-unknown_host = _unknown_host
-failure_text = _failure_text
