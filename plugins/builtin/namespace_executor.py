@@ -653,16 +653,24 @@ def _umount(path: str) -> None:
     subprocess.run(["umount", "--recursive", path], capture_output=True, stdin=subprocess.DEVNULL, check=False)
 
 
+def _make_mount_point(merged: str, name: str, created: list[str]) -> bool:
+    """Whether ``name`` (below ``merged``) can be mounted on: a directory of the image, or
+    one made now (then added to ``created``); not a symlink or another file."""
+    path = os.path.join(merged, name)
+    if not os.path.lexists(path):
+        os.mkdir(path, 0o755)
+        created.append(name)
+        return True
+    return not os.path.islink(path) and os.path.isdir(path)
+
+
 def _make_mount_points(merged: str, warn: Callable[[str], None]) -> tuple[list[str], list[str]]:
     """(where /dev, /proc and /sys can be mounted in the overlay, the mount points this
     made, removed again before packing so that they do not enter the layer)."""
-    usable, created = [], []
+    usable: list[str] = []
+    created: list[str] = []
     for name in ("dev", "proc", "sys"):
-        path = os.path.join(merged, name)
-        if not os.path.lexists(path):
-            os.mkdir(path, 0o755)
-            created.append(name)
-        elif os.path.islink(path) or not os.path.isdir(path):
+        if not _make_mount_point(merged, name, created):
             warn(f"/{name} in the image is not a directory: nothing is mounted there")
             continue
         usable.append(name)
@@ -740,16 +748,10 @@ def _in_namespace(job_json: str) -> int:
 def _run_script(job: RootLayerJob, merged: str, warn: Callable[[str], None]) -> tuple[int, str]:
     """Run the script in its sandbox: (exit code, why the sandbox failed or "")."""
     usable, created = _make_mount_points(merged, warn)
-    toolbox = None
-    if job.toolbox:
-        toolbox = job.toolbox
-        mount_point = os.path.join(merged, TOOLBOX_DIR)
-        if not os.path.lexists(mount_point):
-            os.mkdir(mount_point, 0o755)
-            created.append(TOOLBOX_DIR)
-        elif os.path.islink(mount_point) or not os.path.isdir(mount_point):
-            warn(f"/{TOOLBOX_DIR} in the image is not a directory: run_as_root gets no toolbox")
-            toolbox = None
+    toolbox = job.toolbox or None
+    if toolbox is not None and not _make_mount_point(merged, TOOLBOX_DIR, created):
+        warn(f"/{TOOLBOX_DIR} in the image is not a directory: run_as_root gets no toolbox")
+        toolbox = None
     code, problem, _userns = run_sandboxed(merged, usable, ["/bin/sh", "-c", "set -e\n" + job.script],
                                            SCRIPT_ENV, network=job.network, toolbox=toolbox,
                                            fallbacks=(TOOLBOX_SHELL,) if toolbox else ())
